@@ -1,0 +1,129 @@
+"""The Gaussian diffusion process of Ho et al. 2020: forward noising, prediction targets and the loss.
+
+The process never owns the network: functions take ``model`` as an argument (as improved-diffusion's
+``training_losses(model, x_start, t)``), and the network never sees a beta.
+Notation: ``alpha_bar[t] = prod_{s<=t} (1 - beta_s)`` for t = 0..T-1 (0-based).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+OBJECTIVES = ("pred_noise", "pred_x0", "pred_v")
+
+Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _bcast(coef: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """coef[t] reshaped to [B, 1, 1, ...] for broadcasting against x: [B, ...]."""
+    return coef[t].reshape(-1, *([1] * (ndim - 1)))
+
+
+class GaussianProcess:
+    """Fixed quantities of the forward process for one beta schedule.
+
+    betas: [T] float64. Derived tables are kept in float64 (for samplers that combine them) and in
+    float32 on ``device`` (for the training loss).
+    """
+
+    def __init__(
+        self,
+        betas: torch.Tensor,
+        objective: str = "pred_noise",
+        min_snr_gamma: Optional[float] = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {objective!r}; allowed: {', '.join(OBJECTIVES)}")
+        if min_snr_gamma is not None and min_snr_gamma <= 0:
+            raise ValueError(f"min_snr_gamma must be > 0 or null, got {min_snr_gamma!r}")
+        betas = betas.to(torch.float64).cpu()
+        if betas.ndim != 1 or not bool(((betas > 0) & (betas <= 1)).all()):
+            raise ValueError("betas must be a 1-D tensor with values in (0, 1]")
+        self.objective = objective
+        self.min_snr_gamma = min_snr_gamma
+        self.device = torch.device(device)
+        self.betas64 = betas
+        self.alpha_bar64 = torch.cumprod(1 - betas, dim=0)  # eq. 4 of Ho et al.
+        if objective == "pred_noise" and self.alpha_bar64[-1] == 0:
+            raise ValueError(
+                "objective 'pred_noise' cannot be used with zero terminal SNR (alpha_bar_T = 0 makes x0 "
+                "undefined from the noise); use objective 'pred_v' or 'pred_x0' (Lin et al. 2023, Sec. 3.2)"
+            )
+        ab = self.alpha_bar64
+        f32 = dict(dtype=torch.float32, device=self.device)
+        self.sqrt_alpha_bar = ab.sqrt().to(**f32)
+        self.sqrt_one_minus_alpha_bar = (1 - ab).sqrt().to(**f32)
+        self.snr = (ab / (1 - ab)).to(**f32)  # signal-to-noise ratio, Kingma et al. 2021
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.betas64.numel()
+
+    def to(self, device: torch.device | str) -> "GaussianProcess":
+        if torch.device(device) == self.device:
+            return self
+        return GaussianProcess(self.betas64, self.objective, self.min_snr_gamma, device)
+
+    # --- forward process -------------------------------------------------------------------------
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps  (Ho et al. eq. 4). x0: [B, C, H, W], t: [B]."""
+        return _bcast(self.sqrt_alpha_bar, t, x0.ndim) * x0 + _bcast(self.sqrt_one_minus_alpha_bar, t, x0.ndim) * noise
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the network regresses: eps, x0, or v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & Ho 2022, Sec. 4)."""
+        if self.objective == "pred_noise":
+            return noise
+        if self.objective == "pred_x0":
+            return x0
+        return _bcast(self.sqrt_alpha_bar, t, x0.ndim) * noise - _bcast(self.sqrt_one_minus_alpha_bar, t, x0.ndim) * x0
+
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-sample weight [B] of the simple loss; min-SNR-gamma (Hang et al. 2023, eq. 8-10) when set.
+
+        The weight min(SNR, gamma) on the x0-error is expressed for each target: divided by SNR for
+        eps, by SNR + 1 for v.
+        """
+        if self.min_snr_gamma is None:
+            return torch.ones_like(t, dtype=torch.float32)
+        snr = self.snr[t]
+        w = snr.clamp(max=self.min_snr_gamma)
+        if self.objective == "pred_noise":
+            return w / snr
+        if self.objective == "pred_v":
+            return w / (snr + 1)
+        return w
+
+    def losses(self, model: Model, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Per-sample weighted simple loss [B] (Ho et al. eq. 14: || target - model(x_t, t) ||^2, mean over pixels)."""
+        x_t = self.q_sample(x0, t, noise)
+        out = model(x_t, t)
+        err = F.mse_loss(out.float(), self.target(x0, noise, t), reduction="none").flatten(1).mean(1)
+        return err * self.loss_weight(t)
+
+    def sample_timesteps(self, batch: int, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
+        """t ~ Uniform{0..T-1} [batch], drawn from ``generator``."""
+        return torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=device)
+
+
+# --- conversions between the three parameterisations (float64-safe, any broadcastable shapes) ------
+def x0_from_eps(x_t: torch.Tensor, eps: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
+    """Invert eq. 4: x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab)."""
+    return (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
+
+
+def eps_from_x0(x_t: torch.Tensor, x0: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
+    """eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab)."""
+    return (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
+
+
+def x0_eps_from_v(x_t: torch.Tensor, v: torch.Tensor, ab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Salimans & Ho 2022, Sec. 4: x0 = sqrt(ab) x_t - sqrt(1 - ab) v; eps = sqrt(1 - ab) x_t + sqrt(ab) v."""
+    a, b = ab.sqrt(), (1 - ab).sqrt()
+    return a * x_t - b * v, b * x_t + a * v
+
+
+def v_from_x0_eps(x0: torch.Tensor, eps: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
+    return ab.sqrt() * eps - (1 - ab).sqrt() * x0
