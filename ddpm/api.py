@@ -1,0 +1,238 @@
+"""The seed-compatible facade: ``Unet``, ``GaussianDiffusion`` and ``Trainer`` with the API of
+denoising-diffusion-pytorch's README, as thin wrappers over the schedules, process, samplers and
+training loop of this package.
+
+Defaults follow the DDPM paper, not denoising-diffusion-pytorch: objective ``pred_noise`` (not
+``pred_v``), schedule ``linear`` (not ``sigmoid``), no horizontal flip, EMA updated every step.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .data import load_dataset, model_to_uint8, save_image_grid, uint8_to_model, unit_to_uint8
+from .diffusion import GaussianProcess
+from .samplers import StepRule, sample_loop
+from .schedules import get_beta_schedule
+from .train import TrainSettings, list_checkpoints, model_metadata, train
+from .unet import Unet
+
+log = logging.getLogger(__name__)
+__all__ = ["Unet", "GaussianDiffusion", "Trainer"]
+
+
+class GaussianDiffusion(nn.Module):
+    """``GaussianDiffusion(model, image_size=128, timesteps=1000, sampling_timesteps=250)``.
+
+    ``model``: any module with ``forward(x, t)`` (t: integer timesteps in [0, T)) and an attribute
+    ``channels``. ``diffusion(images)`` takes images in [0, 1], [B, C, H, W], and returns the scalar
+    training loss; ``diffusion.sample(batch_size)`` returns images in [0, 1]. ``sampling_timesteps``
+    below ``timesteps`` samples with DDIM (eta = ``ddim_sampling_eta``), as in the seed; equal, with
+    DDPM ancestral sampling (posterior variance).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        image_size: int | Sequence[int],
+        timesteps: int = 1000,
+        sampling_timesteps: Optional[int] = None,
+        objective: str = "pred_noise",
+        beta_schedule: str = "linear",
+        ddim_sampling_eta: float = 0.0,
+        auto_normalize: bool = True,
+        min_snr_loss_weight: bool = False,
+        min_snr_gamma: float = 5.0,
+        zero_terminal_snr: bool = False,
+        clip_denoised: bool = True,
+    ) -> None:
+        super().__init__()
+        if not hasattr(model, "channels"):
+            raise ValueError(f"model {type(model).__name__} needs an attribute `channels` (number of image channels)")
+        self.model = model
+        self.channels = int(model.channels)
+        self.image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        if hasattr(model, "check_image_size"):
+            model.check_image_size(self.image_size)
+        self.beta_schedule = beta_schedule
+        self.zero_terminal_snr = zero_terminal_snr
+        betas = get_beta_schedule(beta_schedule, timesteps, zero_terminal_snr)
+        self.process = GaussianProcess(betas, objective, min_snr_gamma if min_snr_loss_weight else None)
+        self.num_timesteps = timesteps
+        self.sampling_timesteps = timesteps if sampling_timesteps is None else sampling_timesteps
+        if not 1 <= self.sampling_timesteps <= timesteps:
+            raise ValueError(f"sampling_timesteps must be in [1, timesteps={timesteps}], got {sampling_timesteps!r}")
+        self.is_ddim_sampling = self.sampling_timesteps < timesteps
+        self.rule = StepRule("ddim", ddim_sampling_eta) if self.is_ddim_sampling else StepRule("ddpm")
+        self.objective = objective
+        self.auto_normalize = auto_normalize
+        self.clip_denoised = clip_denoised
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _process(self) -> GaussianProcess:
+        self.process = self.process.to(self.device)
+        return self.process
+
+    def forward(self, img: torch.Tensor, *, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """The simple loss (Ho et al. eq. 14) of a batch of images in [0, 1] (or [-1, 1] without auto_normalize)."""
+        if img.ndim != 4 or img.shape[1] != self.channels or tuple(img.shape[-2:]) != self.image_size:
+            raise ValueError(
+                f"expected images [B, {self.channels}, {self.image_size[0]}, {self.image_size[1]}], got {tuple(img.shape)}"
+            )
+        x0 = img * 2 - 1 if self.auto_normalize else img
+        p = self._process()
+        t = p.sample_timesteps(len(x0), generator, x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        return p.losses(self.model, x0, t, noise).mean()
+
+    @torch.inference_mode()
+    def sample(self, batch_size: int = 16, *, generator: Optional[torch.Generator] = None,
+               steps: Optional[int] = None, rule: Optional[StepRule] = None) -> torch.Tensor:
+        """``batch_size`` images [B, C, H, W] in [0, 1] (or [-1, 1] without auto_normalize)."""
+        x = sample_loop(self.model, self._process(), (batch_size, self.channels, *self.image_size),
+                        steps or self.sampling_timesteps, rule or self.rule, generator, self.clip_denoised,
+                        self.device)
+        return (x + 1) / 2 if self.auto_normalize else x
+
+    def metadata(self) -> dict[str, Any]:
+        return model_metadata(self.model, self.process, self.beta_schedule, (self.channels, *self.image_size),
+                              self.clip_denoised, self.zero_terminal_snr)
+
+
+class Trainer:
+    """``Trainer(diffusion, 'path/to/your/images', train_batch_size=32, ...)`` then ``trainer.train()``.
+
+    Reads a folder of images (grayscale when the model has one channel), trains with EMA, writes
+    checkpoints (``ckpt-XXXXXXXX.pt``, self-describing) and sample grids (``sample-N.png``) to
+    ``results_folder`` every ``save_and_sample_every`` steps, resumes from its newest valid checkpoint,
+    and computes FID with pytorch-fid's InceptionV3 when ``calculate_fid`` (the weights file must be
+    on disk: see ``ddpm.fid.resolve_inception_weights``).
+    ``train_batch_size`` is per micro-step as in the seed: a step sees ``train_batch_size *
+    gradient_accumulate_every`` images.
+    """
+
+    def __init__(
+        self,
+        diffusion_model: GaussianDiffusion,
+        folder: str | Path,
+        *,
+        train_batch_size: int = 16,
+        gradient_accumulate_every: int = 1,
+        augment_horizontal_flip: bool = False,
+        train_lr: float = 1e-4,
+        train_num_steps: int = 100_000,
+        ema_update_every: int = 1,
+        ema_decay: float = 0.995,
+        ema_warmup: int = 10,
+        adam_betas: tuple[float, float] = (0.9, 0.99),
+        save_and_sample_every: int = 1000,
+        num_samples: int = 25,
+        results_folder: str | Path = "./results",
+        amp: bool = False,
+        mixed_precision_type: Optional[str] = None,
+        split_batches: bool = True,
+        convert_image_to: Optional[str] = None,
+        calculate_fid: bool = True,
+        inception_block_idx: int = 2048,
+        inception_weights: Optional[str | Path] = None,
+        max_grad_norm: Optional[float] = 1.0,
+        num_fid_samples: int = 50_000,
+        save_best_and_latest_only: bool = False,
+        keep_checkpoints: int = 3,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> None:
+        self.diffusion = diffusion_model
+        self.folder = Path(folder)
+        if convert_image_to not in (None, "L", "RGB"):
+            raise ValueError(f"convert_image_to must be None, 'L' or 'RGB', got {convert_image_to!r}")
+        want = {"L": 1, "RGB": 3, None: diffusion_model.channels}[convert_image_to]
+        if want != diffusion_model.channels:
+            raise ValueError(f"convert_image_to={convert_image_to!r} gives {want} channels but the model has "
+                             f"{diffusion_model.channels}")
+        if inception_block_idx != 2048:
+            raise ValueError(f"inception_block_idx: only 2048 (pool3, the FID standard) is supported, got {inception_block_idx}")
+        if mixed_precision_type not in (None, "fp16", "bf16", "no"):
+            raise ValueError(f"mixed_precision_type must be 'fp16', 'bf16' or 'no', got {mixed_precision_type!r}")
+        self.data = load_dataset("folder", root=self.folder, image_size=diffusion_model.image_size,
+                                 channels=diffusion_model.channels)
+        self.results_folder = Path(results_folder)
+        self.results_folder.mkdir(parents=True, exist_ok=True)
+        self.settings = TrainSettings(
+            steps=train_num_steps, batch_size=train_batch_size * gradient_accumulate_every, lr=train_lr,
+            grad_accum=gradient_accumulate_every, max_grad_norm=max_grad_norm, ema_decay=ema_decay,
+            ema_warmup=ema_warmup, ema_every=ema_update_every, adam_betas=tuple(adam_betas),
+            amp=bool(amp) and mixed_precision_type != "no", horizontal_flip=augment_horizontal_flip,
+            log_every=min(50, save_and_sample_every), checkpoint_every=save_and_sample_every,
+            keep_checkpoints=keep_checkpoints, eval_every=save_and_sample_every,
+        )
+        self.num_samples = num_samples
+        self.seed = seed
+        self.progress = progress
+        self.calculate_fid = calculate_fid
+        self.num_fid_samples = min(num_fid_samples, len(self.data))
+        self.save_best_and_latest_only = save_best_and_latest_only
+        self._fid = None
+        if calculate_fid:
+            from .fid import InceptionFeaturizer, extract_features, feature_statistics
+
+            # fails here, before any training, with the paths it looked in when the weights are missing
+            featurizer = InceptionFeaturizer(inception_weights)
+            device = diffusion_model.device
+            real = self.data.images[: self.num_fid_samples]
+            ref = feature_statistics(extract_features(featurizer, real, device=device))
+            self._fid = (featurizer, ref)
+        self.result = None
+        self.fid_history: list[dict[str, float]] = []
+        self.best_fid = math.inf
+
+    @property
+    def step(self) -> int:
+        ckpts = list_checkpoints(self.results_folder)
+        return ckpts[0][0] if ckpts else 0
+
+    def _on_eval(self, step: int, ema_model: nn.Module) -> dict[str, float]:
+        d = self.diffusion
+        g = torch.Generator(device=d.device).manual_seed(self.seed + step)
+        x = sample_loop(ema_model, d._process(), (self.num_samples, d.channels, *d.image_size),
+                        d.sampling_timesteps, d.rule, g, d.clip_denoised, d.device)
+        milestone = step // self.settings.checkpoint_every
+        save_image_grid(model_to_uint8(x.cpu()), self.results_folder / f"sample-{milestone}.png",
+                        nrow=int(math.sqrt(self.num_samples)) or 1, scale=max(1, 64 // d.image_size[0]))
+        row: dict[str, float] = {}
+        if self._fid is not None:
+            from .fid import extract_features, fid_from_features, feature_statistics, frechet_distance
+
+            featurizer, (mu, sigma) = self._fid
+            imgs = []
+            for k in range(0, self.num_fid_samples, 256):
+                n = min(256, self.num_fid_samples - k)
+                imgs.append(model_to_uint8(sample_loop(ema_model, d._process(), (n, d.channels, *d.image_size),
+                                                       d.sampling_timesteps, d.rule, g, d.clip_denoised,
+                                                       d.device).cpu()))
+            feats = extract_features(featurizer, torch.cat(imgs), device=d.device)
+            m2, s2 = feature_statistics(feats)
+            row["fid"] = frechet_distance(m2, s2, mu, sigma)
+            log.info("step %d: FID %.3f", step, row["fid"])
+        return row
+
+    def train(self) -> None:
+        d = self.diffusion
+        images = torch.from_numpy(self.data.images)
+        self.result = train(
+            d.model, d.process, images, self.settings, seed=self.seed, device=d.device,
+            checkpoint_dir=self.results_folder, metadata=d.metadata(), run_key=None,
+            on_eval=self._on_eval, progress=self.progress,
+        )
+        self.fid_history = [r for r in self.result.extra.get("eval", []) if "fid" in r]
+        # the trained (EMA) weights become the facade's model, as the seed's `trainer.ema.ema_model`
+        self.ema_model = self.result.ema

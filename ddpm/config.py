@@ -1,0 +1,353 @@
+"""Typed experiment configuration: the ONE place ``params.yaml`` is read and validated.
+
+``load_params(path)`` returns a :class:`Params` tree of frozen dataclasses, one per section of
+``params.yaml``. Every problem (unknown or misspelt key, missing key, wrong type, value out of
+range, combinations that cannot work) is collected and raised together in one :class:`ConfigError`,
+one line per problem naming the key, the value given and what is allowed, before any work starts.
+Every key must be present in the file; the dataclass defaults (kept equal to the shipped
+``params.yaml``) serve code that builds a configuration by hand.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .data import DATASETS
+from .diffusion import OBJECTIVES
+from .samplers import STEP_RULES
+from .schedules import SCHEDULES
+
+FEATURIZERS = ("classifier", "inception")
+AMP_MODES = (False, True)
+
+
+class ConfigError(ValueError):
+    """Invalid parameters; ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: list[str], source: str = "params.yaml") -> None:
+        self.problems = problems
+        super().__init__(f"{len(problems)} problem(s) in {source}:\n  - " + "\n  - ".join(problems))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "digits"  # one of DATASETS
+    root: str = "data/raw"  # torchvision download folder, or the image folder for `folder`
+    image_size: Optional[int] = None  # resize to this size; None keeps the native size
+    channels: Optional[int] = None  # 1 or 3; None keeps the native channels
+    holdout_fraction: float = 0.25  # real images kept out of training: featurizer validation, FID floor
+
+
+@dataclass(frozen=True)
+class FeaturizerConfig:
+    kind: str = "classifier"  # classifier (trained on the labelled train split) | inception (pytorch-fid)
+    feature_dim: int = 32
+    epochs: int = 15
+    batch_size: int = 64
+    lr: float = 1e-2
+    inception_weights: Optional[str] = None  # pt_inception-2015-12-05-6726825d.pth; None: torch hub cache
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    dim: int = 32
+    dim_mults: tuple[int, ...] = (1, 2)
+    dropout: float = 0.1
+    attn_heads: int = 4
+    attn_dim_head: int = 32
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    schedules: tuple[str, ...] = ("linear", "cosine", "sigmoid")
+    objective: str = "pred_noise"
+    zero_terminal_snr: bool = False
+    min_snr_gamma: Optional[float] = None
+    clip_denoised: bool = True
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 3000
+    batch_size: int = 128  # global batch per optimizer step (split over grad_accum micro-batches)
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 100  # linear learning-rate warm-up
+    grad_accum: int = 1
+    max_grad_norm: Optional[float] = 1.0
+    ema_decay: float = 0.999
+    ema_warmup: int = 10  # decay_t = min(ema_decay, (1 + t) / (ema_warmup + t)); 1 disables the warm-up
+    ema_every: int = 1
+    amp: bool = False  # bf16 autocast where supported (fp16 + GradScaler on CUDA without bf16)
+    horizontal_flip: bool = False
+    log_every: int = 50
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    fid_every: int = 1000  # FID of the EMA model during training; 0 turns it off
+    fid_samples: int = 200
+    fid_sampling_steps: int = 50  # DDIM (eta = 0) steps for the FID curve
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    name: str = "ddpm"
+    eta: float = 0.0
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    samplers: tuple[SamplerConfig, ...] = (SamplerConfig("ddpm"), SamplerConfig("ddim", 0.0))
+    steps: tuple[int, ...] = (10, 50, 100)
+    n_samples: int = 400  # images per sample set; every FID uses this count
+    batch_size: int = 400
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    grid_images: int = 64
+    grid_scale: int = 4
+    forward_images: int = 6
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    enabled: bool = True
+    experiment: str = "ddpm"
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = 0
+    timesteps: int = 1000
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    data: DataConfig = field(default_factory=DataConfig)
+    featurizer: FeaturizerConfig = field(default_factory=FeaturizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> scalars (lists as JSON), e.g. for MLflow params: ``{"train.lr": 0.001, ...}``."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, v: Any) -> None:
+            if isinstance(v, dict):
+                for k, x in v.items():
+                    walk(f"{prefix}.{k}" if prefix else k, x)
+            else:
+                out[prefix] = json.dumps(v) if isinstance(v, list) else v
+
+        walk("", self.to_dict())
+        return out
+
+    def params_hash(self, keys: tuple[str, ...]) -> str:
+        """A stable hash of the values under the given dotted keys (as dvc.yaml lists a stage's params)."""
+        flat = self.flat()
+        picked = {k: v for k, v in flat.items() if any(k == key or k.startswith(key + ".") for key in keys)}
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+    def samplers(self):
+        from .samplers import StepRule
+
+        return [StepRule(s.name, float(s.eta)) for s in self.sample.samplers]
+
+
+# --- building dataclasses from plain dicts, collecting every problem ------------------------------
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return f"{_type_name(args[0])} or null"
+    if origin is tuple:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        if value is None:
+            return None
+        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        return _convert(value, inner, key, problems)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{key}: expected a list of {_type_name(typing.get_args(tp)[0])}, got {value!r}")
+            return ()
+        inner = typing.get_args(tp)[0]
+        return tuple(_convert(v, inner, f"{key}[{i}]", problems) for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, problems)
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[tp]
+    if not ok:
+        problems.append(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        return None
+    return float(value) if tp is float else value
+
+
+def _build(cls: Any, raw: Any, prefix: str, problems: list[str]) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        problems.append(f"{prefix or 'params'}: expected a mapping, got {raw!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean {_join(prefix, close[0])!r}?" if close else ""
+            problems.append(
+                f"{_join(prefix, key)}: unknown key{hint} (known keys here: {', '.join(fields)})"
+            )
+    if cls is SamplerConfig and "eta" in raw and not isinstance(raw["eta"], float):
+        problems.append(f"{_join(prefix, 'eta')}: got {raw['eta']!r}; write it as a float (e.g. 0.0 or 0.5): "
+                        "dvc.yaml names the sample files from it")
+    kwargs = {}
+    for name in fields:
+        if name not in raw:
+            problems.append(f"{_join(prefix, name)}: missing key (expected {_type_name(hints[name])})")
+        else:
+            v = _convert(raw[name], hints[name], _join(prefix, name), problems)
+            if v is not None or raw[name] is None:
+                kwargs[name] = v
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # pragma: no cover - all fields have defaults
+        problems.append(f"{prefix}: {err}")
+        return cls()
+
+
+def _join(prefix: str, key: Any) -> str:
+    return f"{prefix}.{key}" if prefix else str(key)
+
+
+def _check(p: Params, problems: list[str]) -> None:
+    def need(cond: bool, key: str, value: Any, allowed: str) -> None:
+        if not cond:
+            problems.append(f"{key}: got {value!r}; allowed: {allowed}")
+
+    need(p.timesteps >= 1, "timesteps", p.timesteps, "an integer >= 1")
+    need(p.device == "auto" or p.device == "cpu" or p.device.startswith("cuda"), "device", p.device,
+         "auto, cpu, cuda or cuda:N")
+    d = p.data
+    need(d.name in DATASETS, "data.name", d.name, ", ".join(DATASETS))
+    need(d.image_size is None or d.image_size >= 4, "data.image_size", d.image_size, "null or an integer >= 4")
+    need(d.channels in (None, 1, 3), "data.channels", d.channels, "null, 1 or 3")
+    need(0 < d.holdout_fraction < 1, "data.holdout_fraction", d.holdout_fraction, "a number in (0, 1)")
+    f = p.featurizer
+    need(f.kind in FEATURIZERS, "featurizer.kind", f.kind, ", ".join(FEATURIZERS))
+    need(f.feature_dim >= 2, "featurizer.feature_dim", f.feature_dim, "an integer >= 2")
+    need(f.epochs >= 1, "featurizer.epochs", f.epochs, "an integer >= 1")
+    need(f.batch_size >= 1, "featurizer.batch_size", f.batch_size, "an integer >= 1")
+    need(f.lr > 0, "featurizer.lr", f.lr, "a number > 0")
+    m = p.model
+    need(m.dim >= 1, "model.dim", m.dim, "an integer >= 1")
+    need(len(m.dim_mults) >= 1 and all(x >= 1 for x in m.dim_mults), "model.dim_mults", list(m.dim_mults),
+         "a non-empty list of integers >= 1")
+    need(0 <= m.dropout < 1, "model.dropout", m.dropout, "a number in [0, 1)")
+    need(m.attn_heads >= 1, "model.attn_heads", m.attn_heads, "an integer >= 1")
+    need(m.attn_dim_head >= 1, "model.attn_dim_head", m.attn_dim_head, "an integer >= 1")
+    if d.image_size is not None and m.dim_mults:
+        div = 2 ** (len(m.dim_mults) - 1)
+        need(d.image_size % div == 0, "data.image_size", d.image_size,
+             f"a multiple of {div} for model.dim_mults={list(m.dim_mults)} ({len(m.dim_mults) - 1} downsamplings)")
+    df = p.diffusion
+    need(len(df.schedules) >= 1, "diffusion.schedules", list(df.schedules), "a non-empty list")
+    for i, s in enumerate(df.schedules):
+        need(s in SCHEDULES, f"diffusion.schedules[{i}]", s, ", ".join(SCHEDULES))
+    need(len(set(df.schedules)) == len(df.schedules), "diffusion.schedules", list(df.schedules), "distinct names")
+    need(df.objective in OBJECTIVES, "diffusion.objective", df.objective, ", ".join(OBJECTIVES))
+    need(df.min_snr_gamma is None or df.min_snr_gamma > 0, "diffusion.min_snr_gamma", df.min_snr_gamma,
+         "null or a number > 0")
+    need(not (df.zero_terminal_snr and df.objective == "pred_noise"), "diffusion.zero_terminal_snr",
+         df.zero_terminal_snr, "true only with objective pred_v or pred_x0 (x0 is undefined from noise at SNR 0)")
+    t = p.train
+    need(t.steps >= 1, "train.steps", t.steps, "an integer >= 1")
+    need(t.batch_size >= 1, "train.batch_size", t.batch_size, "an integer >= 1")
+    need(t.lr > 0, "train.lr", t.lr, "a number > 0")
+    need(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "a number >= 0")
+    need(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "an integer >= 0")
+    need(t.grad_accum >= 1 and t.batch_size % max(t.grad_accum, 1) == 0, "train.grad_accum", t.grad_accum,
+         f"an integer >= 1 that divides train.batch_size={t.batch_size}")
+    need(t.max_grad_norm is None or t.max_grad_norm > 0, "train.max_grad_norm", t.max_grad_norm,
+         "null or a number > 0")
+    need(0 <= t.ema_decay < 1, "train.ema_decay", t.ema_decay, "a number in [0, 1)")
+    need(t.ema_warmup >= 1, "train.ema_warmup", t.ema_warmup, "an integer >= 1")
+    need(t.ema_every >= 1, "train.ema_every", t.ema_every, "an integer >= 1")
+    need(t.log_every >= 1, "train.log_every", t.log_every, "an integer >= 1")
+    need(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "an integer >= 1")
+    need(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, "an integer >= 1")
+    need(t.fid_every >= 0, "train.fid_every", t.fid_every, "an integer >= 0 (0 turns it off)")
+    need(t.fid_samples >= 2, "train.fid_samples", t.fid_samples, "an integer >= 2")
+    need(1 <= t.fid_sampling_steps <= p.timesteps, "train.fid_sampling_steps", t.fid_sampling_steps,
+         f"an integer in [1, timesteps={p.timesteps}]")
+    s = p.sample
+    need(len(s.samplers) >= 1, "sample.samplers", list(s.samplers), "a non-empty list")
+    for i, sc in enumerate(s.samplers):
+        need(sc.name in STEP_RULES, f"sample.samplers[{i}].name", sc.name, ", ".join(STEP_RULES))
+        need(0 <= sc.eta <= 1, f"sample.samplers[{i}].eta", sc.eta, "a number in [0, 1]")
+    labels = [f"{sc.name}:{sc.eta:g}" if sc.name == "ddim" else sc.name for sc in s.samplers]
+    need(len(set(labels)) == len(labels), "sample.samplers", labels, "distinct samplers")
+    need(len(s.steps) >= 1, "sample.steps", list(s.steps), "a non-empty list")
+    for i, st in enumerate(s.steps):
+        need(1 <= st <= p.timesteps, f"sample.steps[{i}]", st, f"an integer in [1, timesteps={p.timesteps}]")
+    need(len(set(s.steps)) == len(s.steps), "sample.steps", list(s.steps), "distinct step counts")
+    need(s.n_samples >= 2, "sample.n_samples", s.n_samples, "an integer >= 2")
+    need(s.batch_size >= 1, "sample.batch_size", s.batch_size, "an integer >= 1")
+    r = p.report
+    need(r.grid_images >= 1, "report.grid_images", r.grid_images, "an integer >= 1")
+    need(r.grid_scale >= 1, "report.grid_scale", r.grid_scale, "an integer >= 1")
+    need(r.forward_images >= 1, "report.forward_images", r.forward_images, "an integer >= 1")
+
+
+def params_from_dict(raw: Any, source: str = "params.yaml") -> Params:
+    """Validate a plain dict (as parsed from YAML) into :class:`Params`; raise ConfigError listing every problem."""
+    problems: list[str] = []
+    params = _build(Params, raw, "", problems)
+    _check(params, problems)  # fields that failed to parse keep their defaults, so no double reports
+    if problems:
+        raise ConfigError(problems, source)
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate ``params.yaml``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"parameters file {str(path)!r} not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError([f"not valid YAML: {err}"], str(path)) from err
+    return params_from_dict(raw, str(path))
+
+
+def resolve_device(device: str = "auto"):
+    """``auto`` picks CUDA when available, else the CPU; an unavailable CUDA request fails clearly."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError([f"device: got {device!r} but CUDA is not available; allowed here: auto, cpu"])
+    return torch.device(device)

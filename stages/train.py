@@ -1,0 +1,113 @@
+"""train: one model per beta schedule (`python -m stages.train <schedule>`), with its loss and FID curves.
+
+Writes models/<schedule>/model.pt (a self-describing checkpoint), loss.csv, fid_curve.csv and
+train.json; resumes from checkpoints/<schedule>/ (a DVC `persist` output) after an interruption.
+"""
+from __future__ import annotations
+
+import argparse
+
+import pandas as pd
+import torch
+
+from ddpm.config import load_params, resolve_device
+from ddpm.data import model_to_uint8
+from ddpm.diffusion import GaussianProcess
+from ddpm.fid import extract_features, feature_statistics, frechet_distance, load_featurizer
+from ddpm.io import atomic_path, atomic_torch_save
+from ddpm.pipeline import CHECKPOINTS, FEATURIZER, PREPARED, load_arrays, model_dir, setup_logging, write_json
+from ddpm.samplers import StepRule, sample_images
+from ddpm.schedules import get_beta_schedule
+from ddpm.tracking import Tracker
+from ddpm.train import TrainSettings, load_checkpoint, model_metadata, train
+from ddpm.unet import Unet
+
+# the params a trained model depends on (declared for this stage in dvc.yaml): a checkpoint made with
+# other values of these is never resumed from
+TRAIN_KEYS = ("seed", "timesteps", "model", "diffusion.objective", "diffusion.zero_terminal_snr",
+              "diffusion.min_snr_gamma", "diffusion.clip_denoised", "train")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("schedule")
+    args = parser.parse_args()
+    log = setup_logging()
+    p = load_params()
+    if args.schedule not in p.diffusion.schedules:
+        raise SystemExit(f"schedule {args.schedule!r} is not in diffusion.schedules={list(p.diffusion.schedules)}")
+    device = resolve_device(p.device)
+    images = torch.from_numpy(load_arrays(PREPARED / "train.npz")["images"])
+    shape = tuple(images.shape[1:])
+    m, d, t = p.model, p.diffusion, p.train
+    model = Unet(dim=m.dim, dim_mults=tuple(m.dim_mults), channels=shape[0], dropout=m.dropout,
+                 attn_heads=m.attn_heads, attn_dim_head=m.attn_dim_head)
+    model.check_image_size(shape[1:])
+    betas = get_beta_schedule(args.schedule, p.timesteps, d.zero_terminal_snr)
+    process = GaussianProcess(betas, d.objective, d.min_snr_gamma)
+    params = p.to_dict()
+    meta = model_metadata(model, process, args.schedule, shape, d.clip_denoised, d.zero_terminal_snr, params)
+    run_key = f"{args.schedule}-{p.params_hash(TRAIN_KEYS)}"
+    settings = TrainSettings(
+        steps=t.steps, batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
+        grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm, ema_decay=t.ema_decay, ema_warmup=t.ema_warmup,
+        ema_every=t.ema_every, amp=t.amp, horizontal_flip=t.horizontal_flip, log_every=t.log_every,
+        checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints, eval_every=t.fid_every,
+    )
+
+    # FID of the EMA model over training, in the featurizer's space, against the train-split statistics
+    featurizer = load_featurizer(FEATURIZER / "featurizer.pt", device=str(device))
+    ref = load_arrays(FEATURIZER / "reference.npz")
+    fid_rule = StepRule("ddim", 0.0)
+
+    def on_eval(step: int, ema_model: torch.nn.Module) -> dict[str, float]:
+        x = sample_images(ema_model, process, t.fid_samples, shape, t.fid_sampling_steps, fid_rule, seed=p.seed,
+                          batch_size=t.fid_samples, clip_denoised=d.clip_denoised, device=device)
+        feats = extract_features(featurizer, model_to_uint8(x), device=device)
+        fid = frechet_distance(*feature_statistics(feats), ref["mu"], ref["sigma"])
+        tracker.log_metrics(run_id, [{"step": step, "fid_train": fid}])
+        log.info("train %s: step %d, FID %.3f (%d samples, DDIM %d steps)", args.schedule, step, fid,
+                 t.fid_samples, t.fid_sampling_steps)
+        return {"fid": fid}
+
+    tracker = Tracker(enabled=p.tracking.enabled, experiment=p.tracking.experiment,
+                      pending_path=model_dir(args.schedule) / "mlflow-pending.jsonl")
+    run_id = tracker.start_run(
+        f"train-{args.schedule}",
+        params={**p.flat(), "schedule": args.schedule},
+        tags={"kind": "train", "schedule": args.schedule},
+    )
+    log.info("train %s: %d steps of %d images, T=%d, %s, on %s", args.schedule, t.steps, t.batch_size,
+             p.timesteps, d.objective, device)
+    try:
+        result = train(model, process, images, settings, seed=p.seed, device=device,
+                       checkpoint_dir=CHECKPOINTS / args.schedule, metadata=meta, run_key=run_key,
+                       on_log=lambda rows: tracker.log_metrics(run_id, rows), on_eval=on_eval)
+    except BaseException:
+        tracker.end_run(run_id, status="FAILED")
+        raise
+
+    out = model_dir(args.schedule)
+    # the final checkpoint, copied from the last one written by the loop (self-describing, with EMA weights)
+    final = load_checkpoint(CHECKPOINTS / args.schedule / f"ckpt-{result.step:08d}.pt")
+    final["mlflow_run_id"] = run_id
+    atomic_torch_save(final, out / "model.pt")
+    losses = pd.DataFrame(result.history)
+    fid_curve = pd.DataFrame(result.extra.get("eval", []), columns=["step", "fid"])
+    for name, df in (("loss.csv", losses), ("fid_curve.csv", fid_curve)):
+        with atomic_path(out / name) as tmp:
+            df.to_csv(tmp, index=False)
+    tail = losses["loss"].iloc[-max(1, len(losses) // 10):]
+    summary = {"schedule": args.schedule, "steps": result.step, "final_loss": float(tail.mean()),
+               "seconds": round(result.seconds, 3), "images_per_second": round(result.images_per_second, 1),
+               "resumed_from": result.resumed_from, "mlflow_run_id": run_id,
+               "skipped_steps": result.extra.get("skipped_steps", 0)}
+    write_json(out / "train.json", summary)
+    tracker.log_metrics(run_id, [{"step": result.step, "final_loss": summary["final_loss"],
+                                  "train_seconds": result.seconds}])
+    tracker.end_run(run_id)
+    log.info("train %s: final loss %.4f, %.1f img/s", args.schedule, summary["final_loss"], result.images_per_second)
+
+
+if __name__ == "__main__":
+    main()
