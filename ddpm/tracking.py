@@ -1,0 +1,629 @@
+"""MLflow tracking for the pipeline: the only module of the project that imports mlflow.
+
+mlflow is imported lazily inside functions (``import mlflow`` costs ~1.6 s), so importing this
+module is cheap and a disabled :class:`Tracker` never touches MLflow or creates a database.
+
+Run layout (one MLflow experiment per pipeline, e.g. ``ddpm``)::
+
+    train run            tags: kind=train, git_commit, dvc_exp_name, dvc_stage, ...
+    |                    params: schedule, timesteps, lr, batch_size, ... (flat str -> scalar)
+    |                    metrics: loss, loss_q0..loss_q3 (per-step loss curves, loss by quartile
+    |                             of t), fid_train (FID over training)
+    |                    artifacts: checkpoints, sample grids, ...
+    +-- sample run       nested (tag mlflow.parentRunId = the train run's id), one per
+                         sampler x steps; tags: kind=sample, sample_key=...;
+                         params: schedule, sampler, eta, steps, timesteps, n_samples;
+                         metric: fid
+
+:func:`comparison_table` lists the ``sample`` runs (one row per schedule x sampler x steps x run),
+sorted by FID; ``python -m ddpm.tracking table`` prints it.
+
+Where the data goes (:func:`default_tracking_uri`): ``$MLFLOW_TRACKING_URI`` if set (e.g. an
+``mlflow server``), else ``sqlite:///<root>/mlflow.db`` with ``root = $DVC_ROOT`` (the real repo,
+also when ``dvc exp run`` works in a temporary copy) or the current directory. SQLite databases are
+put in WAL mode (and MLflow sets a 20 s busy timeout per session), so several processes can log at
+once; local artifacts go to ``<root>/mlruns/<experiment>`` next to the database.
+
+Failures never reach the caller: on the first MLflow error a :class:`Tracker` logs one warning,
+stops talking to MLflow for the rest of the process, and appends everything it could not send to a
+JSONL file (``pending_path``). Replay it later, into the same or another store, with::
+
+    python -m ddpm.tracking import-pending PENDING.jsonl [--uri URI]
+
+or ``import_pending(path, uri)``. Replaying is idempotent (imported runs carry a ``pending_id``
+tag, metrics already there are not duplicated by the SQL store).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+log = logging.getLogger(__name__)
+
+MAX_METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch call
+MAX_PARAMS_PER_BATCH = 100
+MAX_TAGS_PER_BATCH = 100
+MAX_PARAM_LENGTH = 6000
+PENDING_PREFIX = "pending-"  # run ids handed out while the store is unreachable
+TABLE_COLUMNS = ["experiment", "run_id", "parent_run_id", "dvc_exp_name", "git_commit", "start_time",
+                 "schedule", "sampler", "eta", "steps", "timesteps", "n_samples", "fid"]
+_PARAM_COLUMNS = ["schedule", "sampler", "eta", "steps", "timesteps", "n_samples"]
+
+
+# --------------------------------------------------------------------------- URIs and SQLite
+
+def default_tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI``, else ``sqlite:///<$DVC_ROOT or cwd>/mlflow.db`` (absolute path).
+
+    Pure: creates nothing (the database is prepared when a client first opens it)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    root = Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (None for other URIs and in-memory DBs)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = unquote(uri[len("sqlite:///"):].split("?", 1)[0])
+    return Path(path).resolve() if path and path != ":memory:" else None
+
+
+def enable_wal(path: Path) -> None:
+    """Put a SQLite database in WAL mode (persistent in the file), creating the file if needed.
+
+    MLflow still creates its schema in such a file: it checks for its tables, not for the file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    con = sqlite3.connect(str(path), timeout=30)
+    try:
+        if con.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            con.execute("PRAGMA journal_mode=WAL")
+    finally:
+        con.close()
+
+
+@contextlib.contextmanager
+def _init_lock(uri: str) -> Iterator[None]:
+    """Serialise first-time store setup across processes (MLflow's tracking store creates its
+    tables without a lock, so two stages starting on a fresh DB would race)."""
+    path = sqlite_path(uri)
+    if path is None:
+        yield
+        return
+    digest = hashlib.md5(str(path).encode(), usedforsecurity=False).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"ddpm-mlflow-init-{digest}.lock", "w") as fh:
+        try:
+            import fcntl
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        except (ImportError, OSError):  # no flock (Windows, odd FS): go on unlocked
+            pass
+        try:
+            enable_wal(path)
+        except (sqlite3.Error, OSError) as exc:  # not fatal: MLflow reports real problems itself
+            log.debug("could not enable WAL on %s: %s", path, exc)
+        yield
+
+
+def _import_mlflow(uri: str):
+    """Import mlflow with offline-friendly defaults (each overridable from the environment)."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # keep stdout clean
+    if uri.startswith(("http://", "https://")):
+        # MLflow's defaults retry for ~4 minutes per call when the server is down.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    import mlflow
+    return mlflow
+
+
+def _open_client(uri: str):
+    """An MlflowClient whose store is initialised (schema created, WAL on) under the init lock."""
+    mlflow = _import_mlflow(uri)
+    with _init_lock(uri):
+        client = mlflow.MlflowClient(uri)
+        client.search_experiments(max_results=1)  # forces store creation / schema migration
+    return client
+
+
+def _artifact_location(uri: str, experiment: str) -> str | None:
+    """For SQLite stores, keep artifacts next to the DB (not in a DVC temp copy's cwd)."""
+    path = sqlite_path(uri)
+    if path is None:
+        return None  # a server decides (its artifact root)
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in experiment) or "default"
+    return str(path.parent / "mlruns" / safe)
+
+
+def _experiment_id(client, uri: str, name: str, create: bool = True) -> str | None:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    if not create:
+        return None
+    try:
+        return client.create_experiment(name, artifact_location=_artifact_location(uri, name))
+    except Exception:  # created meanwhile by another process?
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+_GIT_COMMITS: dict[str, str | None] = {}  # cached per process and directory
+
+
+def git_commit() -> str | None:
+    """``git rev-parse HEAD`` in $DVC_ROOT (or cwd); None when unavailable."""
+    where = os.environ.get("DVC_ROOT") or os.getcwd()
+    if where not in _GIT_COMMITS:
+        try:
+            out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True,
+                                 text=True, timeout=10)
+            _GIT_COMMITS[where] = (out.stdout.strip() or None) if out.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError):
+            _GIT_COMMITS[where] = None
+    return _GIT_COMMITS[where]
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _rows_to_metrics(rows: list[dict], step_key: str, ts: int) -> list[list]:
+    """[{step: 3, loss: 0.1, ...}, ...] -> [[key, value, step, timestamp], ...], NaN/non-numbers skipped."""
+    out: list[list] = []
+    for row in rows:
+        try:
+            step = int(row.get(step_key, 0))
+        except (TypeError, ValueError):
+            continue  # a row without a usable step cannot be placed on a curve
+        for key, value in row.items():
+            if key == step_key or value is None:
+                continue
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                continue
+            if not math.isnan(value):
+                out.append([key, value, step, ts])
+    return out
+
+
+def _chunks(seq: list, n: int) -> Iterator[list]:
+    for i in range(0, len(seq), n):
+        yield seq[i:i + n]
+
+
+def _send_metrics(client, run_id: str, metrics: list[list]) -> None:
+    from mlflow.entities import Metric
+    objs = [Metric(k, v, ts, step) for k, v, step, ts in metrics]
+    for chunk in _chunks(objs, MAX_METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=chunk, synchronous=True)
+
+
+def _send_params(client, run_id: str, params: dict[str, str]) -> None:
+    from mlflow.entities import Param
+    objs = [Param(k, v) for k, v in params.items()]
+    for chunk in _chunks(objs, MAX_PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=chunk, synchronous=True)
+
+
+def _send_tags(client, run_id: str, tags: dict[str, str]) -> None:
+    from mlflow.entities import RunTag
+    objs = [RunTag(k, v) for k, v in tags.items()]
+    for chunk in _chunks(objs, MAX_TAGS_PER_BATCH):
+        client.log_batch(run_id, tags=chunk, synchronous=True)
+
+
+def _str_params(params: dict | None) -> dict[str, str]:
+    return {str(k): str(v)[:MAX_PARAM_LENGTH] for k, v in (params or {}).items()}
+
+
+def _str_tags(tags: dict | None) -> dict[str, str]:
+    return {str(k): str(v) for k, v in (tags or {}).items() if v is not None}
+
+
+# --------------------------------------------------------------------------- Tracker
+
+class Tracker:
+    """Logs runs of one process to MLflow; cheap, and never raises into the caller.
+
+    ``Tracker(enabled, experiment, uri=None, pending_path=None)``: every method is a no-op when
+    ``enabled`` is false (no mlflow import, no database). On the first MLflow error (server down,
+    DB locked, store lost, ...) it logs one warning naming the URI and the error, marks itself
+    ``failed`` and from then on appends what it could not send to ``pending_path`` (JSONL; None:
+    dropped). While failed, ``start_run`` returns a placeholder id ``pending-<hex>`` that the other
+    methods accept. Replay the file later with ``python -m ddpm.tracking import-pending FILE
+    [--uri URI]`` (or :func:`import_pending`).
+    """
+
+    def __init__(self, enabled: bool, experiment: str, uri: str | None = None,
+                 pending_path: str | os.PathLike | None = None) -> None:
+        self.enabled = bool(enabled)
+        self.experiment = experiment
+        self.uri = (uri or default_tracking_uri()) if self.enabled else uri
+        self.pending_path = Path(pending_path) if pending_path is not None else None
+        self.failed = False
+        self._warned: set[str] = set()  # one warning per kind ("failed", "pending")
+        self._client = None
+        self._exp_id: str | None = None
+        self._runs: dict[str, dict] = {}  # start records of runs created here (replayable on failure)
+
+    # ---- plumbing
+    def _get_client(self):
+        if self._client is None:
+            self._client = _open_client(self.uri)
+        return self._client
+
+    def _get_exp_id(self) -> str:
+        if self._exp_id is None:
+            self._exp_id = _experiment_id(self._get_client(), self.uri, self.experiment)
+        return self._exp_id
+
+    def _warn(self, message: str, kind: str = "failed") -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            where = (f"unsent data goes to {self.pending_path} (replay: python -m ddpm.tracking "
+                     f"import-pending {self.pending_path})" if self.pending_path else
+                     "unsent data is dropped (no pending_path)")
+            log.warning("MLflow tracking at %s: %s; %s", self.uri, message, where)
+
+    def _fail(self, op: str, exc: BaseException) -> None:
+        self.failed = True
+        msg = " ".join(str(exc).split())
+        self._warn(f"{op} failed: {type(exc).__name__}: {msg[:500]}; tracking is off for the rest "
+                   f"of this process")
+        # The runs created so far, so that the file can also be replayed into another store.
+        for rec in self._runs.values():
+            self._keep(rec)
+
+    def _keep(self, record: dict | None) -> None:
+        if record is None or self.pending_path is None:
+            return
+        try:
+            self.pending_path.parent.mkdir(parents=True, exist_ok=True)
+            line = json.dumps({"uri": self.uri, **record}) + "\n"
+            with open(self.pending_path, "a", encoding="utf-8") as fh:
+                with contextlib.suppress(ImportError, OSError):
+                    import fcntl
+                    fcntl.flock(fh, fcntl.LOCK_EX)  # several processes may share one file
+                fh.write(line)
+        except Exception as exc:  # never raise, even for a full disk
+            log.warning("could not write pending MLflow data to %s: %s", self.pending_path, exc)
+
+    def _do(self, op: str, run_id: str | None, record: dict | None, fn: Callable[[], Any]) -> Any:
+        """Run ``fn()`` against MLflow, or keep ``record`` for later when that is not possible."""
+        if not self.enabled:
+            return None
+        if self.failed or (run_id or "").startswith(PENDING_PREFIX):
+            if not self.failed:
+                self._warn(f"{op} on run {run_id}, which is pending (its start never reached "
+                           f"MLflow)", kind="pending")
+            self._keep(record)
+            return None
+        try:
+            return fn()
+        except Exception as exc:
+            self._fail(op, exc)
+            self._keep(record)
+            return None
+
+    # ---- API
+    def start_run(self, name: str, params: dict | None = None, tags: dict | None = None,
+                  parent_run_id: str | None = None) -> str | None:
+        """Create a run (nested under ``parent_run_id`` if given); returns its id (None: disabled,
+        or failed without a pending file; ``pending-<hex>``: failed, kept in the pending file)."""
+        if not self.enabled:
+            return None
+        all_tags = {"git_commit": git_commit(), "dvc_exp_name": os.environ.get("DVC_EXP_NAME"),
+                    "dvc_stage": os.environ.get("DVC_STAGE")}
+        all_tags.update(tags or {})
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        rec = {"op": "start_run", "experiment": self.experiment, "name": name,
+               "params": _str_params(params), "tags": _str_tags(all_tags),
+               "parent_run_id": parent_run_id, "start_time": _now_ms()}
+
+        def create() -> str:
+            client = self._get_client()
+            run = client.create_run(self._get_exp_id(), start_time=rec["start_time"],
+                                    tags=rec["tags"], run_name=name)
+            self._runs[run.info.run_id] = {**rec, "run_id": run.info.run_id}
+            return run.info.run_id
+
+        placeholder = PENDING_PREFIX + uuid.uuid4().hex
+        rid = self._do("start_run", parent_run_id, {**rec, "run_id": placeholder}, create)
+        if rid is None:  # failed: the start went to the pending file (if any)
+            return placeholder if self.pending_path is not None else None
+        self.log_params(rid, rec["params"])
+        return rid
+
+    def log_metrics(self, run_id: str | None, rows: list[dict], step_key: str = "step") -> None:
+        """Log rows ``{step_key: int, name: value, ...}`` in batches of <= 1000; NaN skipped."""
+        if not self.enabled or run_id is None:
+            return
+        metrics = _rows_to_metrics(rows, step_key, _now_ms())
+        if metrics:
+            self._do("log_metrics", run_id, {"op": "metrics", "run_id": run_id, "metrics": metrics},
+                     lambda: _send_metrics(self._get_client(), run_id, metrics))
+
+    def log_params(self, run_id: str | None, params: dict) -> None:
+        if not self.enabled or run_id is None or not params:
+            return
+        p = _str_params(params)
+        self._do("log_params", run_id, {"op": "params", "run_id": run_id, "params": p},
+                 lambda: _send_params(self._get_client(), run_id, p))
+
+    def set_tags(self, run_id: str | None, tags: dict) -> None:
+        if not self.enabled or run_id is None or not tags:
+            return
+        t = _str_tags(tags)
+        self._do("set_tags", run_id, {"op": "tags", "run_id": run_id, "tags": t},
+                 lambda: _send_tags(self._get_client(), run_id, t))
+
+    def log_artifact(self, run_id: str | None, path: str | os.PathLike,
+                     artifact_path: str | None = None) -> None:
+        """Copy one file into the run's artifact store (a server's artifact root with a server)."""
+        self._artifact(run_id, path, artifact_path, is_dir=False)
+
+    def log_artifacts(self, run_id: str | None, dir: str | os.PathLike,
+                      artifact_path: str | None = None) -> None:
+        """Copy a directory's contents into the run's artifact store."""
+        self._artifact(run_id, dir, artifact_path, is_dir=True)
+
+    def _artifact(self, run_id, path, artifact_path, is_dir: bool) -> None:
+        if not self.enabled or run_id is None:
+            return
+        p = str(Path(path).resolve())
+        rec = {"op": "artifacts" if is_dir else "artifact", "run_id": run_id, "path": p,
+               "artifact_path": artifact_path}
+
+        def send() -> None:
+            client = self._get_client()
+            (client.log_artifacts if is_dir else client.log_artifact)(run_id, p, artifact_path)
+
+        self._do("log_artifact", run_id, rec, send)
+
+    def end_run(self, run_id: str | None, status: str = "FINISHED") -> None:
+        """Mark the run terminated: FINISHED, FAILED or KILLED."""
+        if not self.enabled or run_id is None:
+            return
+        rec = {"op": "end_run", "run_id": run_id, "status": status, "end_time": _now_ms()}
+        self._do("end_run", run_id, rec,
+                 lambda: self._get_client().set_terminated(run_id, status, rec["end_time"]))
+
+    def find_runs(self, filter_string: str = "", parent_run_id: str | None = None) -> list[str]:
+        """Ids of this experiment's runs matching an MLflow filter, e.g.
+        ``find_runs("tags.sample_key = 'cosine-ddim-50'", parent_run_id=pid)``; [] when
+        disabled, failed or the experiment does not exist yet."""
+        if not self.enabled or self.failed or (parent_run_id or "").startswith(PENDING_PREFIX):
+            return []
+        filters = [f for f in (filter_string.strip(),) if f]
+        if parent_run_id:
+            filters.append(f"tags.mlflow.parentRunId = '{parent_run_id}'")
+
+        def search() -> list[str]:
+            client = self._get_client()
+            eid = self._exp_id or _experiment_id(client, self.uri, self.experiment, create=False)
+            return [] if eid is None else _search_all(client, [eid], " and ".join(filters))
+
+        return [r.info.run_id for r in self._do("find_runs", None, None, search) or []]
+
+
+def _search_all(client, experiment_ids: list[str], filter_string: str) -> list:
+    runs, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+# --------------------------------------------------------------------------- replay
+
+def read_pending(path: str | os.PathLike) -> list[dict]:
+    """Records of a pending file (a truncated last line, e.g. after a crash, is skipped)."""
+    records = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            if line.strip():
+                records.append(json.loads(line))
+    return records
+
+
+def import_pending(path: str | os.PathLike, uri: str | None = None) -> dict[str, str]:
+    """Replay a Tracker's pending JSONL file into ``uri`` (default: :func:`default_tracking_uri`).
+
+    Runs that were never created (``pending-*`` ids), or that the target store does not have,
+    are created there with their name, params and tags, plus tag ``pending_id`` = the old id; so
+    replaying twice, or a second file whose runs are nested under a run of the first, works.
+    Returns {old run id: run id in the target store}. Raises on MLflow errors (a deliberate
+    action: the caller should see them)."""
+    uri = uri or default_tracking_uri()
+    client = _open_client(uri)
+    mapping: dict[str, str] = {}
+    exp_ids: dict[str, str] = {}
+
+    def resolve(rid: str | None) -> str | None:
+        if not rid:
+            return None
+        if rid in mapping:
+            return mapping[rid]
+        if not rid.startswith(PENDING_PREFIX):
+            with contextlib.suppress(Exception):
+                client.get_run(rid)
+                mapping[rid] = rid
+                return rid
+        found = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                   f"tags.pending_id = '{rid}'", max_results=1)
+        if found:
+            mapping[rid] = found[0].info.run_id
+        return mapping.get(rid)
+
+    for rec in read_pending(path):
+        op, old = rec.get("op"), rec.get("run_id")
+        if op == "start_run":
+            if resolve(old):
+                continue
+            name = rec.get("experiment") or "Default"
+            if name not in exp_ids:
+                exp_ids[name] = _experiment_id(client, uri, name)
+            tags = dict(rec.get("tags") or {})
+            tags.pop("mlflow.parentRunId", None)
+            parent = resolve(rec.get("parent_run_id"))
+            if parent:
+                tags["mlflow.parentRunId"] = parent
+            elif rec.get("parent_run_id"):
+                log.warning("parent run %s of %s not found in %s", rec["parent_run_id"], old, uri)
+            tags["pending_id"] = old
+            run = client.create_run(exp_ids[name], start_time=rec.get("start_time"), tags=tags,
+                                    run_name=rec.get("name"))
+            mapping[old] = run.info.run_id
+            _send_params(client, run.info.run_id, rec.get("params") or {})
+            continue
+        rid = resolve(old)
+        if rid is None:
+            log.warning("skipping %s record: run %s unknown in %s", op, old, uri)
+        elif op == "metrics":
+            _send_metrics(client, rid, rec["metrics"])
+        elif op == "params":
+            _send_params(client, rid, rec["params"])
+        elif op == "tags":
+            _send_tags(client, rid, rec["tags"])
+        elif op in ("artifact", "artifacts"):
+            if Path(rec["path"]).exists():
+                (client.log_artifacts if op == "artifacts" else client.log_artifact)(
+                    rid, rec["path"], rec.get("artifact_path"))
+            else:
+                log.warning("artifact %s of run %s no longer exists; skipped", rec["path"], rid)
+        elif op == "end_run":
+            client.set_terminated(rid, rec.get("status", "FINISHED"), rec.get("end_time"))
+    return mapping
+
+
+# --------------------------------------------------------------------------- comparison table
+
+def _empty_table():
+    import pandas as pd
+    dtypes = {"start_time": "datetime64[ns, UTC]", "eta": "float64", "steps": "Int64",
+              "timesteps": "Int64", "n_samples": "Int64", "fid": "float64"}
+    return pd.DataFrame({c: pd.Series(dtype=dtypes.get(c, "object")) for c in TABLE_COLUMNS})
+
+
+def comparison_table(experiment: str | None = None, filter_string: str = "",
+                     uri: str | None = None):
+    """One row per ``sample`` run (schedule x sampler x steps x run), sorted by FID.
+
+    Columns: experiment, run_id, parent_run_id, dvc_exp_name, git_commit, start_time, schedule,
+    sampler, eta, steps, timesteps, n_samples, fid. ``experiment`` None: all experiments.
+    ``filter_string``: an MLflow filter ANDed with ``tags.kind = 'sample'``, e.g.
+    ``"params.schedule = 'cosine'"``. A param missing on a sample run is taken from its parent
+    (train) run. An empty or missing store gives an empty DataFrame with these columns."""
+    import pandas as pd
+    uri = uri or default_tracking_uri()
+    path = sqlite_path(uri)
+    if path is not None and not path.exists():
+        return _empty_table()  # don't create a database just to read it
+    client = _open_client(uri)
+    if experiment is not None:
+        exps = [e for e in [client.get_experiment_by_name(experiment)] if e is not None]
+    else:
+        exps = list(client.search_experiments(max_results=1000))
+    if not exps:
+        return _empty_table()
+    names = {e.experiment_id: e.name for e in exps}
+    filt = " and ".join(f for f in ("tags.kind = 'sample'", filter_string.strip()) if f)
+    runs = _search_all(client, list(names), filt)
+    parents: dict[str, dict] = {}
+
+    def parent_params(pid: str | None) -> dict:
+        if pid and pid not in parents:
+            try:
+                parents[pid] = client.get_run(pid).data.params
+            except Exception:
+                parents[pid] = {}
+        return parents.get(pid, {}) if pid else {}
+
+    rows = []
+    for run in runs:
+        tags, params = run.data.tags, run.data.params
+        pid = tags.get("mlflow.parentRunId")
+        row = {"experiment": names.get(run.info.experiment_id), "run_id": run.info.run_id,
+               "parent_run_id": pid, "dvc_exp_name": tags.get("dvc_exp_name"),
+               "git_commit": tags.get("git_commit"), "start_time": run.info.start_time}
+        for col in _PARAM_COLUMNS:
+            row[col] = params[col] if col in params else parent_params(pid).get(col)
+        row["fid"] = run.data.metrics.get("fid")
+        rows.append(row)
+    if not rows:
+        return _empty_table()
+    df = pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    df["start_time"] = pd.to_datetime(df["start_time"], unit="ms", utc=True)
+    df["eta"] = pd.to_numeric(df["eta"], errors="coerce").astype("float64")
+    for col in ("steps", "timesteps", "n_samples"):
+        df[col] = pd.to_numeric(df[col], errors="coerce").astype("Int64")
+    df["fid"] = pd.to_numeric(df["fid"], errors="coerce").astype("float64")
+    return df.sort_values(["fid", "run_id"], na_position="last", kind="stable").reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------- CLI
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ddpm.tracking", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("table", help="compare sampling runs (sorted by FID)")
+    t.add_argument("--experiment", default=None, help="experiment name (default: all)")
+    t.add_argument("--filter", default="", help="MLflow filter, e.g. \"params.schedule = 'cosine'\"")
+    t.add_argument("--uri", default=None, help="tracking URI (default: %(prog)s's default_tracking_uri)")
+    t.add_argument("--csv", action="store_true", help="print CSV instead of a table")
+    p = sub.add_parser("import-pending", help="replay a Tracker's pending JSONL file")
+    p.add_argument("file")
+    p.add_argument("--uri", default=None)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    if args.cmd == "table":
+        try:
+            df = comparison_table(args.experiment, args.filter, args.uri)
+        except Exception as exc:
+            print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+        if args.csv:
+            sys.stdout.write(df.to_csv(index=False))
+            if df.empty:
+                print("no runs", file=sys.stderr)
+        elif df.empty:
+            print("no runs")
+        else:
+            import pandas as pd
+            with pd.option_context("display.width", 250, "display.max_columns", None):
+                print(df.to_string(index=False))
+        return 0
+    mapping = import_pending(args.file, args.uri)
+    print(f"imported {len(mapping)} run(s) from {args.file} into {args.uri or default_tracking_uri()}")
+    for old, new in mapping.items():
+        print(f"  {old} -> {new}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
