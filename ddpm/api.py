@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .data import load_dataset, model_to_uint8, save_image_grid, uint8_to_model, unit_to_uint8
+from .data import load_dataset, model_to_uint8, save_image_grid
 from .diffusion import GaussianProcess
 from .samplers import StepRule, sample_loop
 from .schedules import get_beta_schedule
@@ -59,7 +59,7 @@ class GaussianDiffusion(nn.Module):
         self.channels = int(model.channels)
         self.image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         if hasattr(model, "check_image_size"):
-            model.check_image_size(self.image_size)
+            model.check_image_size(image_size)
         self.beta_schedule = beta_schedule
         self.zero_terminal_snr = zero_terminal_snr
         betas = get_beta_schedule(beta_schedule, timesteps, zero_terminal_snr)
@@ -210,7 +210,7 @@ class Trainer:
                         nrow=int(math.sqrt(self.num_samples)) or 1, scale=max(1, 64 // d.image_size[0]))
         row: dict[str, float] = {}
         if self._fid is not None:
-            from .fid import extract_features, fid_from_features, feature_statistics, frechet_distance
+            from .fid import extract_features, feature_statistics, frechet_distance
 
             featurizer, (mu, sigma) = self._fid
             imgs = []

@@ -20,7 +20,7 @@ def linear_beta_schedule(timesteps: int) -> torch.Tensor:
     ``get_named_beta_schedule("linear")``), so alpha_bar_T stays near zero at T = 100 or 500.
     """
     scale = 1000 / timesteps
-    return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64)
+    return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64).clamp(max=MAX_BETA)
 
 
 def _betas_from_alpha_bar(alpha_bar: Callable[[torch.Tensor], torch.Tensor], timesteps: int) -> torch.Tensor:
@@ -55,7 +55,8 @@ def sigmoid_beta_schedule(timesteps: int, start: float = -3.0, end: float = 3.0,
 def quadratic_beta_schedule(timesteps: int) -> torch.Tensor:
     """sqrt(beta) linear from sqrt(1e-4) to sqrt(0.02) (Ho et al. 2020's code, "quad"), scaled by 1000/T like linear."""
     scale = 1000 / timesteps
-    return torch.linspace((scale * 1e-4) ** 0.5, (scale * 0.02) ** 0.5, timesteps, dtype=torch.float64) ** 2
+    betas = torch.linspace((scale * 1e-4) ** 0.5, (scale * 0.02) ** 0.5, timesteps, dtype=torch.float64) ** 2
+    return betas.clamp(max=MAX_BETA)
 
 
 def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:

@@ -64,3 +64,9 @@ def test_unknown_schedule_names_known_ones():
         get_beta_schedule("lineer", 10)
     with pytest.raises(ValueError, match="timesteps"):
         get_beta_schedule("linear", 0)
+
+
+def test_short_linear_schedules_keep_a_positive_alpha_bar():
+    for T in (1, 5, 20):
+        ab = torch.cumprod(1 - get_beta_schedule("linear", T), 0)
+        assert ab[-1].item() > 0 and get_beta_schedule("linear", T).max().item() <= 0.999

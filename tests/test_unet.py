@@ -1,0 +1,124 @@
+"""Unet: shapes, image-size validation, config round trip, conditioning on t, gradients, dropout."""
+import json
+
+import pytest
+import torch
+
+from ddpm.unet import Unet
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models gain nothing from intra-op threads, and 2 OpenMP threads on a busy 2-core
+    # machine can be ~100x slower (barrier spinning); restore the setting afterwards.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _t(b, T=1000):
+    return torch.randint(0, T, (b,))
+
+
+@pytest.mark.parametrize(
+    "kwargs, size",
+    [
+        (dict(dim=16, dim_mults=(1, 2), channels=1), 8),
+        (dict(dim=16, dim_mults=(1, 2), channels=1), 28),  # 28 = 14 * 2
+        (dict(dim=16, dim_mults=(1, 2, 4), channels=3), 32),
+        (dict(dim=8, dim_mults=(1, 2, 4, 8), channels=3, attn_heads=2, attn_dim_head=8), 128),
+    ],
+)
+def test_output_shape(kwargs, size):
+    m = Unet(**kwargs).eval()
+    x = torch.randn(2, kwargs["channels"], size, size)
+    with torch.no_grad():
+        y = m(x, _t(2))
+    assert y.shape == x.shape and y.dtype == x.dtype and torch.isfinite(y).all()
+
+
+def test_non_square_and_out_dim():
+    m = Unet(dim=8, dim_mults=(1, 2), channels=1, out_dim=2).eval()
+    assert m.out_dim == 2 and m.channels == 1 and m.dim_mults == (1, 2)
+    with torch.no_grad():
+        assert m(torch.randn(3, 1, 8, 12), _t(3)).shape == (3, 2, 8, 12)
+
+
+def test_bad_image_size_raises():
+    m = Unet(dim=8, dim_mults=(1, 2, 4, 8))
+    assert m.downsample_factor == 8
+    m.check_image_size(16)
+    m.check_image_size((8, 24))
+    for call in (lambda: m.check_image_size(12), lambda: m(torch.randn(1, 3, 12, 12), _t(1))):
+        with pytest.raises(ValueError, match=r"12") as e:
+            call()
+        msg = str(e.value)
+        assert "multiples of 8" in msg and "(1, 2, 4, 8)" in msg
+    with pytest.raises(ValueError, match="16, 12"):
+        m.check_image_size((16, 12))
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        m(torch.randn(1, 1, 16, 16), _t(1))
+
+
+def test_config_round_trip():
+    torch.manual_seed(0)
+    m = Unet(dim=8, dim_mults=(1, 2), channels=1, init_dim=12, full_attn=(True, True)).eval()
+    cfg = json.loads(json.dumps(m.config))  # what a checkpoint stores
+    assert cfg == m.config and isinstance(cfg["dim_mults"], list)
+    m2 = Unet(**cfg).eval()
+    m2.load_state_dict(m.state_dict())
+    x, t = torch.randn(2, 1, 8, 8), _t(2)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x, t), m2(x, t), rtol=0, atol=0)
+
+
+def test_depends_on_t_and_accepts_int_and_float_t():
+    torch.manual_seed(0)
+    m = Unet(dim=8, dim_mults=(1, 2), channels=1).eval()
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        y_int = m(x, torch.tensor([3, 500]))
+        y_float = m(x, torch.tensor([3.0, 500.0]))
+        y_other = m(x, torch.tensor([4, 900]))
+        y_scalar = m(x, 3)
+    torch.testing.assert_close(y_int, y_float)
+    torch.testing.assert_close(y_scalar[0], y_int[0])
+    assert (y_int - y_other).abs().amax(dim=(1, 2, 3)).min() > 1e-4
+
+
+def test_gradients_reach_every_parameter():
+    torch.manual_seed(0)
+    m = Unet(dim=8, dim_mults=(1, 2), channels=1, full_attn=(True, True), dropout=0.1)
+    m(torch.randn(2, 1, 8, 8), _t(2)).square().mean().backward()
+    missing = [n for n, p in m.named_parameters() if p.grad is None]
+    assert not missing, missing
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+def test_dropout_only_in_train_mode():
+    torch.manual_seed(0)
+    m = Unet(dim=8, dim_mults=(1, 2), channels=1, dropout=0.5)
+    x, t = torch.randn(2, 1, 8, 8), _t(2)
+    with torch.no_grad():
+        assert not torch.equal(m.train()(x, t), m(x, t))
+        m.eval()
+        torch.testing.assert_close(m(x, t), m(x, t), rtol=0, atol=0)
+
+
+def test_channels_last():
+    torch.manual_seed(0)
+    m = Unet(dim=8, dim_mults=(1, 2, 4), channels=3).eval()
+    x, t = torch.randn(2, 3, 16, 16), _t(2)
+    with torch.no_grad():
+        ref = m(x, t)
+        m_cl = m.to(memory_format=torch.channels_last)
+        y = m_cl(x.contiguous(memory_format=torch.channels_last), t)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_constructor_validation():
+    with pytest.raises(ValueError, match="full_attn"):
+        Unet(dim=8, dim_mults=(1, 2), full_attn=(True,))
+    assert Unet(dim=8, dim_mults=(1, 2), full_attn=False).config["full_attn"] == [False, False]
+    assert Unet(dim=8, dim_mults=(1, 2, 4)).config["full_attn"] == [False, False, True]
