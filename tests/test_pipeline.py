@@ -1,0 +1,131 @@
+"""Drives the real `dvc repro` and `dvc exp run` on a tiny config in a temporary git repository.
+
+Checks the outputs' shapes, the MLflow runs, and the rerun rules: nothing changed -> nothing runs;
+a sampling param -> sample, fid and report only; `timesteps` -> train onward, not prepare or featurizer.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "seed": 0, "timesteps": 20, "device": "cpu",
+    "data": {"name": "digits", "root": "data/raw", "image_size": None, "channels": None, "holdout_fraction": 0.25},
+    "featurizer": {"kind": "classifier", "feature_dim": 8, "epochs": 1, "batch_size": 128, "lr": 0.01,
+                   "inception_weights": None},
+    "model": {"dim": 8, "dim_mults": [1, 2], "dropout": 0.0, "attn_heads": 1, "attn_dim_head": 8},
+    "diffusion": {"schedules": ["linear", "cosine"], "objective": "pred_noise", "zero_terminal_snr": False,
+                  "min_snr_gamma": None, "clip_denoised": True},
+    "train": {"steps": 6, "batch_size": 16, "lr": 0.001, "weight_decay": 0.0, "warmup_steps": 2, "grad_accum": 1,
+              "max_grad_norm": 1.0, "ema_decay": 0.9, "ema_warmup": 10, "ema_every": 1, "amp": False,
+              "horizontal_flip": False, "log_every": 3, "checkpoint_every": 3, "keep_checkpoints": 2,
+              "fid_every": 3, "fid_samples": 16, "fid_sampling_steps": 2},
+    "sample": {"samplers": [{"name": "ddpm", "eta": 0.0}, {"name": "ddim", "eta": 0.0}], "steps": [3],
+               "n_samples": 24, "batch_size": 24},
+    "report": {"grid_images": 16, "grid_scale": 2, "forward_images": 2},
+    "tracking": {"enabled": True, "experiment": "tiny"},
+}
+
+
+def run(cmd, cwd, env):
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"{cmd} failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    return r.stdout + r.stderr
+
+
+def ran_stages(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    if shutil.which("dvc") is None:
+        pytest.skip("dvc is not installed")
+    path = tmp_path_factory.mktemp("pipeline")
+    for item in ("ddpm", "stages", "dvc.yaml", ".dvc/config", ".dvc/plots", ".dvcignore", ".gitignore"):
+        src = ROOT / item
+        if src.is_dir():
+            shutil.copytree(src, path / item, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (path / item).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, path / item)
+    (path / "params.yaml").write_text(yaml.safe_dump(TINY, sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t",
+               PYTHONPATH="", OMP_NUM_THREADS="1", PATH=os.path.dirname(sys.executable) + os.pathsep + env["PATH"])
+    run(["git", "init", "-q"], path, env)
+    (path / ".dvc" / "tmp").mkdir(exist_ok=True)
+    run(["git", "add", "-A"], path, env)
+    run(["git", "commit", "-qm", "tiny"], path, env)
+    out = run(["dvc", "repro"], path, env)
+    return path, env, out
+
+
+def test_repro_writes_the_outputs(repo):
+    path, env, out = repo
+    assert ran_stages(out) >= {"prepare", "featurizer", "train@linear", "train@cosine", "fid", "report"}
+    fid = pd.read_csv(path / "reports" / "fid.csv")
+    assert list(fid.columns) == ["schedule", "sampler", "eta", "steps", "fid", "n_samples", "features"]
+    assert len(fid) == 2 * 2 * 1 and (fid["n_samples"] == 24).all() and (fid["fid"] >= 0).all()
+    metrics = json.loads((path / "reports" / "metrics.json").read_text())
+    for key in ("fid_floor", "best_fid", "featurizer_val_accuracy", "final_loss_linear", "final_loss_cosine"):
+        assert key in metrics, key
+    for f in ("report.md", "report.html", "plots/loss.csv", "plots/fid_steps.csv"):
+        assert (path / "reports" / f).is_file(), f
+    ckpt = path / "models" / "linear" / "model.pt"
+    assert ckpt.is_file() and len(pd.read_csv(path / "models" / "linear" / "loss.csv")) == 6
+    assert list(pd.read_csv(path / "models" / "cosine" / "fid_curve.csv")["step"]) == [3, 6]
+
+
+def test_mlflow_runs_form_the_comparison_table(repo):
+    path, env, _ = repo
+    r = subprocess.run([sys.executable, "-m", "ddpm.tracking", "table", "--csv"], cwd=path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    from io import StringIO
+
+    table = pd.read_csv(StringIO(r.stdout))
+    assert len(table) == 4 and set(table["schedule"]) == {"linear", "cosine"}
+    assert set(table["sampler"]) == {"ddpm", "ddim"} and table["parent_run_id"].notna().all()
+
+
+def test_rerun_rules(repo):
+    path, env, _ = repo
+    assert ran_stages(run(["dvc", "repro"], path, env)) == set()  # nothing changed, nothing runs
+    params = yaml.safe_load((path / "params.yaml").read_text())
+    params["sample"]["steps"] = [3, 5]
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    ran = ran_stages(run(["dvc", "repro"], path, env))
+    assert ran == {"sample@linear-sampler0-5", "sample@linear-sampler1-5", "sample@cosine-sampler0-5",
+                   "sample@cosine-sampler1-5", "fid", "report"}, ran
+    assert len(pd.read_csv(path / "reports" / "fid.csv")) == 8
+    params["sample"]["steps"] = [5]  # removing a value leaves no stale rows behind
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    ran = ran_stages(run(["dvc", "repro"], path, env))
+    assert ran == {"fid", "report"}, ran
+    assert list(pd.read_csv(path / "reports" / "fid.csv")["steps"].unique()) == [5]
+    params["report"]["grid_scale"] = 3  # a report param: the report only
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert ran_stages(run(["dvc", "repro"], path, env)) == {"report"}
+    run(["git", "add", "-A"], path, env)
+    run(["git", "commit", "-qm", "steps"], path, env)
+
+
+def test_exp_run_timesteps(repo):
+    path, env, _ = repo
+    out = run(["dvc", "exp", "run", "-S", "timesteps=30", "-n", "t30"], path, env)
+    ran = ran_stages(out)
+    assert "prepare" not in ran and "featurizer" not in ran
+    assert {"train@linear", "train@cosine", "fid", "report"} <= ran
+    show = run(["dvc", "exp", "show", "--no-pager", "--csv"], path, env)
+    assert "t30" in show and "best_fid" in show
+    table = run([sys.executable, "-m", "ddpm.tracking", "table", "--csv"], path, env)
+    assert "30" in table  # the t30 runs carry timesteps=30
