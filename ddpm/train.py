@@ -185,7 +185,7 @@ def train(
 
     amp_dtype, use_scaler = amp_settings(device, s.amp)
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, betas=tuple(s.adam_betas), weight_decay=s.weight_decay,
-                            foreach=True, fused=device.type == "cuda")
+                            **({"fused": True} if device.type == "cuda" else {"foreach": True}))
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     ema = EMA(model, s.ema_decay, s.ema_warmup)
     perm, pos, step, history, resumed_from, extra = torch.randperm(n, generator=g_data), 0, 0, [], None, {}
