@@ -58,7 +58,7 @@ class FeaturizerConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    dim: int = 32
+    dim: int = 16
     dim_mults: tuple[int, ...] = (1, 2)
     dropout: float = 0.1
     attn_heads: int = 4
@@ -76,7 +76,7 @@ class DiffusionConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 3000
+    steps: int = 2400
     batch_size: int = 128  # global batch per optimizer step (split over grad_accum micro-batches)
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -91,7 +91,7 @@ class TrainConfig:
     log_every: int = 50
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
-    fid_every: int = 1000  # FID of the EMA model during training; 0 turns it off
+    fid_every: int = 800  # FID of the EMA model during training; 0 turns it off
     fid_samples: int = 200
     fid_sampling_steps: int = 50  # DDIM (eta = 0) steps for the FID curve
 
