@@ -40,8 +40,10 @@ def main() -> None:
     images = torch.from_numpy(load_arrays(PREPARED / "train.npz")["images"])
     shape = tuple(images.shape[1:])
     m, d, t = p.model, p.diffusion, p.train
-    model = Unet(dim=m.dim, dim_mults=tuple(m.dim_mults), channels=shape[0], dropout=m.dropout,
-                 attn_heads=m.attn_heads, attn_dim_head=m.attn_dim_head)
+    with torch.random.fork_rng(devices=[]):  # initial weights from `seed`, the global RNG untouched
+        torch.manual_seed(p.seed)
+        model = Unet(dim=m.dim, dim_mults=tuple(m.dim_mults), channels=shape[0], dropout=m.dropout,
+                     attn_heads=m.attn_heads, attn_dim_head=m.attn_dim_head)
     model.check_image_size(shape[1:])
     betas = get_beta_schedule(args.schedule, p.timesteps, d.zero_terminal_snr)
     process = GaussianProcess(betas, d.objective, d.min_snr_gamma)
