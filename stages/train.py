@@ -6,6 +6,9 @@ train.json; resumes from checkpoints/<schedule>/ (a DVC `persist` output) after 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import shutil
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -26,6 +29,7 @@ from ddpm.unet import Unet
 # other values of these is never resumed from
 TRAIN_KEYS = ("seed", "timesteps", "model", "diffusion.objective", "diffusion.zero_terminal_snr",
               "diffusion.min_snr_gamma", "diffusion.clip_denoised", "train")
+CODE = [Path("stages/train.py"), *Path("ddpm").glob("*.py")]
 
 
 def main() -> None:
@@ -49,7 +53,9 @@ def main() -> None:
     process = GaussianProcess(betas, d.objective, d.min_snr_gamma)
     params = p.to_dict()
     meta = model_metadata(model, process, args.schedule, shape, d.clip_denoised, d.zero_terminal_snr, params)
-    run_key = f"{args.schedule}-{p.params_hash(TRAIN_KEYS)}"
+    # resume only a run interrupted with the same params and the same code
+    code = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(CODE))).hexdigest()[:16]
+    run_key = f"{args.schedule}-{p.params_hash(TRAIN_KEYS)}-{code}"
     settings = TrainSettings(
         steps=t.steps, batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
         grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm, ema_decay=t.ema_decay, ema_warmup=t.ema_warmup,
@@ -108,6 +114,9 @@ def main() -> None:
     tracker.log_metrics(run_id, [{"step": result.step, "final_loss": summary["final_loss"],
                                   "train_seconds": result.seconds}])
     tracker.end_run(run_id)
+    # finished: models/<schedule>/model.pt holds the final state; the checkpoints served only a resume
+    shutil.rmtree(CHECKPOINTS / args.schedule, ignore_errors=True)
+    (CHECKPOINTS / args.schedule).mkdir(parents=True, exist_ok=True)
     log.info("train %s: final loss %.4f, %.1f img/s", args.schedule, summary["final_loss"], result.images_per_second)
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -45,11 +46,10 @@ def ran_stages(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
+def make_repo(path, params):
+    """A git + DVC repository at ``path`` with this project's code and the given params, committed."""
     if shutil.which("dvc") is None:
         pytest.skip("dvc is not installed")
-    path = tmp_path_factory.mktemp("pipeline")
     for item in ("ddpm", "stages", "dvc.yaml", ".dvc/config", ".dvc/plots", ".dvcignore", ".gitignore"):
         src = ROOT / item
         if src.is_dir():
@@ -57,7 +57,7 @@ def repo(tmp_path_factory):
         else:
             (path / item).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, path / item)
-    (path / "params.yaml").write_text(yaml.safe_dump(TINY, sort_keys=False))
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t",
                PYTHONPATH="", OMP_NUM_THREADS="1", PATH=os.path.dirname(sys.executable) + os.pathsep + env["PATH"])
@@ -65,6 +65,12 @@ def repo(tmp_path_factory):
     (path / ".dvc" / "tmp").mkdir(exist_ok=True)
     run(["git", "add", "-A"], path, env)
     run(["git", "commit", "-qm", "tiny"], path, env)
+    return path, env
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    path, env = make_repo(tmp_path_factory.mktemp("pipeline"), TINY)
     out = run(["dvc", "repro"], path, env)
     return path, env, out
 
@@ -95,6 +101,19 @@ def test_mlflow_runs_form_the_comparison_table(repo):
     table = pd.read_csv(StringIO(r.stdout))
     assert len(table) == 4 and set(table["schedule"]) == {"linear", "cosine"}
     assert set(table["sampler"]) == {"ddpm", "ddim"} and table["parent_run_id"].notna().all()
+
+
+def test_force_repro_is_reproducible(repo):
+    path, env, _ = repo
+    before = {f: (path / f).read_bytes() for f in ("reports/fid.csv", "models/linear/loss.csv", "models/cosine/loss.csv")}
+    samples = sorted((path / "samples").rglob("*.npz"))
+    arrays = {f: np.load(f)["images"] for f in samples}
+    ran = ran_stages(run(["dvc", "repro", "--force"], path, env))
+    assert {"prepare", "featurizer", "train@linear", "fid"} <= ran
+    for f, data in before.items():
+        assert (path / f).read_bytes() == data, f
+    for f, a in arrays.items():
+        assert np.array_equal(np.load(f)["images"], a), f
 
 
 def test_rerun_rules(repo):
@@ -129,3 +148,42 @@ def test_exp_run_timesteps(repo):
     assert "t30" in show and "best_fid" in show
     table = run([sys.executable, "-m", "ddpm.tracking", "table", "--csv"], path, env)
     assert "30" in table  # the t30 runs carry timesteps=30
+
+
+def test_sigkill_during_training_resumes_bit_for_bit(tmp_path):
+    """SIGKILL the train stage after a checkpoint; `dvc repro` again continues from it, and the final
+    weights equal those of an uninterrupted run (CPU)."""
+    import copy
+    import signal
+    import time
+
+    import torch
+
+    params = copy.deepcopy(TINY)
+    params["diffusion"]["schedules"] = ["linear"]
+    params["train"].update(steps=1500, checkpoint_every=100, log_every=50, fid_every=0, keep_checkpoints=2)
+    path, env = make_repo(tmp_path, params)
+    run(["dvc", "repro", "featurizer"], path, env)
+    ckpts = path / "checkpoints" / "linear"
+    proc = subprocess.Popen(["dvc", "repro", "train@linear"], cwd=path, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(ckpts.glob("ckpt-*.pt")) and proc.poll() is None:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (path / "models" / "linear" / "model.pt").exists(), "training finished before the kill"
+    first = max(int(p.stem.split("-")[1]) for p in ckpts.glob("ckpt-*.pt"))
+    assert 0 < first < 1500
+    run(["dvc", "repro", "train@linear"], path, env)
+    info = json.loads((path / "models" / "linear" / "train.json").read_text())
+    assert info["resumed_from"] is not None and info["resumed_from"] >= first and info["steps"] == 1500
+    resumed = torch.load(path / "models" / "linear" / "model.pt", weights_only=False)
+    shutil.rmtree(ckpts)  # an uninterrupted run from scratch
+    run(["dvc", "repro", "--force", "train@linear"], path, env)
+    fresh = torch.load(path / "models" / "linear" / "model.pt", weights_only=False)
+    assert json.loads((path / "models" / "linear" / "train.json").read_text())["resumed_from"] is None
+    for key in ("model", "ema"):
+        for name, tensor in fresh[key].items():
+            assert torch.equal(tensor, resumed[key][name]), (key, name)
+    assert [r["loss"] for r in fresh["history"]] == [r["loss"] for r in resumed["history"]]
