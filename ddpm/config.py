@@ -26,7 +26,7 @@ from .samplers import STEP_RULES
 from .schedules import SCHEDULES
 
 FEATURIZERS = ("classifier", "inception")
-AMP_MODES = (False, True)
+NATIVE_SIZES = {"digits": 8, "mnist": 28, "fashion_mnist": 28, "cifar10": 32}  # `folder`: known only once read
 
 
 class ConfigError(ValueError):
@@ -267,10 +267,13 @@ def _check(p: Params, problems: list[str]) -> None:
     need(0 <= m.dropout < 1, "model.dropout", m.dropout, "a number in [0, 1)")
     need(m.attn_heads >= 1, "model.attn_heads", m.attn_heads, "an integer >= 1")
     need(m.attn_dim_head >= 1, "model.attn_dim_head", m.attn_dim_head, "an integer >= 1")
-    if d.image_size is not None and m.dim_mults:
+    size = d.image_size if d.image_size is not None else NATIVE_SIZES.get(d.name)
+    if size is not None and m.dim_mults:
         div = 2 ** (len(m.dim_mults) - 1)
-        need(d.image_size % div == 0, "data.image_size", d.image_size,
-             f"a multiple of {div} for model.dim_mults={list(m.dim_mults)} ({len(m.dim_mults) - 1} downsamplings)")
+        given = d.image_size if d.image_size is not None else f"null ({d.name} images are {size}x{size})"
+        need(size % div == 0, "data.image_size", given,
+             f"a multiple of {div} for model.dim_mults={list(m.dim_mults)} ({len(m.dim_mults) - 1} downsamplings); "
+             "set data.image_size or use fewer dim_mults")
     df = p.diffusion
     need(len(df.schedules) >= 1, "diffusion.schedules", list(df.schedules), "a non-empty list")
     for i, s in enumerate(df.schedules):

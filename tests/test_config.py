@@ -1,0 +1,80 @@
+import copy
+
+import pytest
+import yaml
+
+from ddpm.config import ConfigError, Params, load_params, params_from_dict
+
+
+@pytest.fixture
+def raw(repo_root):
+    return yaml.safe_load((repo_root / "params.yaml").read_text())
+
+
+def problems(raw):
+    with pytest.raises(ConfigError) as err:
+        params_from_dict(raw)
+    return err.value.problems
+
+
+def test_shipped_params_load_and_match_the_defaults(repo_root):
+    assert load_params(repo_root / "params.yaml") == Params()
+
+
+def test_every_problem_is_reported_with_key_value_and_allowed(raw):
+    bad = copy.deepcopy(raw)
+    bad["timestep"] = 500  # typo of a top-level key
+    bad["timesteps"] = 0
+    bad["diffusion"]["schedules"] = ["linear", "cosinus"]
+    bad["diffusion"]["objective"] = "pred_eps"
+    bad["sample"]["samplers"].append({"name": "euler", "eta": 0.0})
+    bad["sample"]["samplers"][1]["eta"] = 1.5
+    bad["sample"]["steps"] = [0, 10]
+    bad["data"]["name"] = "imagenet"
+    bad["train"]["batch_size"] = 0
+    bad["train"]["lr"] = -1e-3
+    del bad["train"]["ema_decay"]
+    found = "\n".join(problems(bad))
+    for expected in (
+        "timestep: unknown key; did you mean 'timesteps'?",
+        "timesteps: got 0; allowed: an integer >= 1",
+        "diffusion.schedules[1]: got 'cosinus'; allowed: linear, cosine, sigmoid, quadratic",
+        "diffusion.objective: got 'pred_eps'; allowed: pred_noise, pred_x0, pred_v",
+        "sample.samplers[2].name: got 'euler'; allowed: ddpm, ddpm_large, ddim",
+        "sample.samplers[1].eta: got 1.5; allowed: a number in [0, 1]",
+        "sample.steps[0]: got 0; allowed: an integer in [1, timesteps=",
+        "data.name: got 'imagenet'; allowed: digits, mnist, fashion_mnist, cifar10, folder",
+        "train.batch_size: got 0; allowed: an integer >= 1",
+        "train.lr: got -0.001; allowed: a number > 0",
+        "train.ema_decay: missing key",
+    ):
+        assert expected in found, (expected, found)
+
+
+def test_steps_above_timesteps_and_image_sizes(raw):
+    bad = copy.deepcopy(raw)
+    bad["timesteps"] = 50
+    assert any("sample.steps[2]: got 100; allowed: an integer in [1, timesteps=50]" in p for p in problems(bad))
+    bad = copy.deepcopy(raw)
+    bad["model"]["dim_mults"] = [1, 2, 4, 8, 16]
+    assert any(p.startswith("data.image_size: got 'null (digits images are 8x8)'") and "multiple of 16" in p
+               for p in problems(bad))
+    bad = copy.deepcopy(raw)
+    bad["data"].update(name="mnist", image_size=30)
+    bad["model"]["dim_mults"] = [1, 2, 4]
+    assert any("data.image_size: got 30; allowed: a multiple of 4" in p for p in problems(bad))
+
+
+def test_types_and_yaml_errors(raw, tmp_path):
+    bad = copy.deepcopy(raw)
+    bad["train"]["steps"] = "many"
+    bad["sample"]["samplers"][0]["eta"] = 0  # an int would name files differently from dvc.yaml
+    found = "\n".join(problems(bad))
+    assert "train.steps: expected int, got 'many'" in found
+    assert "sample.samplers[0].eta: got 0; write it as a float" in found
+    f = tmp_path / "params.yaml"
+    f.write_text("seed: [1\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(f)
+    with pytest.raises(FileNotFoundError, match="nowhere.yaml"):
+        load_params(tmp_path / "nowhere.yaml")
