@@ -63,8 +63,16 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 
 def atomic_save_npz(path: str | os.PathLike, **arrays: Any) -> None:
+    """Like ``np.savez``, but byte-reproducible: zip entries get a fixed date (np.savez stamps the
+    current time, which would change DVC's hash of an unchanged output and rerun everything below it)."""
+    import zipfile
+
     import numpy as np
 
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, value in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with zf.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
     atomic_write_bytes(path, buf.getvalue())

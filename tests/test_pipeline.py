@@ -187,3 +187,16 @@ def test_sigkill_during_training_resumes_bit_for_bit(tmp_path):
         for name, tensor in fresh[key].items():
             assert torch.equal(tensor, resumed[key][name]), (key, name)
     assert [r["loss"] for r in fresh["history"]] == [r["loss"] for r in resumed["history"]]
+
+
+def test_npz_outputs_are_byte_reproducible(tmp_path):
+    import time
+
+    from ddpm.io import atomic_save_npz
+
+    a = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    atomic_save_npz(tmp_path / "a.npz", images=a)
+    time.sleep(2.1)  # zip timestamps have a 2-second resolution
+    atomic_save_npz(tmp_path / "b.npz", images=a)
+    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+    assert np.array_equal(np.load(tmp_path / "a.npz")["images"], a)
