@@ -243,6 +243,29 @@ def _str_tags(tags: dict | None) -> dict[str, str]:
 
 # --------------------------------------------------------------------------- Tracker
 
+class _DropRetryWarnings(logging.Filter):
+    """Drops urllib3's "Retrying (Retry(...)) after connection broken by ..." warnings."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Retrying")
+
+
+_RETRY_FILTER = _DropRetryWarnings()
+
+
+@contextlib.contextmanager
+def _quiet_retries() -> Iterator[None]:
+    """While a Tracker talks to MLflow, silence urllib3's per-retry warnings (two per call to a
+    dead server, before the Tracker's own warning): the user gets the one warning of the Tracker."""
+    pool_log = logging.getLogger("urllib3.connectionpool")
+    pool_log.addFilter(_RETRY_FILTER)
+    try:
+        yield
+    finally:
+        pool_log.removeFilter(_RETRY_FILTER)
+
+
+
 class Tracker:
     """Logs runs of one process to MLflow; cheap, and never raises into the caller.
 
@@ -320,7 +343,8 @@ class Tracker:
             self._keep(record)
             return None
         try:
-            return fn()
+            with _quiet_retries():
+                return fn()
         except Exception as exc:
             self._fail(op, exc)
             self._keep(record)
