@@ -22,7 +22,7 @@ from ddpm.pipeline import CHECKPOINTS, FEATURIZER, PREPARED, load_arrays, model_
 from ddpm.samplers import StepRule, sample_images
 from ddpm.schedules import get_beta_schedule
 from ddpm.tracking import Tracker
-from ddpm.train import TrainSettings, load_checkpoint, model_metadata, train
+from ddpm.train import TrainSettings, latest_valid_checkpoint, load_checkpoint, model_metadata, train
 from ddpm.unet import Unet
 
 # the params a trained model depends on (declared for this stage in dvc.yaml): a checkpoint made with
@@ -80,11 +80,16 @@ def main() -> None:
 
     tracker = Tracker(enabled=p.tracking.enabled, experiment=p.tracking.experiment,
                       pending_path=model_dir(args.schedule) / "mlflow-pending.jsonl")
-    run_id = tracker.start_run(
-        f"train-{args.schedule}",
-        params={**p.flat(), "schedule": args.schedule},
-        tags={"kind": "train", "schedule": args.schedule},
-    )
+    # an interrupted run continues its MLflow run too, so its loss curve stays in one place
+    previous = latest_valid_checkpoint(CHECKPOINTS / args.schedule, run_key)
+    run_id = previous.get("mlflow_run_id") if previous else None
+    if run_id is None or run_id.startswith("pending-"):
+        run_id = tracker.start_run(
+            f"train-{args.schedule}",
+            params={**p.flat(), "schedule": args.schedule},
+            tags={"kind": "train", "schedule": args.schedule},
+        )
+    meta["mlflow_run_id"] = run_id
     log.info("train %s: %d steps of %d images, T=%d, %s, on %s", args.schedule, t.steps, t.batch_size,
              p.timesteps, d.objective, device)
     try:
@@ -98,7 +103,6 @@ def main() -> None:
     out = model_dir(args.schedule)
     # the final checkpoint, copied from the last one written by the loop (self-describing, with EMA weights)
     final = load_checkpoint(CHECKPOINTS / args.schedule / f"ckpt-{result.step:08d}.pt")
-    final["mlflow_run_id"] = run_id
     atomic_torch_save(final, out / "model.pt")
     losses = pd.DataFrame(result.history)
     fid_curve = pd.DataFrame(result.extra.get("eval", []), columns=["step", "fid"])
@@ -112,7 +116,7 @@ def main() -> None:
                "skipped_steps": result.extra.get("skipped_steps", 0)}
     write_json(out / "train.json", summary)
     tracker.log_metrics(run_id, [{"step": result.step, "final_loss": summary["final_loss"],
-                                  "train_seconds": result.seconds}])
+                                  "train_seconds": result.seconds, "skipped_steps": summary["skipped_steps"]}])
     tracker.end_run(run_id)
     # finished: models/<schedule>/model.pt holds the final state; the checkpoints served only a resume
     shutil.rmtree(CHECKPOINTS / args.schedule, ignore_errors=True)

@@ -179,6 +179,15 @@ def test_sigkill_during_training_resumes_bit_for_bit(tmp_path):
     info = json.loads((path / "models" / "linear" / "train.json").read_text())
     assert info["resumed_from"] is not None and info["resumed_from"] >= first and info["steps"] == 500
     resumed = torch.load(path / "models" / "linear" / "model.pt", weights_only=False)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([exp.experiment_id], "tags.kind = 'train'")
+    assert [r.info.run_id for r in runs] == [info["mlflow_run_id"]]  # the resumed run continued its MLflow run
+    assert runs[0].info.status == "FINISHED"
+    steps = {m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")}
+    assert sorted(steps) == list(range(1, 501))  # steps logged after the last checkpoint may appear twice
     shutil.rmtree(ckpts)  # an uninterrupted run from scratch
     run(["dvc", "repro", "--force", "train@linear"], path, env)
     fresh = torch.load(path / "models" / "linear" / "model.pt", weights_only=False)
