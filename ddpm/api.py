@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from .data import load_dataset, model_to_uint8, save_image_grid
 from .diffusion import GaussianProcess
-from .samplers import StepRule, sample_loop
+from .samplers import StepRule, sample_images, sample_loop
 from .schedules import get_beta_schedule
 from .train import TrainSettings, list_checkpoints, model_metadata, train
 from .unet import Unet
@@ -213,13 +213,10 @@ class Trainer:
             from .fid import extract_features, feature_statistics, frechet_distance
 
             featurizer, (mu, sigma) = self._fid
-            imgs = []
-            for k in range(0, self.num_fid_samples, 256):
-                n = min(256, self.num_fid_samples - k)
-                imgs.append(model_to_uint8(sample_loop(ema_model, d._process(), (n, d.channels, *d.image_size),
-                                                       d.sampling_timesteps, d.rule, g, d.clip_denoised,
-                                                       d.device).cpu()))
-            feats = extract_features(featurizer, torch.cat(imgs), device=d.device)
+            x = sample_images(ema_model, d._process(), self.num_fid_samples, (d.channels, *d.image_size),
+                              d.sampling_timesteps, d.rule, seed=self.seed + step, batch_size=256,
+                              clip_denoised=d.clip_denoised, device=d.device)
+            feats = extract_features(featurizer, model_to_uint8(x), device=d.device)
             m2, s2 = feature_statistics(feats)
             row["fid"] = frechet_distance(m2, s2, mu, sigma)
             log.info("step %d: FID %.3f", step, row["fid"])

@@ -160,11 +160,6 @@ class Params:
         picked = {k: v for k, v in flat.items() if any(k == key or k.startswith(key + ".") for key in keys)}
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 
-    def samplers(self):
-        from .samplers import StepRule
-
-        return [StepRule(s.name, float(s.eta)) for s in self.sample.samplers]
-
 
 # --- building dataclasses from plain dicts, collecting every problem ------------------------------
 def _type_name(tp: Any) -> str:

@@ -270,7 +270,7 @@ def train(
     model.train()
 
     def flush() -> None:
-        nonlocal pending, last_good
+        nonlocal pending
         if not pending:
             return
         k = len(pending)

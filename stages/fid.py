@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 
-import numpy as np
 import pandas as pd
 
 from ddpm.config import load_params, resolve_device

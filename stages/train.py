@@ -17,12 +17,12 @@ from ddpm.config import load_params, resolve_device
 from ddpm.data import model_to_uint8
 from ddpm.diffusion import GaussianProcess
 from ddpm.fid import extract_features, feature_statistics, frechet_distance, load_featurizer
-from ddpm.io import atomic_path, atomic_torch_save
+from ddpm.io import atomic_path
 from ddpm.pipeline import CHECKPOINTS, FEATURIZER, PREPARED, load_arrays, model_dir, setup_logging, write_json
 from ddpm.samplers import StepRule, sample_images
 from ddpm.schedules import get_beta_schedule
 from ddpm.tracking import Tracker
-from ddpm.train import TrainSettings, latest_valid_checkpoint, load_checkpoint, model_metadata, train
+from ddpm.train import TrainSettings, latest_valid_checkpoint, model_metadata, train
 from ddpm.unet import Unet
 
 # the params a trained model depends on (declared for this stage in dvc.yaml): a checkpoint made with
@@ -102,8 +102,8 @@ def main() -> None:
 
     out = model_dir(args.schedule)
     # the final checkpoint, copied from the last one written by the loop (self-describing, with EMA weights)
-    final = load_checkpoint(CHECKPOINTS / args.schedule / f"ckpt-{result.step:08d}.pt")
-    atomic_torch_save(final, out / "model.pt")
+    with atomic_path(out / "model.pt") as tmp:
+        shutil.copyfile(CHECKPOINTS / args.schedule / f"ckpt-{result.step:08d}.pt", tmp)
     losses = pd.DataFrame(result.history)
     fid_curve = pd.DataFrame(result.extra.get("eval", []), columns=["step", "fid"])
     for name, df in (("loss.csv", losses), ("fid_curve.csv", fid_curve)):
