@@ -128,6 +128,7 @@ class Params:
     seed: int = 0
     timesteps: int = 1000
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    fast: bool = True  # channels_last + torch.compile (+ bf16 autocast on CUDA): see ddpm/speed.py
     data: DataConfig = field(default_factory=DataConfig)
     featurizer: FeaturizerConfig = field(default_factory=FeaturizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -11,6 +11,7 @@ from ddpm.config import ConfigError, load_params, resolve_device
 from ddpm.data import model_to_uint8
 from ddpm.pipeline import model_dir, sample_path, save_arrays, setup_logging, timed, write_json
 from ddpm.samplers import StepRule, sample_images
+from ddpm.speed import Speed, sampling_model
 from ddpm.train import load_model
 
 
@@ -32,10 +33,13 @@ def main() -> None:
     model, process, ckpt = load_model(model_dir(args.schedule) / "model.pt", device=device)
     shape = tuple(ckpt["image_shape"])
     s = p.sample
+    speed = Speed.resolve(p.fast, device)
+    net = sampling_model(model, speed, s.n_samples * args.steps, device)
     log.info("sample %s: %d images, %s, %d steps, on %s", args.schedule, s.n_samples, rule.label, args.steps, device)
     with timed() as t:
-        x = sample_images(model, process, s.n_samples, shape, args.steps, rule, seed=p.seed, batch_size=s.batch_size,
-                          clip_denoised=ckpt["diffusion"]["clip_denoised"], device=device, progress=True)
+        x = sample_images(net, process, s.n_samples, shape, args.steps, rule, seed=p.seed, batch_size=s.batch_size,
+                          clip_denoised=ckpt["diffusion"]["clip_denoised"], device=device,
+                          autocast_dtype=speed.autocast_dtype, progress=True)
     out = sample_path(args.schedule, args.sampler, args.eta, args.steps)
     save_arrays(out, images=model_to_uint8(x).numpy())
     write_json(out.with_suffix(".json"), {

@@ -21,13 +21,14 @@ from ddpm.io import atomic_path
 from ddpm.pipeline import CHECKPOINTS, FEATURIZER, PREPARED, load_arrays, model_dir, setup_logging, write_json
 from ddpm.samplers import StepRule, sample_images
 from ddpm.schedules import get_beta_schedule
+from ddpm.speed import Speed
 from ddpm.tracking import Tracker
 from ddpm.train import TrainSettings, latest_valid_checkpoint, model_metadata, train
 from ddpm.unet import Unet
 
 # the params a trained model depends on (declared for this stage in dvc.yaml): a checkpoint made with
 # other values of these is never resumed from
-TRAIN_KEYS = ("seed", "timesteps", "model", "diffusion.objective", "diffusion.zero_terminal_snr",
+TRAIN_KEYS = ("seed", "timesteps", "fast", "model", "diffusion.objective", "diffusion.zero_terminal_snr",
               "diffusion.min_snr_gamma", "diffusion.clip_denoised", "train")
 CODE = [Path("stages/train.py"), *Path("ddpm").glob("*.py")]
 
@@ -41,6 +42,7 @@ def main() -> None:
     if args.schedule not in p.diffusion.schedules:
         raise SystemExit(f"schedule {args.schedule!r} is not in diffusion.schedules={list(p.diffusion.schedules)}")
     device = resolve_device(p.device)
+    speed = Speed.resolve(p.fast, device)
     images = torch.from_numpy(load_arrays(PREPARED / "train.npz")["images"])
     shape = tuple(images.shape[1:])
     m, d, t = p.model, p.diffusion, p.train
@@ -59,8 +61,9 @@ def main() -> None:
     settings = TrainSettings(
         steps=t.steps, batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
         grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm, ema_decay=t.ema_decay, ema_warmup=t.ema_warmup,
-        ema_every=t.ema_every, amp=t.amp, horizontal_flip=t.horizontal_flip, log_every=t.log_every,
+        ema_every=t.ema_every, amp=t.amp or speed.autocast_dtype is not None, horizontal_flip=t.horizontal_flip, log_every=t.log_every,
         checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints, eval_every=t.fid_every,
+        channels_last=speed.channels_last, compile=speed.compile,
     )
 
     # FID of the EMA model over training, in the featurizer's space, against the train-split statistics
@@ -70,7 +73,8 @@ def main() -> None:
 
     def on_eval(step: int, ema_model: torch.nn.Module) -> dict[str, float]:
         x = sample_images(ema_model, process, t.fid_samples, shape, t.fid_sampling_steps, fid_rule, seed=p.seed,
-                          batch_size=t.fid_samples, clip_denoised=d.clip_denoised, device=device)
+                          batch_size=t.fid_samples, clip_denoised=d.clip_denoised, device=device,
+                          autocast_dtype=speed.autocast_dtype)
         feats = extract_features(featurizer, model_to_uint8(x), device=device)
         fid = frechet_distance(*feature_statistics(feats), ref["mu"], ref["sigma"])
         tracker.log_metrics(run_id, [{"step": step, "fid_train": fid}])

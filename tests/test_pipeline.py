@@ -18,7 +18,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY = {
-    "seed": 0, "timesteps": 20, "device": "cpu",
+    "seed": 0, "timesteps": 20, "device": "cpu", "fast": False,
     "data": {"name": "digits", "root": "data/raw", "image_size": None, "channels": None, "holdout_fraction": 0.25},
     "featurizer": {"kind": "classifier", "feature_dim": 8, "epochs": 1, "batch_size": 128, "lr": 0.01,
                    "inception_weights": None},

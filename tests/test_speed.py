@@ -1,0 +1,96 @@
+"""The `fast` switch: what it turns on per device, torch.compile's clean fallback, and that the compiled
+training loss and the compiled sampler compute what the eager ones do."""
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from ddpm.diffusion import GaussianProcess
+from ddpm.samplers import StepRule, sample_images
+from ddpm.schedules import get_beta_schedule
+from ddpm.speed import CPU_SAMPLING_COMPILE_MIN, CompiledOrEager, Speed, compile_pays, sampling_model
+from ddpm.train import TrainSettings, train
+from ddpm.unet import Unet
+
+
+def test_switch_per_device():
+    assert Speed.resolve(False, "cpu") == Speed(False, False, None)
+    assert Speed.resolve(False, "cuda") == Speed(False, False, None)
+    assert Speed.resolve(True, "cpu") == Speed(True, True, None)
+    if torch.cuda.is_available():
+        assert Speed.resolve(True, "cuda").autocast_dtype in (torch.bfloat16, torch.float16)
+
+
+def test_compile_pays_only_for_long_cpu_sampling():
+    assert not compile_pays("cpu", 400 * 100)
+    assert compile_pays("cpu", CPU_SAMPLING_COMPILE_MIN)
+    assert compile_pays("cuda", 1)
+
+
+def test_compile_failure_falls_back_to_eager_with_one_warning(caplog):
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no C++ compiler on this machine")
+
+    calls = []
+
+    def fn(x):
+        calls.append(1)
+        return x * 2 + 1
+
+    f = CompiledOrEager(fn, "the test function", backend=broken_backend)
+    with caplog.at_level(logging.WARNING, logger="ddpm.speed"):
+        y1 = f(torch.ones(3))
+        y2 = f(torch.ones(3))
+    assert torch.equal(y1, torch.full((3,), 3.0)) and torch.equal(y2, y1)
+    assert f.failed
+    warnings = [r for r in caplog.records if "torch.compile of the test function failed" in r.getMessage()]
+    assert len(warnings) == 1 and "no C++ compiler" in warnings[0].getMessage()
+
+
+def test_genuine_errors_are_not_swallowed():
+    f = CompiledOrEager(lambda x: x @ x, "matmul", backend="eager")
+    with pytest.raises(RuntimeError):
+        f(torch.ones(2, 3))
+
+
+def test_no_compile_env_runs_eagerly(monkeypatch):
+    monkeypatch.setenv("DDPM_NO_COMPILE", "1")
+    f = CompiledOrEager(lambda x: x + 1, "f")
+    assert f.compiled is None and torch.equal(f(torch.zeros(2)), torch.ones(2))
+
+
+def _digits(n=256):
+    from sklearn.datasets import load_digits
+
+    return torch.from_numpy((load_digits().images[:n] * (255 / 16)).round().astype(np.uint8))[:, None]
+
+
+def test_compiled_channels_last_training_matches_eager():
+    """The default path (fast: true on a CPU) with inductor: the per-step losses of the compiled,
+    channels_last loop equal the eager loop's up to float rounding (dropout off: its RNG differs)."""
+    images, process = _digits(), GaussianProcess(get_beta_schedule("linear", 50), "pred_noise")
+    losses = {}
+    for fast in (False, True):
+        torch.manual_seed(0)
+        model = Unet(dim=8, dim_mults=(1, 2), channels=1, attn_heads=1, attn_dim_head=8)
+        settings = TrainSettings(steps=6, batch_size=16, log_every=3, channels_last=fast, compile=fast)
+        r = train(model, process, images, settings, seed=0, progress=False)
+        losses[fast] = np.array([h["loss"] for h in r.history])
+        if fast:
+            assert r.model.init_conv.weight.is_contiguous(memory_format=torch.channels_last)
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4, atol=1e-5)
+    assert losses[True][-1] < losses[True][0]
+
+
+def test_compiled_sampling_matches_eager():
+    torch.manual_seed(0)
+    model = Unet(dim=8, dim_mults=(1, 2), channels=1, attn_heads=1, attn_dim_head=8).eval()
+    process = GaussianProcess(get_beta_schedule("linear", 50), "pred_noise")
+    rule = StepRule("ddim", 0.0)
+    eager = sample_images(model, process, 8, (1, 8, 8), 5, rule, seed=3, batch_size=8)
+    net = sampling_model(model, Speed(True, True, None), CPU_SAMPLING_COMPILE_MIN, "cpu")
+    assert isinstance(net, CompiledOrEager)
+    fast = sample_images(net, process, 8, (1, 8, 8), 5, rule, seed=3, batch_size=8)
+    assert not net.failed
+    torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-4)
