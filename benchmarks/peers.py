@@ -1,0 +1,343 @@
+"""Speed against denoising-diffusion-pytorch and diffusers, measured side by side in one run.
+
+    python3 -m pip install -r benchmarks/requirements.txt     # the peers (never needed by the project)
+    python3 benchmarks/peers.py                              # 2 CPU threads, about 6 minutes
+    python3 benchmarks/peers.py --device cuda                # the same table on a GPU
+
+Every library trains and samples the same 8x8 grayscale task with its own code, as its README and
+training script use it:
+- ours: ``ddpm.train.train`` (the loop the pipeline runs: AdamW, EMA every step, clipping, per-step loss
+  bookkeeping) with ``fast`` on (channels_last, torch.compile, fused AdamW; bf16 on CUDA) and off;
+- denoising-diffusion-pytorch 2.3.4: ``GaussianDiffusion(Unet(dim=32, dim_mults=(1, 2)))``, its Trainer's
+  step (Adam betas (0.9, 0.99), clipping at 1, ``ema_pytorch.EMA`` every 10 steps), and its samplers
+  (``p_sample_loop`` for DDPM, ``ddim_sample``);
+- diffusers 0.42.1: ``UNet2DModel`` with block_out_channels (32, 64), 2 layers per block, attention at
+  4x4 (``AttnDownBlock2D``), its ``train_unconditional.py`` step (AdamW, clipping at 1, ``EMAModel.step`` every step) and the
+  ``DDPMScheduler`` / ``DDIMScheduler`` loops of its pipelines.
+Models are matched in FLOPs per image (counted with ``torch.utils.flop_counter``) and timed in turn
+(A B C A B C...) because this machine's speed drifts by about 30% over minutes; the table gives medians,
+throughput per FLOP (GFLOP/s) and its share of a float32 matmul rate measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+from typing import Callable
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # denoising-diffusion-pytorch draws a progress bar per sample
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ddpm.diffusion import GaussianProcess  # noqa: E402
+from ddpm.samplers import StepRule, sample_loop  # noqa: E402
+from ddpm.schedules import get_beta_schedule  # noqa: E402
+from ddpm.speed import CompiledOrEager, Speed, to_channels_last  # noqa: E402
+from ddpm.train import TrainSettings, train  # noqa: E402
+from ddpm.unet import Unet  # noqa: E402
+
+try:
+    import denoising_diffusion_pytorch as ddp_lib
+    import diffusers
+    from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+    from diffusers.training_utils import EMAModel
+    from ema_pytorch import EMA as LucidEMA
+except ImportError as e:  # pragma: no cover - a missing peer is a set-up error, said plainly
+    raise SystemExit(f"{e}: install the peers first: python3 -m pip install -r benchmarks/requirements.txt")
+
+IMAGE = (1, 8, 8)
+T = 1000
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def matmul_gflops(device: torch.device, reps: int) -> float:
+    """Median float32 rate of a 2048 x 2048 matrix product (the machine's reference rate)."""
+    n = 2048
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    k = 5 if device.type == "cpu" else 50
+    for _ in range(2):
+        a @ b
+    rates = [2 * n**3 * k / timed(lambda: [a @ b for _ in range(k)], device) / 1e9 for _ in range(reps)]
+    return statistics.median(rates)
+
+
+def forward_flops(fn: Callable[[torch.Tensor, torch.Tensor], object], device: torch.device) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, t = torch.randn(8, *IMAGE, device=device), torch.randint(0, T, (8,), device=device)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        fn(x, t)
+    return fc.get_total_flops() / 8
+
+
+def train_flops(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], device: torch.device) -> float:
+    """FLOPs per image of forward + backward (what a training step computes, optimizer aside)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, t = torch.randn(8, *IMAGE, device=device), torch.randint(0, T, (8,), device=device)
+    with FlopCounterMode(display=False) as fc:
+        fn(x, t).square().mean().backward()
+    return fc.get_total_flops() / 8
+
+
+# --- the three libraries --------------------------------------------------------------------------
+def ours_model(device: torch.device) -> Unet:
+    torch.manual_seed(0)
+    return Unet(dim=32, dim_mults=(1, 2), channels=1).to(device)
+
+
+def lucid_setup(device: torch.device, timesteps: int = T, sampling_timesteps: int | None = None):
+    torch.manual_seed(0)
+    net = ddp_lib.Unet(dim=32, dim_mults=(1, 2), channels=1)
+    return ddp_lib.GaussianDiffusion(net, image_size=8, timesteps=timesteps, sampling_timesteps=sampling_timesteps,
+                                     objective="pred_noise", beta_schedule="linear").to(device)
+
+
+def diffusers_model(device: torch.device) -> "UNet2DModel":
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32, 64),
+                       layers_per_block=2, norm_num_groups=8, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D")).to(device)
+
+
+def lucid_train_step(device: torch.device, batch: int) -> Callable[[], None]:
+    """denoising-diffusion-pytorch's Trainer.train step (one gradient accumulation, no AMP)."""
+    diffusion = lucid_setup(device)
+    opt = torch.optim.Adam(diffusion.parameters(), lr=1e-3, betas=(0.9, 0.99))
+    ema = LucidEMA(diffusion, beta=0.995, update_every=10)
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.rand(batch, *IMAGE, generator=g, device=device)  # images in [0, 1], as its dataset gives
+
+    def step() -> None:
+        loss = diffusion(x)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(diffusion.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        ema.update()
+    return step
+
+
+def diffusers_train_step(device: torch.device, batch: int) -> Callable[[], None]:
+    """diffusers' examples/unconditional_image_generation/train_unconditional.py step (fp32)."""
+    unet = diffusers_model(device)
+    sched = DDPMScheduler(num_train_timesteps=T)
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3)
+    ema = EMAModel(unet.parameters(), decay=0.999)
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.rand(batch, *IMAGE, generator=g, device=device) * 2 - 1
+
+    def step() -> None:
+        noise = torch.randn(x.shape, device=device)
+        t = torch.randint(0, T, (batch,), device=device).long()
+        pred = unet(sched.add_noise(x, noise, t), t).sample
+        F.mse_loss(pred.float(), noise.float()).backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        ema.step(unet.parameters())
+    return step
+
+
+def ours_training(device: torch.device, batch: int, fast: bool, block: int, blocks: int,
+                  between: Callable[[], None]) -> list[float]:
+    """Seconds per ``block`` steps of the pipeline's own ``train()``; ``between`` (the peers' blocks) runs
+    after every block, so all libraries are timed in turn. The first two blocks (compile, warm-up) are dropped."""
+    speed = Speed.resolve(fast, device)
+    images = torch.randint(0, 256, (1024, *IMAGE), dtype=torch.uint8)
+    process = GaussianProcess(get_beta_schedule("linear", T), "pred_noise")
+    settings = TrainSettings(steps=block * (blocks + 2), batch_size=batch, lr=1e-3, warmup_steps=10,
+                             ema_decay=0.999, log_every=block, checkpoint_every=10**9,
+                             amp=speed.autocast_dtype is not None,
+                             channels_last=speed.channels_last, compile=speed.compile)
+    times: list[float] = []
+    mark: list[float] = []
+
+    def on_log(rows: list[dict]) -> None:
+        sync(device)
+        if mark:
+            times.append(time.perf_counter() - mark[0])
+        between()
+        sync(device)
+        mark[:] = [time.perf_counter()]
+
+    train(ours_model(device), process, images, settings, seed=0, device=device, on_log=on_log, progress=False)
+    return times[1:]
+
+
+# --- sampling -------------------------------------------------------------------------------------
+def ours_sampler(device: torch.device, batch: int, steps: int, rule: StepRule, fast: bool) -> Callable[[], object]:
+    speed = Speed.resolve(fast, device)
+    model = ours_model(device).eval()
+    process = GaussianProcess(get_beta_schedule("linear", T), "pred_noise").to(device)
+    net = model
+    if speed.channels_last:
+        net = to_channels_last(model)
+    if speed.compile:  # compiled whatever the run length: the table gives the steady state
+        net = CompiledOrEager(net, "the benchmark model", dynamic=False)
+    g = torch.Generator(device=device)
+
+    def run() -> object:
+        g.manual_seed(0)
+        return sample_loop(net, process, (batch, *IMAGE), steps, rule, g, device=device,
+                           autocast_dtype=speed.autocast_dtype)
+    return run
+
+
+def lucid_sampler(device: torch.device, batch: int, steps: int, ddim: bool) -> Callable[[], object]:
+    # DDPM: p_sample_loop walks all `timesteps`; DDIM: ddim_sample over `sampling_timesteps`
+    d = lucid_setup(device, timesteps=T if ddim else steps, sampling_timesteps=steps if ddim else None).eval()
+    fn = d.ddim_sample if ddim else d.p_sample_loop
+
+    def run() -> object:
+        with torch.inference_mode():
+            return fn((batch, *IMAGE))
+    return run
+
+
+def diffusers_sampler(device: torch.device, batch: int, steps: int, ddim: bool) -> Callable[[], object]:
+    """The loop of DDPMPipeline / DDIMPipeline.__call__ (without the PIL conversion)."""
+    unet = diffusers_model(device).eval()
+    sched = (DDIMScheduler if ddim else DDPMScheduler)(num_train_timesteps=T)
+    g = torch.Generator(device=device)
+
+    def run() -> object:
+        g.manual_seed(0)
+        sched.set_timesteps(steps)
+        x = torch.randn((batch, *IMAGE), generator=g, device=device)
+        with torch.inference_mode():
+            for t in sched.timesteps:
+                out = unet(x, t).sample
+                x = (sched.step(out, t, x, eta=0.0, generator=g) if ddim else sched.step(out, t, x, generator=g)).prev_sample
+        return x
+    return run
+
+
+def interleaved(fns: dict[str, Callable[[], object]], reps: int, device: torch.device) -> dict[str, list[float]]:
+    """Seconds per call of each fn, timed in turn (A B C A B C ...), after one untimed warm-up call each."""
+    for fn in fns.values():
+        fn()
+    out: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            out[k].append(timed(fn, device))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2: this machine)")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=128, help="training batch")
+    ap.add_argument("--sample-batch", type=int, nargs="+", default=[64, 400],
+                    help="sampling batches: 64 (the issue's) and 400 (the pipeline's sample.batch_size)")
+    ap.add_argument("--sample-steps", type=int, default=None, help="steps per timed sampling run")
+    ap.add_argument("--quick", action="store_true", help="2 repetitions, short runs: a smoke test")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    reps = 2 if args.quick else args.reps
+    cpu = device.type == "cpu"
+    block = (2 if args.quick else 5) if cpu else 20
+    sample_steps = args.sample_steps or ((10 if args.quick else 50) if cpu else 200)
+
+    print(f"# ours vs denoising-diffusion-pytorch {version('denoising-diffusion-pytorch')} "
+          f"and diffusers {diffusers.__version__}; torch {torch.__version__}, {device}"
+          + (f", {args.threads} threads" if cpu else f" ({torch.cuda.get_device_name(device)})"))
+    mm = matmul_gflops(device, reps)
+    print(f"float32 2048x2048 matmul: {mm:.1f} GFLOP/s (median of {reps})\n")
+
+    # FLOPs per image, counted
+    ours_m, lucid_d, diff_m = ours_model(device), lucid_setup(device), diffusers_model(device)
+    nets = {"ours": ours_m, "denoising-diffusion-pytorch": lucid_d.model,
+            "diffusers": lambda x, t: diff_m(x, t).sample}
+    fwd = {k: forward_flops(f, device) for k, f in nets.items()}
+    trn = {k: train_flops(f, device) for k, f in nets.items()}
+    params = {"ours": ours_m, "denoising-diffusion-pytorch": lucid_d.model, "diffusers": diff_m}
+    print("| model | params | forward MFLOP/img | train (fwd+bwd) MFLOP/img |\n|---|---|---|---|")
+    for k in nets:
+        n = sum(p.numel() for p in params[k].parameters())
+        print(f"| {k} | {n / 1e6:.3f}M | {fwd[k] / 1e6:.1f} | {trn[k] / 1e6:.1f} |")
+    del ours_m, lucid_d, diff_m
+
+    # training, batch `args.batch`
+    peers = {"denoising-diffusion-pytorch": lucid_train_step(device, args.batch),
+             "diffusers": diffusers_train_step(device, args.batch)}
+    for step in peers.values():
+        step()
+    peer_times: dict[str, list[float]] = {k: [] for k in peers}
+
+    def peer_blocks() -> None:
+        for k, step in peers.items():
+            peer_times[k].append(timed(lambda: [step() for _ in range(block)], device))
+
+    train_times: dict[str, list[float]] = {}
+    for fast in (True, False):
+        t0 = time.perf_counter()
+        name = f"ours (fast: {str(fast).lower()})"
+        train_times[name] = ours_training(device, args.batch, fast, block, reps, peer_blocks)
+        print(f"[{name}: {time.perf_counter() - t0:.0f} s including compile and the peers' blocks]", file=sys.stderr)
+    for k in peers:
+        train_times[k] = peer_times[k]  # every block, from both of ours' runs (the peers were warmed up)
+    print(f"\n## Training, batch {args.batch} (median of {reps} blocks of {block} steps, timed in turn)\n")
+    print("| library | img/s | GFLOP/s | share of matmul |\n|---|---|---|---|")
+    rate = {}
+    for k, ts in train_times.items():
+        ips = args.batch * block / statistics.median(ts)
+        flops = trn["ours" if k.startswith("ours") else k]
+        rate[k] = ips * flops / 1e9
+        print(f"| {k} | {ips:.0f} | {rate[k]:.1f} | {rate[k] / mm:.0%} |")
+    best_peer = max(("denoising-diffusion-pytorch", "diffusers"), key=lambda k: rate[k])
+    for k in [k for k in rate if k.startswith("ours")]:
+        print(f"\n{k} / {best_peer} (the faster peer), per FLOP: **{rate[k] / rate[best_peer]:.2f}x**", end="")
+    print()
+
+    # sampling
+    for batch in args.sample_batch:
+        for sampler in ("ddpm", "ddim"):
+            ddim = sampler == "ddim"
+            rule = StepRule("ddim", 0.0) if ddim else StepRule("ddpm")
+            fns = {"ours (fast: true)": ours_sampler(device, batch, sample_steps, rule, True),
+                   "ours (fast: false)": ours_sampler(device, batch, sample_steps, rule, False),
+                   "denoising-diffusion-pytorch": lucid_sampler(device, batch, sample_steps, ddim),
+                   "diffusers": diffusers_sampler(device, batch, sample_steps, ddim)}
+            ts = interleaved(fns, reps, device)
+            print(f"\n## Sampling {sampler.upper()}, batch {batch}, {sample_steps} steps per run "
+                  f"(median of {reps}, timed in turn)\n")
+            print("| library | image-steps/s | GFLOP/s | share of matmul |\n|---|---|---|---|")
+            srate = {}
+            for k, t in ts.items():
+                ips = batch * sample_steps / statistics.median(t)
+                srate[k] = ips * fwd["ours" if k.startswith("ours") else k] / 1e9
+                print(f"| {k} | {ips:.0f} | {srate[k]:.1f} | {srate[k] / mm:.0%} |")
+            best = max(("denoising-diffusion-pytorch", "diffusers"), key=lambda k: srate[k])
+            print(f"\nours (fast: true) / {best} (the faster peer), per FLOP: "
+                  f"**{srate['ours (fast: true)'] / srate[best]:.2f}x**; fast: false: "
+                  f"{srate['ours (fast: false)'] / srate[best]:.2f}x")
+            sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
