@@ -1,7 +1,8 @@
 """train: one model per beta schedule (`python -m stages.train <schedule>`), with its loss and FID curves.
 
 Writes models/<schedule>/model.pt (a self-describing checkpoint), loss.csv, fid_curve.csv and
-train.json; resumes from checkpoints/<schedule>/ (a DVC `persist` output) after an interruption.
+train.json; resumes from checkpoints/<schedule>/ after an interruption. That folder is not a DVC output
+(DVC leaves undeclared files alone, so they survive a failed run) and is removed once training is done.
 """
 from __future__ import annotations
 
@@ -120,7 +121,6 @@ def main() -> None:
     tracker.end_run(run_id)
     # finished: models/<schedule>/model.pt holds the final state; the checkpoints served only a resume
     shutil.rmtree(CHECKPOINTS / args.schedule, ignore_errors=True)
-    (CHECKPOINTS / args.schedule).mkdir(parents=True, exist_ok=True)
     log.info("train %s: final loss %.4f, %.1f img/s", args.schedule, summary["final_loss"], result.images_per_second)
 
 
