@@ -110,6 +110,7 @@ def main() -> None:
     for name, df in (("loss.csv", losses), ("fid_curve.csv", fid_curve)):
         with atomic_path(out / name) as tmp:
             df.to_csv(tmp, index=False)
+        tracker.log_artifact(run_id, out / name)
     tail = losses["loss"].iloc[-max(1, len(losses) // 10):]
     summary = {"schedule": args.schedule, "steps": result.step, "final_loss": float(tail.mean()),
                "seconds": round(result.seconds, 3), "images_per_second": round(result.images_per_second, 1),
