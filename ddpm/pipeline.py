@@ -6,6 +6,7 @@ maths; it names files, reads and writes them atomically, and times stages.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -38,6 +39,17 @@ def sample_path(schedule: str, name: str, eta: float, steps: int) -> Path:
 
 def model_dir(schedule: str) -> Path:
     return MODELS / schedule
+
+
+def train_run_id(schedule: str) -> str | None:
+    """The MLflow run id of a schedule's training run (from its train.json), None when unknown."""
+    info = model_dir(schedule) / "train.json"
+    return read_json(info).get("mlflow_run_id") if info.is_file() else None
+
+
+def sample_key(images: np.ndarray) -> str:
+    """A short content hash of a sample set: the ``sample_key`` tag that finds its MLflow run."""
+    return hashlib.sha256(images.tobytes()).hexdigest()[:16]
 
 
 def save_arrays(path: Path, **arrays: Any) -> None:

@@ -670,7 +670,8 @@ def build_report(
 ) -> dict[str, Any]:
     """Write ``report.md``, ``report.html`` and ``figures/*.png`` under ``out_dir``.
 
-    Returns ``{"markdown": Path, "html": Path, "figures": [Path, ...]}`` (figures in report order).
+    Returns ``{"markdown": Path, "html": Path, "figures": [Path, ...], "grids": {(schedule, label, steps):
+    Path}}`` (figures in report order; ``grids``: the sample grid PNG of each key of ``samples``).
     See the module docstring for what the page shows.
     """
     out_dir = Path(out_dir)
@@ -718,6 +719,7 @@ def build_report(
         for a in aliases:
             fid_lookup.setdefault((str(r["schedule"]), a, int(r["steps"])), float(r["fid"]))
     gallery: dict[str, dict[tuple[str, int], str]] = {}
+    grids: dict[tuple[str, str, int], Path] = {}
     for (sched, label, steps) in samples:
         imgs = np.asarray(samples[(sched, label, steps)])
         if imgs.ndim != 4 or len(imgs) == 0:
@@ -727,6 +729,7 @@ def build_report(
         name = f"samples_{_slug(sched)}_{_slug(label)}_{int(steps)}.png"
         emit(name, _png_from_grid(grid))
         gallery.setdefault(str(sched), {})[(str(label), int(steps))] = name
+        grids[(sched, label, steps)] = fig_dir / name
 
     # --- text -------------------------------------------------------------------------------------
     data_name = ""
@@ -918,5 +921,5 @@ def build_report(
     md_path, html_path = out_dir / "report.md", out_dir / "report.html"
     atomic_write_text(md_path, md_text)
     atomic_write_text(html_path, html_text)
-    return {"markdown": md_path, "html": html_path, "figures": figures}
+    return {"markdown": md_path, "html": html_path, "figures": figures, "grids": grids}
 

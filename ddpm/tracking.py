@@ -9,11 +9,14 @@ Run layout (one MLflow experiment per pipeline, e.g. ``ddpm``)::
     |                    params: schedule, timesteps, lr, batch_size, ... (flat str -> scalar)
     |                    metrics: loss, loss_q0..loss_q3 (per-step loss curves, loss by quartile
     |                             of t), fid_train (FID over training)
-    |                    artifacts: checkpoints, sample grids, ...
+    |                    artifacts: loss.csv, fid_curve.csv
     +-- sample run       nested (tag mlflow.parentRunId = the train run's id), one per
                          sampler x steps; tags: kind=sample, sample_key=...;
                          params: schedule, sampler, eta, steps, timesteps, n_samples;
-                         metric: fid
+                         metric: fid; artifact: the sample grid (samples_<...>.png)
+    report run           one per report stage run; tags: kind=report, train_run_ids; params: all;
+                         metrics: reports/metrics.json's numbers; artifacts: report.md,
+                         report.html, fid.csv, metrics.json, figures/
 
 :func:`comparison_table` lists the ``sample`` runs (one row per schedule x sampler x steps x run),
 sorted by FID; ``python -m ddpm.tracking table`` prints it.
@@ -26,7 +29,8 @@ once; local artifacts go to ``<root>/mlruns/<experiment>`` next to the database.
 
 Failures never reach the caller: on the first MLflow error a :class:`Tracker` logs one warning,
 stops talking to MLflow for the rest of the process, and appends everything it could not send to a
-JSONL file (``pending_path``). Replay it later, into the same or another store, with::
+JSONL file (``pending_path``); a failed artifact upload only stops further uploads (the artifact
+store is often separate, e.g. S3 behind a server). Replay it later, into the same or another store, with::
 
     python -m ddpm.tracking import-pending PENDING.jsonl [--uri URI]
 
@@ -273,7 +277,8 @@ class Tracker:
     ``enabled`` is false (no mlflow import, no database). On the first MLflow error (server down,
     DB locked, store lost, ...) it logs one warning naming the URI and the error, marks itself
     ``failed`` and from then on appends what it could not send to ``pending_path`` (JSONL; None:
-    dropped). While failed, ``start_run`` returns a placeholder id ``pending-<hex>`` that the other
+    dropped). An artifact upload that fails sets only ``artifacts_failed``: later artifacts are kept
+    in the file, metrics still go to MLflow. While failed, ``start_run`` returns a placeholder id ``pending-<hex>`` that the other
     methods accept. Replay the file later with ``python -m ddpm.tracking import-pending FILE
     [--uri URI]`` (or :func:`import_pending`).
     """
@@ -285,6 +290,7 @@ class Tracker:
         self.uri = (uri or default_tracking_uri()) if self.enabled else uri
         self.pending_path = Path(pending_path) if pending_path is not None else None
         self.failed = False
+        self.artifacts_failed = False  # the artifact store failed (the tracking store may still work)
         self._warned: set[str] = set()  # one warning per kind ("failed", "pending")
         self._client = None
         self._exp_id: str | None = None
@@ -414,6 +420,8 @@ class Tracker:
         self._artifact(run_id, dir, artifact_path, is_dir=True)
 
     def _artifact(self, run_id, path, artifact_path, is_dir: bool) -> None:
+        """Artifacts go to a store of their own (a server's artifact root, S3, ...): when that fails,
+        one warning and the record is kept, but metrics and run states still go to the tracking store."""
         if not self.enabled or run_id is None:
             return
         p = str(Path(path).resolve())
@@ -424,7 +432,20 @@ class Tracker:
             client = self._get_client()
             (client.log_artifacts if is_dir else client.log_artifact)(run_id, p, artifact_path)
 
-        self._do("log_artifact", run_id, rec, send)
+        if self.artifacts_failed and not self.failed:
+            self._keep(rec)
+        elif self.failed or run_id.startswith(PENDING_PREFIX):
+            self._do("log_artifact", run_id, rec, send)  # keeps the record
+        else:
+            try:
+                with _quiet_retries():
+                    send()
+            except Exception as exc:
+                self.artifacts_failed = True
+                msg = " ".join(str(exc).split())
+                self._warn(f"logging artifact {p} failed: {type(exc).__name__}: {msg[:500]}; artifacts "
+                           f"are not sent for the rest of this process (metrics still are)", kind="artifact")
+                self._keep(rec)
 
     def end_run(self, run_id: str | None, status: str = "FINISHED") -> None:
         """Mark the run terminated: FINISHED, FAILED or KILLED."""

@@ -5,15 +5,13 @@ reports/fid_summary.json; logs one nested MLflow run per sample set under its sc
 """
 from __future__ import annotations
 
-import hashlib
-
 import pandas as pd
 
 from ddpm.config import load_params, resolve_device
 from ddpm.fid import extract_features, feature_statistics, frechet_distance, load_featurizer
 from ddpm.io import atomic_path
-from ddpm.pipeline import (FEATURIZER, REPORTS, load_arrays, model_dir, read_json, sample_path, sampler_label,
-                           setup_logging, timed, write_json)
+from ddpm.pipeline import (FEATURIZER, REPORTS, load_arrays, sample_key, sample_path, sampler_label, setup_logging,
+                           timed, train_run_id, write_json)
 from ddpm.tracking import Tracker
 
 COLUMNS = ["schedule", "sampler", "eta", "steps", "fid", "n_samples", "features"]
@@ -44,7 +42,7 @@ def main() -> None:
                     feats = extract_features(featurizer, images, device=device)
                     fid = frechet_distance(*feature_statistics(feats), ref["mu"], ref["sigma"])
                     rows.append([schedule, s.name, s.eta, steps, fid, n, features])
-                    keys.append(hashlib.sha256(images.tobytes()).hexdigest()[:16])
+                    keys.append(sample_key(images))
                     log.info("fid %s %s x%d: %.3f (floor %.3f)", schedule, sampler_label(s.name, s.eta), steps, fid,
                              floor)
     table = pd.DataFrame(rows, columns=COLUMNS)
@@ -56,8 +54,7 @@ def main() -> None:
     tracker = Tracker(enabled=p.tracking.enabled, experiment=p.tracking.experiment,
                       pending_path=REPORTS / "mlflow-pending.jsonl")
     for row, key in zip(table.itertuples(index=False), keys):
-        train_info = model_dir(row.schedule) / "train.json"
-        parent = read_json(train_info).get("mlflow_run_id") if train_info.is_file() else None
+        parent = train_run_id(row.schedule)
         # a sample set already logged under this parent (same images) needs no new run
         if parent and tracker.find_runs(f"tags.sample_key = '{key}' and tags.mlflow.parentRunId = '{parent}'"):
             continue

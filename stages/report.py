@@ -1,13 +1,18 @@
-"""report: the Markdown and self-contained HTML report, and reports/metrics.json, from DVC-tracked outputs only."""
+"""report: the Markdown and self-contained HTML report, and reports/metrics.json, from DVC-tracked outputs only.
+
+MLflow gets a copy: one `report` run (tag kind=report) with the summary metrics and the report files as
+artifacts, and each sample set's grid PNG as an artifact of that set's `sample` run (logged by the fid stage).
+"""
 from __future__ import annotations
 
 import pandas as pd
 
 from ddpm.config import load_params
 from ddpm.io import atomic_path, atomic_write_json
-from ddpm.pipeline import (FEATURIZER, PREPARED, REPORTS, load_arrays, model_dir, read_json, sample_path,
-                           sampler_label, setup_logging)
+from ddpm.pipeline import (FEATURIZER, PREPARED, REPORTS, load_arrays, model_dir, read_json, sample_key, sample_path,
+                           sampler_label, setup_logging, train_run_id)
 from ddpm.report import build_report, summary_metrics
+from ddpm.tracking import Tracker
 
 
 def write_plot_data(losses: dict, fid_curves: dict, fid: pd.DataFrame) -> None:
@@ -24,6 +29,24 @@ def write_plot_data(losses: dict, fid_curves: dict, fid: pd.DataFrame) -> None:
     for name, df in tables.items():
         with atomic_path(REPORTS / "plots" / name) as tmp:
             df.to_csv(tmp, index=False, float_format="%.6g")
+
+
+def log_to_mlflow(p, out: dict, metrics: dict, samples: dict) -> None:
+    """The report files into a new `report` run; each sample grid into its sample set's run."""
+    tracker = Tracker(enabled=p.tracking.enabled, experiment=p.tracking.experiment,
+                      pending_path=REPORTS / "mlflow-pending.jsonl")
+    parents = {schedule: train_run_id(schedule) for schedule in p.diffusion.schedules}
+    run = tracker.start_run("report", params=p.flat(), tags={
+        "kind": "report", "train_run_ids": ",".join(r for r in parents.values() if r)})
+    tracker.log_metrics(run, [{"step": 0, **metrics}])
+    for path in (out["markdown"], out["html"], REPORTS / "fid.csv", REPORTS / "metrics.json"):
+        tracker.log_artifact(run, path)
+    tracker.log_artifacts(run, REPORTS / "figures", "figures")
+    tracker.end_run(run)
+    for (schedule, label, steps), images in samples.items():
+        if parents[schedule]:
+            for run_id in tracker.find_runs(f"tags.sample_key = '{sample_key(images)}'", parents[schedule]):
+                tracker.log_artifact(run_id, out["grids"][(schedule, label, steps)])
 
 
 def main() -> None:
@@ -54,8 +77,10 @@ def main() -> None:
         timings=pd.DataFrame(timings, columns=["stage", "item", "seconds"]), params=p.to_dict(),
         grid_images=p.report.grid_images, grid_scale=p.report.grid_scale,
     )
-    atomic_write_json(REPORTS / "metrics.json", summary_metrics(fid, summary["fid_floor"], losses, featurizer))
+    metrics = summary_metrics(fid, summary["fid_floor"], losses, featurizer)
+    atomic_write_json(REPORTS / "metrics.json", metrics)
     write_plot_data(losses, fid_curves, fid)
+    log_to_mlflow(p, out, metrics, samples)
     log.info("report: %s and %s", out["markdown"], out["html"])
 
 

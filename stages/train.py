@@ -1,7 +1,8 @@
 """train: one model per beta schedule (`python -m stages.train <schedule>`), with its loss and FID curves.
 
 Writes models/<schedule>/model.pt (a self-describing checkpoint), loss.csv, fid_curve.csv and
-train.json; resumes from checkpoints/<schedule>/ (a DVC `persist` output) after an interruption.
+train.json; resumes from checkpoints/<schedule>/ after an interruption. That folder is not a DVC output
+(DVC leaves undeclared files alone, so they survive a failed run) and is removed once training is done.
 """
 from __future__ import annotations
 
@@ -113,6 +114,7 @@ def main() -> None:
     for name, df in (("loss.csv", losses), ("fid_curve.csv", fid_curve)):
         with atomic_path(out / name) as tmp:
             df.to_csv(tmp, index=False)
+        tracker.log_artifact(run_id, out / name)
     tail = losses["loss"].iloc[-max(1, len(losses) // 10):]
     summary = {"schedule": args.schedule, "steps": result.step, "final_loss": float(tail.mean()),
                "seconds": round(result.seconds, 3), "images_per_second": round(result.images_per_second, 1),
@@ -124,7 +126,6 @@ def main() -> None:
     tracker.end_run(run_id)
     # finished: models/<schedule>/model.pt holds the final state; the checkpoints served only a resume
     shutil.rmtree(CHECKPOINTS / args.schedule, ignore_errors=True)
-    (CHECKPOINTS / args.schedule).mkdir(parents=True, exist_ok=True)
     log.info("train %s: final loss %.4f, %.1f img/s", args.schedule, summary["final_loss"], result.images_per_second)
 
 

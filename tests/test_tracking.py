@@ -298,6 +298,45 @@ def test_store_error_mid_run_keeps_points(store, tmp_path, monkeypatch, caplog):
     assert c.get_run(rid).info.status == "FINISHED"
 
 
+def test_artifact_failure_keeps_tracking_metrics(store, tmp_path, monkeypatch, caplog):
+    """The artifact store fails (e.g. S3 credentials): one warning, artifacts kept in the pending file,
+    metrics and the run's end still reach the tracking store; replaying later uploads the files."""
+    pending = tmp_path / "pending.jsonl"
+    tk = tr.Tracker(True, "ddpm-artifacts", uri=store["uri"], pending_path=pending)
+    rid = tk.start_run("train", {"schedule": "linear"}, {"kind": "train"})
+    (tmp_path / "loss.csv").write_text("step,loss\n1,0.5\n")
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "a.png").write_bytes(b"png")
+    client = tk._get_client()
+    calls = []
+
+    def boom(*a, **k):
+        calls.append(a)
+        raise PermissionError("Access Denied (s3://bucket/ddpm)")
+
+    monkeypatch.setattr(client, "log_artifact", boom)
+    caplog.set_level(logging.WARNING, logger="ddpm.tracking")
+    tk.log_artifact(rid, tmp_path / "loss.csv")
+    tk.log_artifacts(rid, tmp_path / "figures", "figures")  # not attempted after the first failure
+    tk.log_metrics(rid, [{"step": 1, "loss": 0.5}])
+    tk.end_run(rid)
+    assert tk.artifacts_failed and not tk.failed and len(calls) == 1
+    ours = [r for r in caplog.records if r.name == "ddpm.tracking"]
+    assert len(ours) == 1, [r.getMessage() for r in ours]
+    assert "loss.csv" in ours[0].getMessage() and "Access Denied" in ours[0].getMessage()
+    assert [r["op"] for r in tr.read_pending(pending)] == ["artifact", "artifacts"]
+    monkeypatch.undo()
+
+    from mlflow import MlflowClient
+    c = MlflowClient(store["uri"])
+    run = c.get_run(rid)
+    assert run.info.status == "FINISHED" and run.data.metrics["loss"] == 0.5
+    assert c.list_artifacts(rid) == []
+    assert tr.import_pending(pending, store["uri"]) == {rid: rid}
+    assert sorted(f.path for f in c.list_artifacts(rid)) == ["figures", "loss.csv"]
+    assert [f.path for f in c.list_artifacts(rid, "figures")] == ["figures/a.png"]
+
+
 def test_tracker_without_pending_path_drops_with_warning(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
