@@ -62,8 +62,8 @@ def main() -> None:
     settings = TrainSettings(
         steps=t.steps, batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
         grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm, ema_decay=t.ema_decay, ema_warmup=t.ema_warmup,
-        ema_every=t.ema_every, amp=t.amp or speed.autocast_dtype is not None, horizontal_flip=t.horizontal_flip, log_every=t.log_every,
-        checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints, eval_every=t.fid_every,
+        ema_every=t.ema_every, amp=t.amp or speed.autocast_dtype is not None, horizontal_flip=t.horizontal_flip,
+        log_every=t.log_every, checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints, eval_every=t.fid_every,
         channels_last=speed.channels_last, compile=speed.compile,
     )
 
