@@ -15,6 +15,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from . import distributed as dist
 from .data import load_dataset, model_to_uint8, save_image_grid
 from .diffusion import GaussianProcess
 from .samplers import StepRule, sample_images, sample_loop
@@ -118,6 +119,11 @@ class Trainer:
     on disk: see ``ddpm.fid.resolve_inception_weights``).
     ``train_batch_size`` is per micro-step as in the seed: a step sees ``train_batch_size *
     gradient_accumulate_every`` images.
+
+    Launched by torchrun (``torchrun --nproc_per_node 2 script.py``) it trains in DistributedDataParallel
+    (gloo on the CPU; NCCL on CUDA, each rank on ``cuda:LOCAL_RANK``) and only rank 0 writes checkpoints,
+    sample grids and FID. As with accelerate, ``split_batches=True`` splits that batch over the processes;
+    ``False`` gives each process ``train_batch_size`` images per micro-step.
     """
 
     def __init__(
@@ -165,10 +171,13 @@ class Trainer:
             raise ValueError(f"mixed_precision_type must be 'fp16', 'bf16' or 'no', got {mixed_precision_type!r}")
         self.data = load_dataset("folder", root=self.folder, image_size=diffusion_model.image_size,
                                  channels=diffusion_model.channels)
+        if dist.launched_by_torchrun():  # join the process group; a CUDA model moves to this rank's GPU
+            diffusion_model.model.to(dist.init(diffusion_model.device.type))
+        per_step = train_batch_size * gradient_accumulate_every * (1 if split_batches else dist.world_size())
         self.results_folder = Path(results_folder)
         self.results_folder.mkdir(parents=True, exist_ok=True)
         self.settings = TrainSettings(
-            steps=train_num_steps, batch_size=train_batch_size * gradient_accumulate_every, lr=train_lr,
+            steps=train_num_steps, batch_size=per_step, lr=train_lr,
             grad_accum=gradient_accumulate_every, max_grad_norm=max_grad_norm, ema_decay=ema_decay,
             ema_warmup=ema_warmup, ema_every=ema_update_every, adam_betas=tuple(adam_betas),
             amp=bool(amp) and mixed_precision_type != "no", horizontal_flip=augment_horizontal_flip,
@@ -182,7 +191,7 @@ class Trainer:
         self.num_fid_samples = min(num_fid_samples, len(self.data))
         self.save_best_and_latest_only = save_best_and_latest_only
         self._fid = None
-        if calculate_fid:
+        if calculate_fid and dist.is_main():  # the FID is computed by rank 0 alone
             from .fid import InceptionFeaturizer, extract_features, feature_statistics
 
             # fails here, before any training, with the paths it looked in when the weights are missing

@@ -94,6 +94,7 @@ class TrainConfig:
     fid_every: int = 800  # FID of the EMA model during training; 0 turns it off
     fid_samples: int = 200
     fid_sampling_steps: int = 50  # DDIM (eta = 0) steps for the FID curve
+    nproc_per_node: int = 1  # > 1: DistributedDataParallel under torchrun; batch_size stays the global batch
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ class SampleConfig:
     steps: tuple[int, ...] = (10, 50, 100)
     n_samples: int = 400  # images per sample set; every FID uses this count
     batch_size: int = 400
+    nproc_per_node: int = 1  # > 1: chunks split over torchrun processes, merged in order (same images)
 
 
 @dataclass(frozen=True)
@@ -288,6 +290,11 @@ def _check(p: Params, problems: list[str]) -> None:
     need(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "an integer >= 0")
     need(t.grad_accum >= 1 and t.batch_size % max(t.grad_accum, 1) == 0, "train.grad_accum", t.grad_accum,
          f"an integer >= 1 that divides train.batch_size={t.batch_size}")
+    need(t.nproc_per_node >= 1, "train.nproc_per_node", t.nproc_per_node, "an integer >= 1 (processes on this machine)")
+    per_step = max(t.grad_accum, 1) * max(t.nproc_per_node, 1)
+    need(t.nproc_per_node <= 1 or t.batch_size % per_step == 0, "train.batch_size", t.batch_size,
+         f"a multiple of train.grad_accum x train.nproc_per_node = {t.grad_accum} x {t.nproc_per_node} "
+         "(the global batch is split over processes and micro-batches)")
     need(t.max_grad_norm is None or t.max_grad_norm > 0, "train.max_grad_norm", t.max_grad_norm,
          "null or a number > 0")
     need(0 <= t.ema_decay < 1, "train.ema_decay", t.ema_decay, "a number in [0, 1)")
@@ -313,6 +320,8 @@ def _check(p: Params, problems: list[str]) -> None:
     need(len(set(s.steps)) == len(s.steps), "sample.steps", list(s.steps), "distinct step counts")
     need(s.n_samples >= 2, "sample.n_samples", s.n_samples, "an integer >= 2")
     need(s.batch_size >= 1, "sample.batch_size", s.batch_size, "an integer >= 1")
+    need(s.nproc_per_node >= 1, "sample.nproc_per_node", s.nproc_per_node,
+         "an integer >= 1 (processes on this machine)")
     r = p.report
     need(r.grid_images >= 1, "report.grid_images", r.grid_images, "an integer >= 1")
     need(r.grid_scale >= 1, "report.grid_scale", r.grid_scale, "an integer >= 1")

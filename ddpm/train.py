@@ -4,6 +4,11 @@
 callbacks (``on_log`` with the per-step losses, ``on_eval`` with the EMA model). Every random draw
 comes from generators it owns and checkpoints (data order, timesteps and noise), plus torch's global
 RNG for dropout, which is seeded here and saved too, so a resumed run continues bit for bit on the CPU.
+
+Under torchrun (``ddpm.distributed.init`` called first) the model trains in DistributedDataParallel:
+every rank draws the same global data order and takes its shard of each global batch of
+``batch_size`` images, draws its own timesteps, noise and dropout (seeds offset by rank), and stores
+its RNG states in rank 0's checkpoints; only rank 0 calls ``on_log``/``on_eval`` and writes checkpoints.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 
+from . import distributed as dist
 from .diffusion import GaussianProcess
 from .io import atomic_torch_save
 from .speed import CompiledOrEager, to_channels_last
@@ -173,20 +179,23 @@ def train(
     device = torch.device(device)
     if images.dtype != torch.uint8 or images.ndim != 4 or len(images) == 0:
         raise ValueError(f"images must be a non-empty uint8 tensor [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
-    if s.batch_size % s.grad_accum:
-        raise ValueError(f"train.batch_size={s.batch_size} must be divisible by train.grad_accum={s.grad_accum}")
-    micro = s.batch_size // s.grad_accum
+    rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
+    if s.batch_size % (s.grad_accum * world):
+        raise ValueError(f"train.batch_size={s.batch_size} must be divisible by train.grad_accum={s.grad_accum}"
+                         + (f" x {world} processes (train.nproc_per_node x nodes)" if world > 1 else ""))
+    micro = s.batch_size // s.grad_accum // world  # this rank's share of a micro-batch
     process = process.to(device)
     model = model.to(device)
     if s.channels_last:
         model = to_channels_last(model)
+    net = dist.wrap(model, device)  # DDP (weights broadcast from rank 0) when several processes; else model
     data = images.to(device)
     n = len(data)
 
     # generators: data order (CPU), timesteps + noise (device); dropout uses torch's global RNG
     g_data = torch.Generator().manual_seed(seed)
-    g_noise = torch.Generator(device=device).manual_seed(seed + 1)
-    torch.manual_seed(seed + 2)
+    g_noise = torch.Generator(device=device).manual_seed(dist.rank_seed(seed, 1))  # seed + 1 on rank 0
+    torch.manual_seed(dist.rank_seed(seed, 2))
 
     amp_dtype, use_scaler = amp_settings(device, s.amp)
     # fused: one kernel for every parameter (CPU and CUDA) instead of about ten per parameter tensor
@@ -205,11 +214,18 @@ def train(
             ema.model.load_state_dict(ckpt["ema"])
             opt.load_state_dict(ckpt["optimizer"])
             scaler.load_state_dict(ckpt["scaler"])
-            g_data.set_state(ckpt["rng"]["data"])
-            g_noise.set_state(ckpt["rng"]["noise"])
-            torch.set_rng_state(ckpt["rng"]["torch"])
-            if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-                torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+            g_data.set_state(ckpt["rng"]["data"])  # the same on every rank
+            mine = dist.rank_rng_state(ckpt)
+            if mine is None:  # written by another number of processes: reseed from (seed, step, rank)
+                log.warning("checkpoint %s was written by another number of processes; noise and dropout RNGs "
+                            "reseeded from (seed, step, rank)", ckpt["_path"])
+                g_noise.manual_seed(dist.rank_seed(seed, 1, ckpt["step"]))
+                torch.manual_seed(dist.rank_seed(seed, 2, ckpt["step"]))
+            else:
+                g_noise.set_state(mine["noise"])
+                torch.set_rng_state(mine["torch"])
+                if device.type == "cuda" and mine.get("cuda") is not None:
+                    torch.cuda.set_rng_state(mine["cuda"], device)
             perm, pos, step = ckpt["data_state"]["perm"], ckpt["data_state"]["pos"], ckpt["step"]
             history, extra = list(ckpt.get("history", [])), dict(ckpt.get("extra", {}))
             skipped_steps = ckpt.get("skipped_steps", 0)
@@ -219,6 +235,12 @@ def train(
     def save(final: bool = False) -> Optional[Path]:
         if ckpt_dir is None:
             return None
+        rng = {"noise": g_noise.get_state().cpu(), "torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        per_rank = dist.all_gather_object(rng) if world > 1 else None  # a collective: every rank calls save()
+        path = checkpoint_path(ckpt_dir, step)
+        if not main:
+            return path
         state = {
             "format": CHECKPOINT_FORMAT,
             "step": step,
@@ -227,15 +249,14 @@ def train(
             "ema": ema.model.state_dict(),
             "optimizer": opt.state_dict(),
             "scaler": scaler.state_dict(),
-            "rng": {"data": g_data.get_state(), "noise": g_noise.get_state().cpu(), "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+            "rng": {"data": g_data.get_state(), **rng},
+            **({"rng_per_rank": per_rank} if per_rank else {}),
             "data_state": {"perm": perm, "pos": pos},
             "history": history,
             "extra": extra,
             "skipped_steps": skipped_steps,
             **(metadata or {}),
         }
-        path = checkpoint_path(ckpt_dir, step)
         atomic_torch_save(state, path)
         _prune(ckpt_dir, s.keep_checkpoints)
         return path
@@ -243,7 +264,7 @@ def train(
     def next_batch() -> torch.Tensor:
         nonlocal perm, pos
         idx = []
-        need = micro
+        need = micro * world  # the global micro-batch, the same on every rank (g_data is not offset by rank)
         while need:
             if pos >= n:
                 perm, pos = torch.randperm(n, generator=g_data), 0
@@ -251,15 +272,16 @@ def train(
             idx.append(take)
             pos += len(take)
             need -= len(take)
-        x = uint8_to_model(data[torch.cat(idx).to(device)])
+        shard = slice(rank * micro, (rank + 1) * micro)  # this rank's part of it
+        x = uint8_to_model(data[torch.cat(idx)[shard].to(device)])
         if s.horizontal_flip:
-            flip = torch.rand(len(x), generator=g_data) < 0.5
+            flip = (torch.rand(micro * world, generator=g_data) < 0.5)[shard]
             x = torch.where(flip.to(device).view(-1, 1, 1, 1), x.flip(-1), x)
         return x.contiguous(memory_format=torch.channels_last) if s.channels_last else x
 
     def loss_fn(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            return process.losses(model, x0, t, noise)
+            return process.losses(net, x0, t, noise)
 
     if s.compile:
         loss_fn = CompiledOrEager(loss_fn, "the training loss", dynamic=False)
@@ -274,7 +296,7 @@ def train(
     q_cnt = torch.zeros(s.log_every, 4, device=device)
     pending: list[int] = []
     pbar = None
-    if progress:
+    if progress and main:
         from tqdm.auto import tqdm
 
         pbar = tqdm(total=s.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
@@ -287,6 +309,9 @@ def train(
         if not pending:
             return
         k = len(pending)
+        if world > 1:  # the global batch's loss: the mean of the ranks' means; quarter sums and counts add up
+            dist.all_reduce_sum_(loss_buf[:k], q_sum[:k], q_cnt[:k])
+            loss_buf[:k] /= world
         losses = loss_buf[:k].tolist()
         qs = (q_sum[:k] / q_cnt[:k]).tolist()  # NaN where a quarter got no sample
         rows = []
@@ -300,7 +325,7 @@ def train(
                     f"{str(last_good) if last_good else 'none (no checkpoint written yet)'} and is left intact"
                 )
         history.extend(rows)
-        if on_log is not None:
+        if on_log is not None and main:
             on_log(rows)
         if pbar is not None:
             pbar.set_postfix(loss=f"{sum(losses) / k:.4f}")
@@ -345,8 +370,9 @@ def train(
             pbar.update(1)
         if len(pending) == s.log_every or step == s.steps or step % s.checkpoint_every == 0:
             flush()  # also the finite-loss check before any checkpoint is written
-        if s.eval_every and on_eval is not None and (step % s.eval_every == 0 or step == s.steps):
-            row = on_eval(step, ema.model)
+        if s.eval_every and (step % s.eval_every == 0 or step == s.steps):
+            row = on_eval(step, ema.model) if on_eval is not None and main else None
+            dist.barrier()  # the other ranks wait for rank 0's evaluation
             if row:
                 extra.setdefault("eval", []).append({"step": step, **row})
         if step % s.checkpoint_every == 0 or step == s.steps:

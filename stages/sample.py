@@ -2,15 +2,23 @@
 
 `python -m stages.sample <schedule> <sampler> <eta> <steps>` (one DVC matrix item) writes
 samples/<schedule>/<sampler label>-<steps>.npz (uint8 images) and a .json beside it.
+
+With `sample.nproc_per_node: N` (> 1) it re-executes itself under
+`python -m torch.distributed.run --standalone --nproc_per_node N -m stages.sample ...`: chunk k of
+sample.batch_size images is drawn by rank k % N from its own (seed, k) generator and rank 0 merges the
+chunks in order, so the file is the same as a one-process run's. Launched by torchrun already (several
+GPUs or nodes), it runs as the rank it is given.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 
+from ddpm import distributed as dist
 from ddpm.config import ConfigError, load_params, resolve_device
 from ddpm.data import model_to_uint8
 from ddpm.pipeline import model_dir, sample_path, save_arrays, setup_logging, timed, write_json
-from ddpm.samplers import StepRule, sample_images
+from ddpm.samplers import StepRule
 from ddpm.speed import Speed, sampling_model
 from ddpm.train import load_model
 
@@ -28,24 +36,38 @@ def main() -> None:
             args.steps not in p.sample.steps or args.schedule not in p.diffusion.schedules:
         raise ConfigError([f"sample item {args.schedule}/{args.sampler}(eta={args.eta:g})/{args.steps} is not in "
                            "diffusion.schedules x sample.samplers x sample.steps"])
-    device = resolve_device(p.device)
+    if p.sample.nproc_per_node > 1 and not dist.launched_by_torchrun():
+        raise SystemExit(dist.relaunch("stages.sample", sys.argv[1:], p.sample.nproc_per_node))
+    device = dist.init(resolve_device(p.device))
+    try:
+        run(args, p, device, log)
+    finally:
+        dist.destroy()
+
+
+def run(args: argparse.Namespace, p, device, log) -> None:
+    """This rank's chunks of the sample set; rank 0 gathers them and writes the files."""
     rule = StepRule(args.sampler, args.eta)
     model, process, ckpt = load_model(model_dir(args.schedule) / "model.pt", device=device)
     shape = tuple(ckpt["image_shape"])
     s = p.sample
     speed = Speed.resolve(p.fast, device)
     net = sampling_model(model, speed, s.n_samples * args.steps, device)
-    log.info("sample %s: %d images, %s, %d steps, on %s", args.schedule, s.n_samples, rule.label, args.steps, device)
+    log.info("sample %s: %d images, %s, %d steps, on %s x %d processes", args.schedule, s.n_samples, rule.label,
+             args.steps, device, dist.world_size())
     with timed() as t:
-        x = sample_images(net, process, s.n_samples, shape, args.steps, rule, seed=p.seed, batch_size=s.batch_size,
-                          clip_denoised=ckpt["diffusion"]["clip_denoised"], device=device,
-                          autocast_dtype=speed.autocast_dtype, progress=True)
+        images = dist.sample_images_sharded(net, process, s.n_samples, shape, args.steps, rule, seed=p.seed,
+                                            batch_size=s.batch_size, post=model_to_uint8, device=device,
+                                            clip_denoised=ckpt["diffusion"]["clip_denoised"],
+                                            autocast_dtype=speed.autocast_dtype, progress=dist.is_main())
+    if not dist.is_main():
+        return
     out = sample_path(args.schedule, args.sampler, args.eta, args.steps)
-    save_arrays(out, images=model_to_uint8(x).numpy())
+    save_arrays(out, images=images.numpy())
     write_json(out.with_suffix(".json"), {
         "schedule": args.schedule, "sampler": args.sampler, "eta": args.eta, "steps": args.steps,
-        "n_samples": s.n_samples, "seconds": t["seconds"], "image_steps_per_second":
-        round(s.n_samples * args.steps / t["seconds"], 1) if t["seconds"] else None,
+        "n_samples": s.n_samples, "world_size": dist.world_size(), "seconds": t["seconds"],
+        "image_steps_per_second": round(s.n_samples * args.steps / t["seconds"], 1) if t["seconds"] else None,
     })
     log.info("sample %s: %s x%d done in %.1f s", args.schedule, rule.label, args.steps, t["seconds"])
 

@@ -3,6 +3,18 @@
 Writes models/<schedule>/model.pt (a self-describing checkpoint), loss.csv, fid_curve.csv and
 train.json; resumes from checkpoints/<schedule>/ after an interruption. That folder is not a DVC output
 (DVC leaves undeclared files alone, so they survive a failed run) and is removed once training is done.
+
+Data parallel: with `train.nproc_per_node: N` (> 1) the stage re-executes itself as
+`python -m torch.distributed.run --standalone --nproc_per_node N -m stages.train <schedule>`
+(DistributedDataParallel; gloo on the CPU, NCCL on CUDA with rank r on cuda:LOCAL_RANK; the global batch
+stays train.batch_size). Launched by torchrun already, it runs as the rank it is given, e.g. on two
+machines with 8 GPUs each (run on both, NODE_RANK 0 and 1, HOST = node 0's address):
+
+    torchrun --nnodes 2 --node_rank NODE_RANK --nproc_per_node 8 --rdzv_backend c10d \
+        --rdzv_endpoint HOST:29500 --rdzv_id ddpm-linear -m stages.train linear
+
+Then the launch decides the world size (nnodes x nproc_per_node), not params.yaml. Only rank 0 logs to
+MLflow and writes checkpoints and outputs, which must be on storage that every node sees for a resume.
 """
 from __future__ import annotations
 
@@ -14,6 +26,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from ddpm import distributed as dist
 from ddpm.config import load_params, resolve_device
 from ddpm.data import model_to_uint8
 from ddpm.diffusion import GaussianProcess
@@ -40,10 +53,25 @@ def main() -> None:
     args = parser.parse_args()
     log = setup_logging()
     p = load_params()
-    if args.schedule not in p.diffusion.schedules:
-        raise SystemExit(f"schedule {args.schedule!r} is not in diffusion.schedules={list(p.diffusion.schedules)}")
-    device = resolve_device(p.device)
+    schedule = args.schedule
+    if schedule not in p.diffusion.schedules:
+        raise SystemExit(f"schedule {schedule!r} is not in diffusion.schedules={list(p.diffusion.schedules)}")
+    if p.train.nproc_per_node > 1 and not dist.launched_by_torchrun():
+        raise SystemExit(dist.relaunch("stages.train", [schedule], p.train.nproc_per_node))
+    device = dist.init(resolve_device(p.device))
+    try:
+        run(schedule, p, device, log)
+    finally:
+        dist.destroy()
+
+
+def run(schedule: str, p, device: torch.device, log) -> None:
+    """One rank's share of training ``schedule``; rank 0 also tracks, evaluates and writes the outputs."""
+    main, world = dist.is_main(), dist.world_size()
     speed = Speed.resolve(p.fast, device)
+    if world != p.train.nproc_per_node and main:
+        log.warning("train.nproc_per_node=%d but torchrun started %d processes: the launch decides",
+                    p.train.nproc_per_node, world)
     images = torch.from_numpy(load_arrays(PREPARED / "train.npz")["images"])
     shape = tuple(images.shape[1:])
     m, d, t = p.model, p.diffusion, p.train
@@ -52,63 +80,71 @@ def main() -> None:
         model = Unet(dim=m.dim, dim_mults=tuple(m.dim_mults), channels=shape[0], dropout=m.dropout,
                      attn_heads=m.attn_heads, attn_dim_head=m.attn_dim_head)
     model.check_image_size(shape[1:])
-    betas = get_beta_schedule(args.schedule, p.timesteps, d.zero_terminal_snr)
+    betas = get_beta_schedule(schedule, p.timesteps, d.zero_terminal_snr)
     process = GaussianProcess(betas, d.objective, d.min_snr_gamma)
     params = p.to_dict()
-    meta = model_metadata(model, process, args.schedule, shape, d.clip_denoised, d.zero_terminal_snr, params)
+    meta = model_metadata(model, process, schedule, shape, d.clip_denoised, d.zero_terminal_snr, params)
     # resume only a run interrupted with the same params and the same code
     code = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(CODE))).hexdigest()[:16]
-    run_key = f"{args.schedule}-{p.params_hash(TRAIN_KEYS)}-{code}"
+    run_key = f"{schedule}-{p.params_hash(TRAIN_KEYS)}-{code}"
     settings = TrainSettings(
         steps=t.steps, batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
         grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm, ema_decay=t.ema_decay, ema_warmup=t.ema_warmup,
         ema_every=t.ema_every, amp=t.amp or speed.autocast_dtype is not None, horizontal_flip=t.horizontal_flip,
-        log_every=t.log_every, checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints, eval_every=t.fid_every,
+        log_every=t.log_every, checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints,
+        eval_every=t.fid_every,
         channels_last=speed.channels_last, compile=speed.compile,
     )
 
-    # FID of the EMA model over training, in the featurizer's space, against the train-split statistics
-    featurizer = load_featurizer(FEATURIZER / "featurizer.pt", device=str(device))
-    ref = load_arrays(FEATURIZER / "reference.npz")
-    fid_rule = StepRule("ddim", 0.0)
+    tracker = run_id = on_eval = None
+    if main:  # the other ranks only train: no FID, no MLflow, no files
+        # FID of the EMA model over training, in the featurizer's space, against the train-split statistics
+        featurizer = load_featurizer(FEATURIZER / "featurizer.pt", device=str(device))
+        ref = load_arrays(FEATURIZER / "reference.npz")
+        fid_rule = StepRule("ddim", 0.0)
 
-    def on_eval(step: int, ema_model: torch.nn.Module) -> dict[str, float]:
-        x = sample_images(ema_model, process, t.fid_samples, shape, t.fid_sampling_steps, fid_rule, seed=p.seed,
-                          batch_size=t.fid_samples, clip_denoised=d.clip_denoised, device=device,
-                          autocast_dtype=speed.autocast_dtype)
-        feats = extract_features(featurizer, model_to_uint8(x), device=device)
-        fid = frechet_distance(*feature_statistics(feats), ref["mu"], ref["sigma"])
-        tracker.log_metrics(run_id, [{"step": step, "fid_train": fid}])
-        log.info("train %s: step %d, FID %.3f (%d samples, DDIM %d steps)", args.schedule, step, fid,
-                 t.fid_samples, t.fid_sampling_steps)
-        return {"fid": fid}
+        def fid_eval(step: int, ema_model: torch.nn.Module) -> dict[str, float]:
+            x = sample_images(ema_model, process, t.fid_samples, shape, t.fid_sampling_steps, fid_rule, seed=p.seed,
+                              batch_size=t.fid_samples, clip_denoised=d.clip_denoised, device=device,
+                              autocast_dtype=speed.autocast_dtype)
+            feats = extract_features(featurizer, model_to_uint8(x), device=device)
+            fid = frechet_distance(*feature_statistics(feats), ref["mu"], ref["sigma"])
+            tracker.log_metrics(run_id, [{"step": step, "fid_train": fid}])
+            log.info("train %s: step %d, FID %.3f (%d samples, DDIM %d steps)", schedule, step, fid,
+                     t.fid_samples, t.fid_sampling_steps)
+            return {"fid": fid}
 
-    tracker = Tracker(enabled=p.tracking.enabled, experiment=p.tracking.experiment,
-                      pending_path=model_dir(args.schedule) / "mlflow-pending.jsonl")
-    # an interrupted run continues its MLflow run too, so its loss curve stays in one place
-    previous = latest_valid_checkpoint(CHECKPOINTS / args.schedule, run_key)
-    run_id = previous.get("mlflow_run_id") if previous else None
-    if run_id is None or run_id.startswith("pending-"):
-        run_id = tracker.start_run(
-            f"train-{args.schedule}",
-            params={**p.flat(), "schedule": args.schedule},
-            tags={"kind": "train", "schedule": args.schedule},
-        )
-    meta["mlflow_run_id"] = run_id
-    log.info("train %s: %d steps of %d images, T=%d, %s, on %s", args.schedule, t.steps, t.batch_size,
-             p.timesteps, d.objective, device)
+        on_eval = fid_eval
+
+        tracker = Tracker(enabled=p.tracking.enabled, experiment=p.tracking.experiment,
+                          pending_path=model_dir(schedule) / "mlflow-pending.jsonl")
+        # an interrupted run continues its MLflow run too, so its loss curve stays in one place
+        previous = latest_valid_checkpoint(CHECKPOINTS / schedule, run_key)
+        run_id = previous.get("mlflow_run_id") if previous else None
+        if run_id is None or run_id.startswith("pending-"):
+            run_id = tracker.start_run(
+                f"train-{schedule}",
+                params={**p.flat(), "schedule": schedule, "world_size": world},
+                tags={"kind": "train", "schedule": schedule},
+            )
+        meta["mlflow_run_id"] = run_id
+        log.info("train %s: %d steps of %d images, T=%d, %s, on %s x %d processes", schedule, t.steps,
+                 t.batch_size, p.timesteps, d.objective, device, world)
     try:
         result = train(model, process, images, settings, seed=p.seed, device=device,
-                       checkpoint_dir=CHECKPOINTS / args.schedule, metadata=meta, run_key=run_key,
-                       on_log=lambda rows: tracker.log_metrics(run_id, rows), on_eval=on_eval)
+                       checkpoint_dir=CHECKPOINTS / schedule, metadata=meta, run_key=run_key,
+                       on_log=lambda rows: tracker.log_metrics(run_id, rows), on_eval=on_eval, progress=main)
     except BaseException:
-        tracker.end_run(run_id, status="FAILED")
+        if main:
+            tracker.end_run(run_id, status="FAILED")
         raise
+    if not main:
+        return
 
-    out = model_dir(args.schedule)
+    out = model_dir(schedule)
     # the final checkpoint, copied from the last one written by the loop (self-describing, with EMA weights)
     with atomic_path(out / "model.pt") as tmp:
-        shutil.copyfile(CHECKPOINTS / args.schedule / f"ckpt-{result.step:08d}.pt", tmp)
+        shutil.copyfile(CHECKPOINTS / schedule / f"ckpt-{result.step:08d}.pt", tmp)
     losses = pd.DataFrame(result.history)
     fid_curve = pd.DataFrame(result.extra.get("eval", []), columns=["step", "fid"])
     for name, df in (("loss.csv", losses), ("fid_curve.csv", fid_curve)):
@@ -116,17 +152,17 @@ def main() -> None:
             df.to_csv(tmp, index=False)
         tracker.log_artifact(run_id, out / name)
     tail = losses["loss"].iloc[-max(1, len(losses) // 10):]
-    summary = {"schedule": args.schedule, "steps": result.step, "final_loss": float(tail.mean()),
+    summary = {"schedule": schedule, "steps": result.step, "final_loss": float(tail.mean()),
                "seconds": round(result.seconds, 3), "images_per_second": round(result.images_per_second, 1),
                "resumed_from": result.resumed_from, "mlflow_run_id": run_id,
-               "skipped_steps": result.extra.get("skipped_steps", 0)}
+               "skipped_steps": result.extra.get("skipped_steps", 0), "world_size": world}
     write_json(out / "train.json", summary)
     tracker.log_metrics(run_id, [{"step": result.step, "final_loss": summary["final_loss"],
                                   "train_seconds": result.seconds, "skipped_steps": summary["skipped_steps"]}])
     tracker.end_run(run_id)
     # finished: models/<schedule>/model.pt holds the final state; the checkpoints served only a resume
-    shutil.rmtree(CHECKPOINTS / args.schedule, ignore_errors=True)
-    log.info("train %s: final loss %.4f, %.1f img/s", args.schedule, summary["final_loss"], result.images_per_second)
+    shutil.rmtree(CHECKPOINTS / schedule, ignore_errors=True)
+    log.info("train %s: final loss %.4f, %.1f img/s", schedule, summary["final_loss"], result.images_per_second)
 
 
 if __name__ == "__main__":

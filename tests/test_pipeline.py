@@ -28,9 +28,9 @@ TINY = {
     "train": {"steps": 6, "batch_size": 16, "lr": 0.001, "weight_decay": 0.0, "warmup_steps": 2, "grad_accum": 1,
               "max_grad_norm": 1.0, "ema_decay": 0.9, "ema_warmup": 10, "ema_every": 1, "amp": False,
               "horizontal_flip": False, "log_every": 3, "checkpoint_every": 3, "keep_checkpoints": 2,
-              "fid_every": 3, "fid_samples": 16, "fid_sampling_steps": 2},
+              "fid_every": 3, "fid_samples": 16, "fid_sampling_steps": 2, "nproc_per_node": 1},
     "sample": {"samplers": [{"name": "ddpm", "eta": 0.0}, {"name": "ddim", "eta": 0.0}], "steps": [3],
-               "n_samples": 24, "batch_size": 24},
+               "n_samples": 24, "batch_size": 24, "nproc_per_node": 1},
     "report": {"grid_images": 16, "grid_scale": 2, "forward_images": 2},
     "tracking": {"enabled": True, "experiment": "tiny"},
 }
