@@ -170,7 +170,7 @@ def ours_training(device: torch.device, batch: int, fast: bool, block: int, bloc
     settings = TrainSettings(steps=block * (blocks + 2), batch_size=batch, lr=1e-3, warmup_steps=10,
                              ema_decay=0.999, log_every=block, checkpoint_every=10**9,
                              amp=speed.autocast_dtype is not None,
-                             channels_last=speed.channels_last, compile=speed.compile)
+                             channels_last=speed.train_channels_last, compile=speed.compile)
     times: list[float] = []
     mark: list[float] = []
 
@@ -192,7 +192,7 @@ def ours_sampler(device: torch.device, batch: int, steps: int, rule: StepRule, f
     model = ours_model(device).eval()
     process = GaussianProcess(get_beta_schedule("linear", T), "pred_noise").to(device)
     net = model
-    if speed.channels_last:
+    if speed.sample_channels_last:
         net = to_channels_last(model)
     if speed.compile:  # compiled whatever the run length: the table gives the steady state
         net = CompiledOrEager(net, "the benchmark model", dynamic=False)

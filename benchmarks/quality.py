@@ -122,7 +122,7 @@ def main() -> None:
     peers = [PeerTrainer(n, images, p.seed) for n in ("denoising-diffusion-pytorch", "diffusers")]
     settings = TrainSettings(steps=steps, batch_size=BATCH, lr=LR, warmup_steps=WARMUP, max_grad_norm=1.0,
                              ema_decay=0.999, ema_warmup=10, log_every=args.block, checkpoint_every=10**9,
-                             channels_last=speed.channels_last, compile=speed.compile)
+                             channels_last=speed.train_channels_last, compile=speed.compile)
     clock = {"ours": 0.0, "mark": time.perf_counter()}
 
     def on_log(rows: list[dict]) -> None:  # ours just trained a block: the peers catch up to its clock

@@ -76,7 +76,7 @@ class DiffusionConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 2400
+    steps: int = 1500
     batch_size: int = 128  # global batch per optimizer step (split over grad_accum micro-batches)
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -91,7 +91,7 @@ class TrainConfig:
     log_every: int = 50
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
-    fid_every: int = 800  # FID of the EMA model during training; 0 turns it off
+    fid_every: int = 500  # FID of the EMA model during training; 0 turns it off
     fid_samples: int = 200
     fid_sampling_steps: int = 50  # DDIM (eta = 0) steps for the FID curve
     nproc_per_node: int = 1  # > 1: DistributedDataParallel under torchrun; batch_size stays the global batch

@@ -93,7 +93,7 @@ def run(schedule: str, p, device: torch.device, log) -> None:
         ema_every=t.ema_every, amp=t.amp or speed.autocast_dtype is not None, horizontal_flip=t.horizontal_flip,
         log_every=t.log_every, checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints,
         eval_every=t.fid_every,
-        channels_last=speed.channels_last, compile=speed.compile,
+        channels_last=speed.train_channels_last, compile=speed.compile,
     )
 
     tracker = run_id = on_eval = None

@@ -15,9 +15,9 @@ from ddpm.unet import Unet
 
 
 def test_switch_per_device():
-    assert Speed.resolve(False, "cpu") == Speed(False, False, None)
-    assert Speed.resolve(False, "cuda") == Speed(False, False, None)
-    assert Speed.resolve(True, "cpu") == Speed(True, True, None)
+    assert Speed.resolve(False, "cpu") == Speed(False, False, False, None)
+    assert Speed.resolve(False, "cuda") == Speed(False, False, False, None)
+    assert Speed.resolve(True, "cpu") == Speed(False, True, True, None)
     if torch.cuda.is_available():
         assert Speed.resolve(True, "cuda").autocast_dtype in (torch.bfloat16, torch.float16)
 
@@ -89,7 +89,7 @@ def test_compiled_sampling_matches_eager():
     process = GaussianProcess(get_beta_schedule("linear", 50), "pred_noise")
     rule = StepRule("ddim", 0.0)
     eager = sample_images(model, process, 8, (1, 8, 8), 5, rule, seed=3, batch_size=8)
-    net = sampling_model(model, Speed(True, True, None), CPU_SAMPLING_COMPILE_MIN, "cpu")
+    net = sampling_model(model, Speed(False, True, True, None), CPU_SAMPLING_COMPILE_MIN, "cpu")
     assert isinstance(net, CompiledOrEager)
     fast = sample_images(net, process, 8, (1, 8, 8), 5, rule, seed=3, batch_size=8)
     assert not net.failed
