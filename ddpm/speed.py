@@ -5,10 +5,10 @@ What each part buys was measured side by side (``python benchmarks/peers.py``, R
 - channels_last: the layout oneDNN's and cuDNN's fastest convolutions use; on CUDA everywhere, on the CPU
   for (eager) sampling only: there it slows inductor's training graph.
 - torch.compile (inductor): fuses GroupNorm, SiLU, scale-shift and residual adds into few kernels.
-  It costs a compile (about 50 s on a 2-core CPU the first time, about 10 s from inductor's on-disk
-  cache), so it is used for training and for sampling only where the saving outweighs that
-  (:func:`compile_pays`), and it falls back to eager, with one warning, wherever compiling fails
-  (no C++ compiler, an unsupported op).
+  It costs a compile (60-95 s for the training graph on a 2-core CPU the first time, about 10 s from
+  inductor's on-disk cache), so on a CPU it is used only where the saving outweighs that
+  (:func:`compile_pays`); on CUDA always. It falls back to eager, with one warning, wherever compiling
+  fails (no C++ compiler, an unsupported op).
 - bf16 autocast on CUDA (fp16 with a grad scaler where bf16 is missing; see ``train.amp_settings``).
 """
 from __future__ import annotations
@@ -23,11 +23,13 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-# Eager sampling cost below which compiling for sampling does not pay on a CPU, in image-steps. Measured
-# with the default model: compiling costs 10-50 s; eager channels_last sampling runs 3,000-12,000
-# image-steps/s and compiled about 1.3x that, so compile saves ~25% of the eager time: worth it above
-# ~2M image-steps (a 400-image set at 100 steps is 40k).
+# Work below which compiling does not pay on a CPU (2 cores, measured). Sampling, in image-steps:
+# compiling costs 10-50 s; eager channels_last sampling runs 3,000-12,000 image-steps/s and compiled
+# about 1.3x that, so it pays above ~2M image-steps (a 400-image set at 100 steps is 40k). Training, in
+# images: the graph compiles in 60-95 s cold and then trains 8-11% faster than eager (dim 16: 1,681 vs
+# 1,511 img/s; dim 32: 735 vs 659), so it pays above ~1.5M images (the default run: 192k per schedule).
 CPU_SAMPLING_COMPILE_MIN = 2_000_000
+CPU_TRAINING_COMPILE_MIN = 1_500_000
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,11 @@ class CompiledOrEager:
 def compile_pays(device: torch.device | str, image_steps: int) -> bool:
     """Whether compiling a sampling model pays for ``image_steps`` model evaluations of one image."""
     return torch.device(device).type == "cuda" or image_steps >= CPU_SAMPLING_COMPILE_MIN
+
+
+def compile_training_pays(device: torch.device | str, images: int) -> bool:
+    """Whether compiling the training loss pays for a run of ``images`` (steps x batch size)."""
+    return torch.device(device).type == "cuda" or images >= CPU_TRAINING_COMPILE_MIN
 
 
 def sampling_model(model: nn.Module, speed: Speed, image_steps: int, device: torch.device | str):

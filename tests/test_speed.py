@@ -9,7 +9,8 @@ import torch
 from ddpm.diffusion import GaussianProcess
 from ddpm.samplers import StepRule, sample_images
 from ddpm.schedules import get_beta_schedule
-from ddpm.speed import CPU_SAMPLING_COMPILE_MIN, CompiledOrEager, Speed, compile_pays, sampling_model
+from ddpm.speed import (CPU_SAMPLING_COMPILE_MIN, CPU_TRAINING_COMPILE_MIN, CompiledOrEager, Speed, compile_pays,
+                        compile_training_pays, sampling_model)
 from ddpm.train import TrainSettings, train
 from ddpm.unet import Unet
 
@@ -26,6 +27,8 @@ def test_compile_pays_only_for_long_cpu_sampling():
     assert not compile_pays("cpu", 400 * 100)
     assert compile_pays("cpu", CPU_SAMPLING_COMPILE_MIN)
     assert compile_pays("cuda", 1)
+    assert not compile_training_pays("cpu", 1500 * 128)  # the default run trains eagerly on a CPU
+    assert compile_training_pays("cpu", CPU_TRAINING_COMPILE_MIN) and compile_training_pays("cuda", 1)
 
 
 def test_compile_failure_falls_back_to_eager_with_one_warning(caplog):
