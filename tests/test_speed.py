@@ -27,7 +27,7 @@ def test_compile_pays_only_for_long_cpu_sampling():
     assert not compile_pays("cpu", 400 * 100)
     assert compile_pays("cpu", CPU_SAMPLING_COMPILE_MIN)
     assert compile_pays("cuda", 1)
-    assert not compile_training_pays("cpu", 1500 * 128)  # the default run trains eagerly on a CPU
+    assert not compile_training_pays("cpu", 1100 * 128)  # the default run trains eagerly on a CPU
     assert compile_training_pays("cpu", CPU_TRAINING_COMPILE_MIN) and compile_training_pays("cuda", 1)
 
 
