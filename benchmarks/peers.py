@@ -1,7 +1,7 @@
 """Speed against denoising-diffusion-pytorch and diffusers, measured side by side in one run.
 
     python3 -m pip install -r benchmarks/requirements.txt     # the peers (never needed by the project)
-    python3 benchmarks/peers.py                              # 2 CPU threads, about 6 minutes
+    python3 benchmarks/peers.py                              # 2 CPU threads, about 12 minutes
     python3 benchmarks/peers.py --device cuda                # the same table on a GPU
 
 Every library trains and samples the same 8x8 grayscale task with its own code, as its README and

@@ -1,7 +1,7 @@
 """Quality at equal compute: this project's default model against the peers', same wall-clock budget.
 
     dvc repro featurizer                     # the prepared digits and the FID feature space
-    python3 benchmarks/quality.py            # about 3x the default training time (10-15 min on 2 cores)
+    python3 benchmarks/quality.py            # 3x the default training time, then sampling (6 min on 2 cores)
 
 Paper settings for all three (Ho et al. 2020): pred_noise, the linear schedule at T=1000 (the three
 libraries' linear schedules are the same betas here), batch 128, AdamW at lr 1e-3 with 100 warm-up
