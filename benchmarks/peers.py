@@ -23,11 +23,11 @@ throughput per FLOP (GFLOP/s) and its share of a float32 matmul rate measured in
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import sys
 import time
+from dataclasses import replace
 from importlib.metadata import version
 from pathlib import Path
 from typing import Callable
@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from ddpm.diffusion import GaussianProcess  # noqa: E402
 from ddpm.samplers import StepRule, sample_loop  # noqa: E402
 from ddpm.schedules import get_beta_schedule  # noqa: E402
-from ddpm.speed import CompiledOrEager, Speed, to_channels_last  # noqa: E402
+from ddpm.speed import CPU_SAMPLING_COMPILE_MIN, Speed, sampling_model  # noqa: E402
 from ddpm.train import TrainSettings, train  # noqa: E402
 from ddpm.unet import Unet  # noqa: E402
 
@@ -192,13 +192,11 @@ def ours_training(device: torch.device, batch: int, compiled: bool, block: int, 
 def ours_sampler(device: torch.device, batch: int, steps: int, rule: StepRule, mode: str) -> Callable[[], object]:
     """mode: compiled (fast: true, as where compiling pays), eager_cl (fast: true on a short CPU run), eager."""
     speed = Speed.resolve(True, device) if mode != "eager" else Speed()
-    model = ours_model(device).eval()
+    if mode == "eager_cl":
+        speed = replace(speed, compile=False)
     process = GaussianProcess(get_beta_schedule("linear", T), "pred_noise").to(device)
-    net = model
-    if speed.sample_channels_last:
-        net = to_channels_last(model)
-    if mode == "compiled":  # whatever the run length: the table gives the steady state
-        net = CompiledOrEager(net, "the benchmark model", dynamic=False)
+    # compiled whatever the run length (the table gives the steady state), as the pipeline does where it pays
+    net = sampling_model(ours_model(device).eval(), speed, CPU_SAMPLING_COMPILE_MIN, device)
     g = torch.Generator(device=device)
 
     def run() -> object:
@@ -283,7 +281,6 @@ def main() -> None:
     for k in nets:
         n = sum(p.numel() for p in params[k].parameters())
         print(f"| {k} | {n / 1e6:.3f}M | {fwd[k] / 1e6:.1f} | {trn[k] / 1e6:.1f} |")
-    del ours_m, lucid_d, diff_m
 
     # training, batch `args.batch`
     peers = {"denoising-diffusion-pytorch": lucid_train_step(device, args.batch),

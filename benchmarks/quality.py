@@ -38,7 +38,7 @@ from ddpm.fid import extract_features, feature_statistics, frechet_distance, loa
 from ddpm.pipeline import FEATURIZER, PREPARED, load_arrays  # noqa: E402
 from ddpm.samplers import StepRule, sample_images  # noqa: E402
 from ddpm.schedules import get_beta_schedule  # noqa: E402
-from ddpm.speed import Speed, compile_training_pays  # noqa: E402
+from ddpm.speed import Speed  # noqa: E402
 from ddpm.train import EMA, TrainSettings, train  # noqa: E402
 from ddpm.unet import Unet  # noqa: E402
 from peers import diffusers_model, lucid_setup  # noqa: E402
@@ -123,7 +123,7 @@ def main() -> None:
     settings = TrainSettings(steps=steps, batch_size=BATCH, lr=LR, warmup_steps=WARMUP, max_grad_norm=1.0,
                              ema_decay=0.999, ema_warmup=10, log_every=args.block, checkpoint_every=10**9,
                              channels_last=speed.train_channels_last,
-                             compile=speed.compile and compile_training_pays("cpu", steps * BATCH))
+                             compile=speed.compile_training("cpu", steps * BATCH))
     clock = {"ours": 0.0, "mark": time.perf_counter()}
 
     def on_log(rows: list[dict]) -> None:  # ours just trained a block: the peers catch up to its clock

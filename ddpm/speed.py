@@ -55,6 +55,10 @@ class Speed:
         # CPU has AMX (the casts around small convolutions cost more than they save).
         return Speed(False, True, True, None)
 
+    def compile_training(self, device: torch.device | str, images: int) -> bool:
+        """Whether to compile the training loss of a run of ``images`` (steps x batch size)."""
+        return self.compile and compile_training_pays(device, images)
+
 
 def to_channels_last(model: nn.Module) -> nn.Module:
     """Convolution weights (and so every activation after the first conv) in NHWC."""

@@ -35,7 +35,7 @@ from ddpm.io import atomic_path
 from ddpm.pipeline import CHECKPOINTS, FEATURIZER, PREPARED, load_arrays, model_dir, setup_logging, write_json
 from ddpm.samplers import StepRule, sample_images
 from ddpm.schedules import get_beta_schedule
-from ddpm.speed import Speed, compile_training_pays
+from ddpm.speed import Speed
 from ddpm.tracking import Tracker
 from ddpm.train import TrainSettings, latest_valid_checkpoint, model_metadata, train
 from ddpm.unet import Unet
@@ -94,7 +94,7 @@ def run(schedule: str, p, device: torch.device, log) -> None:
         log_every=t.log_every, checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints,
         eval_every=t.fid_every,
         channels_last=speed.train_channels_last,
-        compile=speed.compile and compile_training_pays(device, t.steps * t.batch_size),
+        compile=speed.compile_training(device, t.steps * t.batch_size),
     )
 
     tracker = run_id = on_eval = None
