@@ -162,11 +162,20 @@ def diffusers_train_step(device: torch.device, batch: int) -> Callable[[], None]
     return step
 
 
-def ours_training(device: torch.device, batch: int, compiled: bool, block: int, blocks: int,
+def ours_speed(mode: str, device: torch.device) -> Speed:
+    """compiled: fast: true where compiling pays (CUDA, long CPU runs); eager_cl: fast: true on a short CPU
+    run (channels_last, no compile); eager: fast: false."""
+    if mode == "eager":
+        return Speed()
+    speed = Speed.resolve(True, device)
+    return speed if mode == "compiled" else replace(speed, compile=False)
+
+
+def ours_training(device: torch.device, batch: int, mode: str, block: int, blocks: int,
                   between: Callable[[], None]) -> list[float]:
     """Seconds per ``block`` steps of the pipeline's own ``train()``; ``between`` (the peers' blocks) runs
     after every block, so all libraries are timed in turn. The first two blocks (compile, warm-up) are dropped."""
-    speed = Speed.resolve(True, device) if compiled else Speed()
+    speed = ours_speed(mode, device)
     images = torch.randint(0, 256, (1024, *IMAGE), dtype=torch.uint8)
     process = GaussianProcess(get_beta_schedule("linear", T), "pred_noise")
     settings = TrainSettings(steps=block * (blocks + 2), batch_size=batch, lr=1e-3, warmup_steps=10,
@@ -191,9 +200,7 @@ def ours_training(device: torch.device, batch: int, compiled: bool, block: int, 
 # --- sampling -------------------------------------------------------------------------------------
 def ours_sampler(device: torch.device, batch: int, steps: int, rule: StepRule, mode: str) -> Callable[[], object]:
     """mode: compiled (fast: true, as where compiling pays), eager_cl (fast: true on a short CPU run), eager."""
-    speed = Speed.resolve(True, device) if mode != "eager" else Speed()
-    if mode == "eager_cl":
-        speed = replace(speed, compile=False)
+    speed = ours_speed(mode, device)
     process = GaussianProcess(get_beta_schedule("linear", T), "pred_noise").to(device)
     # compiled whatever the run length (the table gives the steady state), as the pipeline does where it pays
     net = sampling_model(ours_model(device).eval(), speed, CPU_SAMPLING_COMPILE_MIN, device)
@@ -261,7 +268,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     reps = 2 if args.quick else args.reps
     cpu = device.type == "cpu"
-    block = (2 if args.quick else 5) if cpu else 20
+    block = (2 if args.quick else 10) if cpu else 20
     sample_steps = args.sample_steps or ((10 if args.quick else 50) if cpu else 200)
 
     print(f"# ours vs denoising-diffusion-pytorch {version('denoising-diffusion-pytorch')} "
@@ -282,37 +289,48 @@ def main() -> None:
         n = sum(p.numel() for p in params[k].parameters())
         print(f"| {k} | {n / 1e6:.3f}M | {fwd[k] / 1e6:.1f} | {trn[k] / 1e6:.1f} |")
 
-    # training, batch `args.batch`
+    # training, batch `args.batch`: each of ours' blocks is followed by one block of each peer, and
+    # ratios are taken block by block (ours against the peer blocks right after it), so a drift of
+    # the machine's speed between blocks or between ours' variants cancels out
     peers = {"denoising-diffusion-pytorch": lucid_train_step(device, args.batch),
              "diffusers": diffusers_train_step(device, args.batch)}
     for step in peers.values():
         step()
-    peer_times: dict[str, list[float]] = {k: [] for k in peers}
+    variants = {"ours (compiled)": "compiled", "ours (eager, channels_last)": "eager_cl", "ours (eager)": "eager"}
+    ours_times: dict[str, list[float]] = {}
+    paired: dict[str, dict[str, list[float]]] = {}  # variant -> peer -> block seconds, aligned with ours
+    for name, mode in variants.items():
+        blocks_now: dict[str, list[float]] = {k: [] for k in peers}
 
-    def peer_blocks() -> None:
-        for k, step in peers.items():
-            peer_times[k].append(timed(lambda: [step() for _ in range(block)], device))
+        def peer_blocks() -> None:
+            for k, step in peers.items():
+                blocks_now[k].append(timed(lambda: [step() for _ in range(block)], device))
 
-    train_times: dict[str, list[float]] = {}
-    for compiled in (True, False):
         t0 = time.perf_counter()
-        name = f"ours ({'compiled' if compiled else 'eager'})"
-        train_times[name] = ours_training(device, args.batch, compiled, block, reps, peer_blocks)
+        ours_times[name] = ours_training(device, args.batch, mode, block, reps, peer_blocks)
+        paired[name] = {k: v[2:] for k, v in blocks_now.items()}  # those after ours' timed blocks
         print(f"[{name}: {time.perf_counter() - t0:.0f} s including compile and the peers' blocks]", file=sys.stderr)
-    for k in peers:
-        train_times[k] = peer_times[k]  # every block, from both of ours' runs (the peers were warmed up)
+
+    def gflops(k: str, seconds: float) -> float:
+        return args.batch * block / seconds * trn["ours" if k.startswith("ours") else k] / 1e9
+
     print(f"\n## Training, batch {args.batch} (median of {reps} blocks of {block} steps, timed in turn)\n")
     print("| library | img/s | GFLOP/s | share of matmul |\n|---|---|---|---|")
     rate = {}
-    for k, ts in train_times.items():
-        ips = args.batch * block / statistics.median(ts)
-        flops = trn["ours" if k.startswith("ours") else k]
-        rate[k] = ips * flops / 1e9
-        print(f"| {k} | {ips:.0f} | {rate[k]:.1f} | {rate[k] / mm:.0%} |")
-    best_peer = max(("denoising-diffusion-pytorch", "diffusers"), key=lambda k: rate[k])
-    for k in [k for k in rate if k.startswith("ours")]:
-        print(f"\n{k} / {best_peer} (the faster peer), per FLOP: **{rate[k] / rate[best_peer]:.2f}x**", end="")
-    print()
+    all_peer = {k: [t for name in variants for t in paired[name][k]] for k in peers}
+    for k, ts in {**ours_times, **all_peer}.items():
+        rate[k] = gflops(k, statistics.median(ts))
+        print(f"| {k} | {args.batch * block / statistics.median(ts):.0f} | {rate[k]:.1f} | {rate[k] / mm:.0%} |")
+    best_peer = max(peers, key=lambda k: rate[k])
+    print(f"\nPer FLOP, ours / peer, median over blocks of the ratio to the peer blocks timed right after:\n")
+    print("| ours | " + " | ".join(f"/ {k}" for k in peers) + " |\n|---|" + "---|" * len(peers))
+    for name in variants:
+        cells = []
+        for k in peers:
+            r = statistics.median(gflops(name, a) / gflops(k, b) for a, b in zip(ours_times[name], paired[name][k]))
+            cells.append(f"**{r:.2f}x**" if k == best_peer else f"{r:.2f}x")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print(f"\n({best_peer} is the faster peer.)")
 
     # sampling
     for batch in args.sample_batch:

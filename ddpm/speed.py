@@ -2,11 +2,15 @@
 and, on CUDA, bf16 autocast. Nothing here changes what is computed beyond float rounding.
 
 What each part buys was measured side by side (``python benchmarks/peers.py``, README "Performance"):
-- channels_last: the layout oneDNN's and cuDNN's fastest convolutions use; on CUDA everywhere, on the CPU
-  for (eager) sampling only: there it slows inductor's training graph.
+- channels_last: the layout oneDNN's and cuDNN's fastest convolutions use; everywhere (on a 2-core CPU
+  eager training runs 5-10% faster in it, inductor's graphs are even).
+- flat parameters (``ddpm.train.FlatParams``, always on): the optimizer, clipping and EMA each run one
+  kernel over one buffer.
 - torch.compile (inductor): fuses GroupNorm, SiLU, scale-shift and residual adds into few kernels.
-  It costs a compile (60-95 s for the training graph on a 2-core CPU the first time, about 10 s from
-  inductor's on-disk cache), so on a CPU it is used only where the saving outweighs that
+  On a CPU the graph is compiled with inductor's C++ wrapper (``cpp_wrapper``: the kernels are called
+  from C++, not Python; 3-5% faster training steps). It costs a compile (30-70 s for the training graph
+  on a 2-core CPU the first time, a few seconds from inductor's on-disk cache), so on a CPU it is used
+  only where the saving outweighs that
   (:func:`compile_pays`); on CUDA always. It falls back to eager, with one warning, wherever compiling
   fails (no C++ compiler, an unsupported op).
 - bf16 autocast on CUDA (fp16 with a grad scaler where bf16 is missing; see ``train.amp_settings``).
@@ -26,8 +30,9 @@ log = logging.getLogger(__name__)
 # Work below which compiling does not pay on a CPU (2 cores, measured). Sampling, in image-steps:
 # compiling costs 10-50 s; eager channels_last sampling runs 3,000-12,000 image-steps/s and compiled
 # about 1.3x that, so it pays above ~2M image-steps (a 400-image set at 100 steps is 40k). Training, in
-# images: the graph compiles in 60-95 s cold and then trains 8-11% faster than eager (dim 16: 1,681 vs
-# 1,511 img/s; dim 32: 735 vs 659), so it pays above ~1.5M images (the default run: 192k per schedule).
+# images: the graph compiles in 30-70 s cold and then trains 0-6% faster than eager channels_last
+# (dim 16 with dropout: 1,907-1,945 vs 1,877 img/s; dim 32: 1,259 vs 1,192), so it pays above ~1.5M
+# images (the default run: 141k per schedule).
 CPU_SAMPLING_COMPILE_MIN = 2_000_000
 CPU_TRAINING_COMPILE_MIN = 1_500_000
 
@@ -49,11 +54,14 @@ class Speed:
         if device.type == "cuda":
             bf16 = torch.cuda.is_bf16_supported()
             return Speed(True, True, True, torch.bfloat16 if bf16 else torch.float16)
-        # CPU, measured on 2 cores: NHWC slows inductor's training graph (dim 16: 1,540 vs 1,681 img/s; dim 32:
-        # 616 vs 735) but speeds eager sampling (dim 32: +10% at batch 64, +27% at 400; dim 16: even).
+        # CPU, measured on 2 cores: NHWC speeds eager training (dim 16: 1,877 vs 1,791 img/s; dim 32: 1,192
+        # vs 1,081) and eager sampling (dim 32: +10% at batch 64, +27% at 400; dim 16: even); inductor's
+        # training graph runs as fast either way (dim 32: 1,002 vs 981 img/s, dim 16: 1,907 vs 1,945).
         # No bf16 autocast: dim 16 trains at 583-639 img/s with it against 1,182-1,188 without, though this
-        # CPU has AMX (the casts around small convolutions cost more than they save).
-        return Speed(False, True, True, None)
+        # CPU has AMX (the casts around small convolutions cost more than they save); nor oneDNN's
+        # bf16 arithmetic for float32 convolutions (torch.backends.mkldnn.conv.fp32_precision = "bf16"):
+        # dim 32 trains at 602 img/s with it against 1,129 without.
+        return Speed(True, True, True, None)
 
     def compile_training(self, device: torch.device | str, images: int) -> bool:
         """Whether to compile the training loss of a run of ``images`` (steps x batch size)."""
@@ -95,6 +103,11 @@ class CompiledOrEager:
             except Exception as e:  # noqa: BLE001 - compiler failures surface on a call; a genuine error
                 self._fall_back(e)      # in fn is raised again by the eager call below
         return self.eager(*args, **kwargs)
+
+
+def compile_options(device: torch.device | str) -> dict[str, Any]:
+    """torch.compile arguments: static shapes; on a CPU inductor's C++ wrapper (kernels called from C++)."""
+    return {"dynamic": False, **({"options": {"cpp_wrapper": True}} if torch.device(device).type == "cpu" else {})}
 
 
 def compile_pays(device: torch.device | str, image_steps: int) -> bool:

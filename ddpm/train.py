@@ -27,7 +27,7 @@ import torch.nn as nn
 from . import distributed as dist
 from .diffusion import GaussianProcess
 from .io import atomic_torch_save
-from .speed import CompiledOrEager, to_channels_last
+from .speed import CompiledOrEager, compile_options, to_channels_last
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "ddpm-checkpoint/1"
@@ -84,20 +84,94 @@ def amp_settings(device: torch.device, enabled: bool) -> tuple[Optional[torch.dt
     return torch.bfloat16, False
 
 
-class EMA:
-    """Exponential moving average of weights with warm-up: decay_t = min(decay, (1 + t) / (warmup + t))."""
+class FlatParams:
+    """Trainable parameters, and their gradients, as views into one buffer each.
 
-    def __init__(self, model: nn.Module, decay: float, warmup: int) -> None:
+    The optimizer, the gradient clipping and the EMA then run one kernel on one tensor instead of one
+    per parameter tensor (151 at dim 32): on a CPU, where ``foreach`` ops loop over tensors, that took
+    2.7 ms of a ~100 ms training step, against 0.9 ms flat (``benchmarks/peers.py`` measures the step).
+    The parameters keep their shapes, strides (channels_last too), names and values; ``param`` is what
+    the optimizer steps and ``param.grad`` is the flat gradient, which backward accumulates into in place.
+    """
+
+    def __init__(self, params: list[nn.Parameter], grads: bool = True) -> None:
+        self.params = params
+        first = params[0]
+        self.param = nn.Parameter(torch.empty(sum(p.numel() for p in params), dtype=first.dtype, device=first.device))
+        self._offsets = []
+        offset = 0
+        for p in params:
+            self._offsets.append(offset)
+            offset += p.numel()
+        with torch.no_grad():
+            for p, view in zip(params, self.views(self.param.data)):
+                view.copy_(p)
+                p.data = view
+        if grads:
+            self.param.grad = torch.zeros_like(self.param)
+            for p, view in zip(params, self.views(self.param.grad)):
+                p.grad = view
+
+    @staticmethod
+    def possible(params: list[nn.Parameter]) -> bool:
+        """One buffer needs one dtype and device, and parameters that each fill their storage densely."""
+        return bool(params) and all(
+            p.dtype == params[0].dtype and p.device == params[0].device
+            and (p.is_contiguous() or p.is_contiguous(memory_format=torch.channels_last)) for p in params)
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """``flat`` seen as one tensor per parameter, with that parameter's shape and strides."""
+        return [flat.as_strided(p.shape, p.stride(), flat.storage_offset() + o) for p, o in zip(self.params, self._offsets)]
+
+    def flatten(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """Per-parameter tensors (e.g. a per-tensor optimizer's moments) laid out as one flat tensor."""
+        flat = torch.empty_like(self.param.data)
+        for view, t in zip(self.views(flat), tensors):
+            view.copy_(t)
+        return flat
+
+    def zero_grad(self) -> None:
+        self.param.grad.zero_()
+
+
+def flat_optimizer_state(state: dict[str, Any], flat: FlatParams) -> dict[str, Any]:
+    """An optimizer state_dict saved per parameter tensor (before ``FlatParams``) for the flat optimizer."""
+    groups = state["param_groups"]
+    if len(groups) != 1 or len(groups[0]["params"]) != len(flat.params):
+        return state  # not the per-tensor layout of this model: load_state_dict says what does not match
+    per = [state["state"].get(i, {}) for i in groups[0]["params"]]
+    if not all(per):
+        return {**state, "state": {}, "param_groups": [{**groups[0], "params": [0]}]}
+    moments = {k: flat.flatten([s[k] for s in per]) for k, v in per[0].items() if torch.is_tensor(v) and v.ndim > 0}
+    scalars = {k: v for k, v in per[0].items() if k not in moments}
+    return {"state": {0: {**scalars, **moments}}, "param_groups": [{**groups[0], "params": [0]}]}
+
+
+class EMA:
+    """Exponential moving average of weights with warm-up: decay_t = min(decay, (1 + t) / (warmup + t)).
+
+    Given the model's :class:`FlatParams`, the average is kept flat too and updated in one ``lerp``.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, warmup: int, flat: Optional[FlatParams] = None) -> None:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay, self.warmup = decay, warmup
         self._dst = [p for p in self.model.parameters()]
         self._dst_buf = [b for b in self.model.buffers()]
+        self._src_flat, self._dst_flat = None, None
+        if flat is not None:
+            trainable = {id(p) for p in flat.params}
+            mine = [q for p, q in zip(model.parameters(), self.model.parameters()) if id(p) in trainable]
+            self._src_flat, self._dst_flat = flat.param.data, FlatParams(mine, grads=False).param.data
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         d = min(self.decay, (1 + step) / (self.warmup + step))
-        src = [p.detach() for p in model.parameters()]
-        torch._foreach_lerp_(self._dst, src, 1 - d)  # ema <- d ema + (1 - d) w
+        if self._dst_flat is not None:
+            self._dst_flat.lerp_(self._src_flat, 1 - d)  # ema <- d ema + (1 - d) w
+        else:
+            src = [p.detach() for p in model.parameters()]
+            torch._foreach_lerp_(self._dst, src, 1 - d)
         for b_dst, b_src in zip(self._dst_buf, model.buffers()):
             b_dst.copy_(b_src)
 
@@ -188,6 +262,8 @@ def train(
     model = model.to(device)
     if s.channels_last:
         model = to_channels_last(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    flat = FlatParams(trainable) if FlatParams.possible(trainable) else None  # after the layout change
     net = dist.wrap(model, device)  # DDP (weights broadcast from rank 0) when several processes; else model
     data = images.to(device)
     n = len(data)
@@ -199,10 +275,10 @@ def train(
 
     amp_dtype, use_scaler = amp_settings(device, s.amp)
     # fused: one kernel for every parameter (CPU and CUDA) instead of about ten per parameter tensor
-    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, betas=tuple(s.adam_betas), weight_decay=s.weight_decay,
+    opt = torch.optim.AdamW([flat.param] if flat else model.parameters(), lr=s.lr, betas=tuple(s.adam_betas), weight_decay=s.weight_decay,
                             fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    ema = EMA(model, s.ema_decay, s.ema_warmup)
+    ema = EMA(model, s.ema_decay, s.ema_warmup, flat)
     perm, pos, step, history, resumed_from, extra = torch.randperm(n, generator=g_data), 0, 0, [], None, {}
     skipped_steps = 0
 
@@ -212,7 +288,7 @@ def train(
         if ckpt is not None:
             model.load_state_dict(ckpt["model"])
             ema.model.load_state_dict(ckpt["ema"])
-            opt.load_state_dict(ckpt["optimizer"])
+            opt.load_state_dict(flat_optimizer_state(ckpt["optimizer"], flat) if flat else ckpt["optimizer"])
             scaler.load_state_dict(ckpt["scaler"])
             g_data.set_state(ckpt["rng"]["data"])  # the same on every rank
             mine = dist.rank_rng_state(ckpt)
@@ -284,7 +360,7 @@ def train(
             return process.losses(net, x0, t, noise)
 
     if s.compile:
-        loss_fn = CompiledOrEager(loss_fn, "the training loss", dynamic=False)
+        loss_fn = CompiledOrEager(loss_fn, "the training loss", **compile_options(device))
 
     def lr_at(k: int) -> float:
         return s.lr * min(1.0, (k + 1) / s.warmup_steps) if s.warmup_steps else s.lr
@@ -352,7 +428,7 @@ def train(
                 q_cnt[slot].index_add_(0, quarter, torch.ones_like(per_sample, dtype=torch.float32))
         if s.max_grad_norm is not None:
             scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), s.max_grad_norm, foreach=True)
+            torch.nn.utils.clip_grad_norm_([flat.param] if flat else model.parameters(), s.max_grad_norm, foreach=True)
         if use_scaler:
             scale_before = scaler.get_scale()
             scaler.step(opt)
@@ -361,7 +437,10 @@ def train(
                 skipped_steps += 1
         else:
             opt.step()
-        opt.zero_grad(set_to_none=True)
+        if flat:
+            flat.zero_grad()
+        else:
+            opt.zero_grad(set_to_none=True)
         step += 1
         if step % s.ema_every == 0:
             ema.update(model, step)

@@ -90,7 +90,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # [B, HW, C]
-        q, k, v = self.to_qkv(tokens).unflatten(-1, (3, self.heads, self.dim_head)).permute(2, 0, 3, 1, 4)
+        # chunk, not unflatten + permute + select: the backward is then one concatenation instead of
+        # scattering into a zero tensor (measured: 1.4 ms of a 100 ms compiled CPU training step)
+        q, k, v = (u.unflatten(-1, (self.heads, self.dim_head)).transpose(1, 2)
+                   for u in self.to_qkv(tokens).chunk(3, dim=-1))
         out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, HW, dim_head]
         out = self.to_out(out.transpose(1, 2).flatten(2))  # [B, HW, C]
         return x + out.transpose(1, 2).unflatten(2, (h, w))  # channels_last-strided view

@@ -100,13 +100,11 @@ EXACT = dict(batch_size=16, grad_accum=2, lr=2e-3, warmup_steps=2, max_grad_norm
 def optimizer_steps(model):
     """Records, per optimizer step, {name: grad} as the step sees it (after DDP's all-reduce and gradient
     accumulation) and {name: weight} after it."""
-    names = {id(p): n for n, p in model.named_parameters()}
     seen: dict[str, list[dict[str, torch.Tensor]]] = {"grads": [], "weights": []}
 
-    def record(key, attr):
+    def record(key, attr):  # read from the model: the optimizer may step one flat buffer (FlatParams)
         def hook(opt, args, kwargs):
-            seen[key].append({names[id(p)]: getattr(p, attr).detach().clone()
-                              for g in opt.param_groups for p in g["params"]})
+            seen[key].append({n: getattr(p, attr).detach().clone() for n, p in model.named_parameters()})
         return hook
 
     handles = [register_optimizer_step_pre_hook(record("grads", "grad")),
@@ -191,13 +189,15 @@ def test_ddp_steps_equal_one_process_on_the_full_batch(exact_runs):
         # the first update where it is well conditioned: within 1e-6 (measured 1.5e-8; 7e-5 over all elements)
         w1, v1 = r["weights"][0], want["weights"][0]
         assert max((w1[k] - v1[k])[sure[k]].abs().max().item() for k in w1 if sure[k].any()) < 1e-6
-        # after 3 steps, with that noise fed back: 1e-5 (measured 2.1e-6) but in the flat tensors, where the
-        # bound is the step size, lr per step (measured 7.8e-4); the loss curve within 1e-6 (measured 6e-8)
+        # after 3 steps, with that noise fed back: 1e-5 where the first update was well conditioned (measured
+        # 2.1e-6), elsewhere the step size bounds it, lr per step (measured 7.8e-4 in the tensors whose gradient
+        # is 0 up to rounding, 2e-5 at an element whose first gradient was 2e-8); the loss curve within 1e-6
         flat = {k for k in g1 if max(g[k].abs().max().item() for g in want["grads"]) < 1e-8}
         assert flat and all(k.endswith("conv1.bias") for k in flat), flat
         for key in ("model", "ema"):
             got, exp = r[key], getattr(ref, key).state_dict()
-            assert _max_diff(*({k: v for k, v in w.items() if k not in flat} for w in (got, exp))) < 1e-5, key
+            assert max((got[k] - exp[k])[sure[k]].abs().max().item() for k in got
+                       if k in sure and k not in flat and sure[k].any()) < 1e-5, key
             assert _max_diff(got, exp) < 3 * EXACT["lr"], key
         for a, b in zip(r["history"], ref.history):
             assert a["step"] == b["step"] and abs(a["loss"] - b["loss"]) < 1e-6, (a, b)

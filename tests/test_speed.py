@@ -18,7 +18,7 @@ from ddpm.unet import Unet
 def test_switch_per_device():
     assert Speed.resolve(False, "cpu") == Speed(False, False, False, None)
     assert Speed.resolve(False, "cuda") == Speed(False, False, False, None)
-    assert Speed.resolve(True, "cpu") == Speed(False, True, True, None)
+    assert Speed.resolve(True, "cpu") == Speed(True, True, True, None)
     if torch.cuda.is_available():
         assert Speed.resolve(True, "cuda").autocast_dtype in (torch.bfloat16, torch.float16)
 

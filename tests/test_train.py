@@ -122,3 +122,50 @@ def test_grad_accum_and_bad_inputs(digits):
         train(m, p, digits, settings(batch_size=15, grad_accum=2), seed=1, progress=False)
     with pytest.raises(ValueError, match="uint8"):
         train(m, p, digits.float(), settings(), seed=1, progress=False)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_flat_parameters_train_like_per_tensor(digits, monkeypatch, channels_last):
+    """FlatParams (one buffer for weights, one for gradients) changes nothing beyond float rounding."""
+    import ddpm.train as tr
+
+    s = settings(steps=6, checkpoint_every=1000, channels_last=channels_last)
+    model, process = setup()
+    flat = train(model, process, digits, s, seed=1, progress=False)
+    monkeypatch.setattr(tr.FlatParams, "possible", staticmethod(lambda params: False))
+    model, process = setup()
+    per_tensor = train(model, process, digits, s, seed=1, progress=False)
+    # Compared as functions: a conv bias right before a one-channel GroupNorm gets a gradient of pure
+    # rounding noise, which Adam scales to +-lr, so such weights differ while the outputs do not.
+    x, t = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.arange(8) * 12
+    for a, b in ((flat.model, per_tensor.model), (flat.ema, per_tensor.ema)):
+        for (name, w), v in zip(a.state_dict().items(), b.state_dict().values()):
+            assert w.shape == v.shape and w.stride() == v.stride(), name
+        with torch.no_grad():
+            torch.testing.assert_close(a.eval()(x, t), b.eval()(x, t), rtol=1e-4, atol=1e-5)
+    assert [r["loss"] for r in flat.history] == pytest.approx([r["loss"] for r in per_tensor.history], rel=1e-5)
+    # the trained model's weights are views of one buffer, in channels_last where asked
+    conv = flat.model.downs[0][0].conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert conv.untyped_storage().data_ptr() == flat.model.final_conv.weight.untyped_storage().data_ptr()
+
+
+def test_per_tensor_optimizer_state_loads_flat():
+    """A checkpoint's optimizer state saved per parameter tensor resumes into the flat optimizer."""
+    from ddpm.train import FlatParams, flat_optimizer_state
+
+    torch.manual_seed(0)
+    model = Unet(dim=8, dim_mults=(1, 2), channels=1, attn_heads=1, attn_dim_head=8).to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 1, 8, 8).contiguous(memory_format=torch.channels_last), torch.tensor([1, 2, 3, 4])).square().mean().backward()
+    opt.step()
+    saved = opt.state_dict()
+    params = list(model.parameters())
+    expected = [opt.state[p]["exp_avg"].clone() for p in params]
+    flat = FlatParams(params)
+    flat_opt = torch.optim.AdamW([flat.param], lr=1e-3)
+    flat_opt.load_state_dict(flat_optimizer_state(saved, flat))
+    moments = flat_opt.state[flat.param]["exp_avg"]
+    for view, e in zip(flat.views(moments), expected):
+        assert torch.equal(view, e)
+    assert float(flat_opt.state[flat.param]["step"]) == 1.0
