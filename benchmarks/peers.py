@@ -3,13 +3,14 @@
     python3 -m pip install -r benchmarks/requirements.txt     # the peers (never needed by the project)
     python3 benchmarks/peers.py                              # 2 CPU threads, about 12 minutes
     python3 benchmarks/peers.py --device cuda                # the same table on a GPU
+    python3 benchmarks/peers.py --no-sampling                # the training table alone (about 3 minutes)
 
 Every library trains and samples the same 8x8 grayscale task with its own code, as its README and
 training script use it:
-- ours: ``ddpm.train.train`` (the loop the pipeline runs: fused AdamW, EMA every step, clipping, per-step
-  loss bookkeeping) and ``ddpm.samplers.sample_loop``, each compiled (what ``fast: true`` does on CUDA,
-  and on a CPU for long runs: ``ddpm.speed.compile_pays``) and eager (what a short CPU run uses:
-  the default pipeline; sampling then in channels_last);
+- ours: ``ddpm.train.train`` (the loop the pipeline runs: fused AdamW on flat parameters, EMA every step,
+  clipping, per-step loss bookkeeping) and ``ddpm.samplers.sample_loop``, three ways: compiled in
+  channels_last (what ``fast: true`` does on CUDA, and on a CPU for long runs: ``ddpm.speed``), eager in
+  channels_last (``fast: true`` on a short CPU run: the default pipeline) and eager (``fast: false``);
 - denoising-diffusion-pytorch 2.3.4: ``GaussianDiffusion(Unet(dim=32, dim_mults=(1, 2)))``, its Trainer's
   step (Adam betas (0.9, 0.99), clipping at 1, ``ema_pytorch.EMA`` every 10 steps), and its samplers
   (``p_sample_loop`` for DDPM, ``ddim_sample``);
@@ -263,6 +264,7 @@ def main() -> None:
                     help="sampling batches: 64 (the issue's) and 400 (the pipeline's sample.batch_size)")
     ap.add_argument("--sample-steps", type=int, default=None, help="steps per timed sampling run")
     ap.add_argument("--quick", action="store_true", help="2 repetitions, short runs: a smoke test")
+    ap.add_argument("--no-sampling", action="store_true", help="the training table only (about 3 minutes on 2 cores)")
     args = ap.parse_args()
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
@@ -333,7 +335,7 @@ def main() -> None:
     print(f"\n({best_peer} is the faster peer.)")
 
     # sampling
-    for batch in args.sample_batch:
+    for batch in [] if args.no_sampling else args.sample_batch:
         for sampler in ("ddpm", "ddim"):
             ddim = sampler == "ddim"
             rule = StepRule("ddim", 0.0) if ddim else StepRule("ddpm")
