@@ -1,7 +1,7 @@
 """Speed against denoising-diffusion-pytorch and diffusers, measured side by side in one run.
 
     python3 -m pip install -r benchmarks/requirements.txt     # the peers (never needed by the project)
-    python3 benchmarks/peers.py                              # 2 CPU threads, about 12 minutes
+    python3 benchmarks/peers.py                              # 2 CPU threads, about 13 minutes
     python3 benchmarks/peers.py --device cuda                # the same table on a GPU
     python3 benchmarks/peers.py --no-sampling                # the training table alone (about 3 minutes)
 
