@@ -30,9 +30,9 @@ log = logging.getLogger(__name__)
 # Work below which compiling does not pay on a CPU (2 cores, measured). Sampling, in image-steps:
 # compiling costs 10-50 s; eager channels_last sampling runs 3,000-12,000 image-steps/s and compiled
 # about 1.3x that, so it pays above ~2M image-steps (a 400-image set at 100 steps is 40k). Training, in
-# images: the graph compiles in 30-70 s cold and then trains 0-6% faster than eager channels_last
-# (dim 16 with dropout: 1,907-1,945 vs 1,877 img/s; dim 32: 1,259 vs 1,192), so it pays above ~1.5M
-# images (the default run: 141k per schedule).
+# images: the graph compiles in 30-70 s cold and then trains 4-7% faster than eager channels_last
+# (train() with dropout 0.1, one run: dim 16 1,925 vs 1,792 img/s; dim 32 1,027 vs 987), so it pays
+# above ~1.5M images (the default run: 166k per schedule).
 CPU_SAMPLING_COMPILE_MIN = 2_000_000
 CPU_TRAINING_COMPILE_MIN = 1_500_000
 

@@ -264,6 +264,7 @@ def train(
         model = to_channels_last(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     flat = FlatParams(trainable) if FlatParams.possible(trainable) else None  # after the layout change
+    stepped = [flat.param] if flat is not None else list(model.parameters())  # what AdamW and clipping see
     net = dist.wrap(model, device)  # DDP (weights broadcast from rank 0) when several processes; else model
     data = images.to(device)
     n = len(data)
@@ -275,8 +276,7 @@ def train(
 
     amp_dtype, use_scaler = amp_settings(device, s.amp)
     # fused: one kernel for every parameter (CPU and CUDA) instead of about ten per parameter tensor
-    opt = torch.optim.AdamW([flat.param] if flat else model.parameters(), lr=s.lr, betas=tuple(s.adam_betas), weight_decay=s.weight_decay,
-                            fused=True)
+    opt = torch.optim.AdamW(stepped, lr=s.lr, betas=tuple(s.adam_betas), weight_decay=s.weight_decay, fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     ema = EMA(model, s.ema_decay, s.ema_warmup, flat)
     perm, pos, step, history, resumed_from, extra = torch.randperm(n, generator=g_data), 0, 0, [], None, {}
@@ -288,7 +288,7 @@ def train(
         if ckpt is not None:
             model.load_state_dict(ckpt["model"])
             ema.model.load_state_dict(ckpt["ema"])
-            opt.load_state_dict(flat_optimizer_state(ckpt["optimizer"], flat) if flat else ckpt["optimizer"])
+            opt.load_state_dict(flat_optimizer_state(ckpt["optimizer"], flat) if flat is not None else ckpt["optimizer"])
             scaler.load_state_dict(ckpt["scaler"])
             g_data.set_state(ckpt["rng"]["data"])  # the same on every rank
             mine = dist.rank_rng_state(ckpt)
@@ -428,7 +428,7 @@ def train(
                 q_cnt[slot].index_add_(0, quarter, torch.ones_like(per_sample, dtype=torch.float32))
         if s.max_grad_norm is not None:
             scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_([flat.param] if flat else model.parameters(), s.max_grad_norm, foreach=True)
+            torch.nn.utils.clip_grad_norm_(stepped, s.max_grad_norm, foreach=True)
         if use_scaler:
             scale_before = scaler.get_scale()
             scaler.step(opt)
@@ -437,7 +437,7 @@ def train(
                 skipped_steps += 1
         else:
             opt.step()
-        if flat:
+        if flat is not None:
             flat.zero_grad()
         else:
             opt.zero_grad(set_to_none=True)
