@@ -3,7 +3,7 @@
     python3 -m pip install -r benchmarks/requirements.txt     # the peers (never needed by the project)
     python3 benchmarks/peers.py                              # 2 CPU threads, about 13 minutes
     python3 benchmarks/peers.py --device cuda                # the same table on a GPU
-    python3 benchmarks/peers.py --no-sampling                # the training table alone (about 3 minutes)
+    python3 benchmarks/peers.py --no-sampling                # the training table alone (about 2 minutes)
 
 Every library trains and samples the same 8x8 grayscale task with its own code, as its README and
 training script use it:
@@ -264,7 +264,7 @@ def main() -> None:
                     help="sampling batches: 64 (the issue's) and 400 (the pipeline's sample.batch_size)")
     ap.add_argument("--sample-steps", type=int, default=None, help="steps per timed sampling run")
     ap.add_argument("--quick", action="store_true", help="2 repetitions, short runs: a smoke test")
-    ap.add_argument("--no-sampling", action="store_true", help="the training table only (about 3 minutes on 2 cores)")
+    ap.add_argument("--no-sampling", action="store_true", help="the training table only (about 2 minutes on 2 cores)")
     args = ap.parse_args()
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
