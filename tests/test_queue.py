@@ -15,7 +15,7 @@ from io import StringIO
 import pandas as pd
 import pytest
 
-from tests.test_pipeline import TINY, make_repo, run
+from tests.test_pipeline import ROOT, TINY, make_repo, run
 
 QUEUE_TIMEOUT_S = 300
 EXPS = {"q20": 20, "q30": 30}  # experiment name -> timesteps
@@ -40,6 +40,20 @@ def _wait_for_queue(path, env, names) -> str:
         if time.time() > deadline:
             pytest.fail(f"queue not done after {QUEUE_TIMEOUT_S}s:\n{status}")
         time.sleep(2)
+
+
+def test_cache_links_by_copy():
+    """Parallel queue workers commit the same objects into one cache; DVC's default (reflink, copy) on a
+    filesystem without reflink unlinks a shared cache file mid-commit and the other worker fails with
+    "unable to remove ... without a confirmation". `.dvc/config` sets `cache.type = copy` to avoid it."""
+    pytest.importorskip("dvc")
+    from dvc.repo import Repo
+
+    repo = Repo(str(ROOT))
+    try:
+        assert repo.cache.local.cache_types == ["copy"], repo.cache.local.cache_types
+    finally:
+        repo.close()
 
 
 def test_two_queued_experiments_log_to_one_store(tmp_path):
