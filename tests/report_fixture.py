@@ -14,7 +14,6 @@ import pandas as pd
 
 from ddpm.config import Params, ReportConfig
 from ddpm.data import load_dataset
-from ddpm.names import sampler_label
 
 FEATURES = "classifier-32d-0123abcd"
 FID_COLUMNS = ["schedule", "sampler", "eta", "steps", "fid", "n_samples", "features",
@@ -83,7 +82,3 @@ def params(timesteps: int = 50, zero_terminal_snr: bool = False, data_name: str 
     return dataclasses.replace(p, timesteps=timesteps, report=ReportConfig(grid_images=16, grid_scale=3),
                                diffusion=dataclasses.replace(p.diffusion, zero_terminal_snr=zero_terminal_snr),
                                data=dataclasses.replace(p.data, name=data_name))
-
-
-def label(name: str, eta: float) -> str:
-    return sampler_label(name, eta)
