@@ -20,10 +20,7 @@ from typing import Any, Optional
 
 import yaml
 
-from .data import DATASETS
-from .diffusion import OBJECTIVES
-from .samplers import STEP_RULES
-from .schedules import SCHEDULES
+from .names import DATASETS, OBJECTIVES, SCHEDULES, STEP_RULES
 
 FEATURIZERS = ("classifier", "inception")
 NATIVE_SIZES = {"digits": 8, "mnist": 28, "fashion_mnist": 28, "cifar10": 32}  # `folder`: known only once read

@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from .io import atomic_save_npz, atomic_write_json
+from .names import sampler_label  # noqa: F401  (re-exported: the one spelling, see ddpm/names.py)
 
 PREPARED = Path("data/prepared")
 FEATURIZER = Path("featurizer")
@@ -25,20 +26,27 @@ MODELS = Path("models")
 CHECKPOINTS = Path("checkpoints")
 SAMPLES = Path("samples")
 REPORTS = Path("reports")
+# File names, spelled here once (dvc.yaml spells them too: it cannot import Python)
+FID_CSV = REPORTS / "fid.csv"
+FID_SUMMARY = REPORTS / "fid_summary.json"
+REPORT_METRICS = REPORTS / "metrics.json"
+FEATURIZER_METRICS = FEATURIZER / "metrics.json"
+HOLDOUT = PREPARED / "holdout.npz"
+LOSS_CSV = "loss.csv"  # in model_dir(schedule, seed)
+FID_CURVE_CSV = "fid_curve.csv"  # in model_dir(schedule, seed)
+TRAIN_JSON = "train.json"  # in model_dir(schedule, seed)
 
 
-def sampler_label(name: str, eta: float) -> str:
-    """A file-safe name of a step rule: ``ddpm``, ``ddpm_large``, ``ddim-eta0``, ``ddim-eta0.5``."""
-    return f"ddim-eta{eta:g}" if name == "ddim" else name
+def sample_path(schedule: str, name: str, eta: float, steps: int, seed: int | None = None) -> Path:
+    """samples/<schedule>[/seed<k>]/<name>-eta<eta>-<steps>.npz, spelt as dvc.yaml's matrix interpolates it.
+    Call it with keywords: struct-train's contract signature is (schedule, seed, name, eta, steps)."""
+    folder = SAMPLES / schedule if seed is None else SAMPLES / schedule / f"seed{int(seed)}"
+    return folder / f"{name}-eta{float(eta)!r}-{steps}.npz"
 
 
-def sample_path(schedule: str, name: str, eta: float, steps: int) -> Path:
-    """samples/<schedule>/<name>-eta<eta>-<steps>.npz, spelt as dvc.yaml's matrix interpolates it."""
-    return SAMPLES / schedule / f"{name}-eta{float(eta)!r}-{steps}.npz"
-
-
-def model_dir(schedule: str) -> Path:
-    return MODELS / schedule
+def model_dir(schedule: str, seed: int | None = None) -> Path:
+    """models/<schedule>[/seed<k>] (contract: models/<schedule>/seed<k>/, owner struct-train)."""
+    return MODELS / schedule if seed is None else MODELS / schedule / f"seed{int(seed)}"
 
 
 def train_run_id(schedule: str) -> str | None:

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from .diffusion import GaussianProcess
+from .names import sampler_label
 
 STEP_RULES = ("ddpm", "ddpm_large", "ddim")
 
@@ -65,7 +66,7 @@ class StepRule:
 
     @property
     def label(self) -> str:
-        return f"ddim(eta={self.eta:g})" if self.name == "ddim" else self.name
+        return sampler_label(self.name, self.eta)
 
 
 def predict_x0_eps(

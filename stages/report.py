@@ -9,78 +9,67 @@ import pandas as pd
 
 from ddpm.config import load_params
 from ddpm.io import atomic_path, atomic_write_json
-from ddpm.pipeline import (FEATURIZER, PREPARED, REPORTS, load_arrays, model_dir, read_json, sample_key, sample_path,
-                           sampler_label, setup_logging, train_run_id)
+from ddpm.pipeline import FID_CSV, REPORT_METRICS, REPORTS, TRAIN_JSON, model_dir, read_json, sample_key, setup_logging
 from ddpm.report import build_report, summary_metrics
+from ddpm.results import Results, load_results
 from ddpm.tracking import Tracker
 
 
-def write_plot_data(losses: dict, fid_curves: dict, fid: pd.DataFrame) -> None:
+def write_plot_data(r: Results) -> None:
     """Long-format CSVs (a `series` column) for `dvc plots show` with the `multiline` template."""
+    def series(schedule: str, seed: int) -> str:
+        return schedule if len(r.seeds) == 1 else f"{schedule} seed{seed}"
+
     tables = {
         # loss rows averaged over blocks of 10 steps keep the plot light
         "loss.csv": pd.concat([df.assign(block=df["step"].sub(1) // 10).groupby("block", as_index=False)
                                .agg(step=("step", "max"), loss=("loss", "mean")).drop(columns="block")
-                               .assign(series=s) for s, df in losses.items()], ignore_index=True),
-        "fid_train.csv": pd.concat([df.assign(series=s) for s, df in fid_curves.items()], ignore_index=True),
-        "fid_steps.csv": fid.assign(series=fid["schedule"] + " " + fid["sampler"] + " eta=" + fid["eta"].astype(str))
-                            [["steps", "fid", "series"]],
+                               .assign(series=series(*k)) for k, df in r.losses.items()], ignore_index=True),
+        "fid_train.csv": pd.concat([df[["step", "fid", "floor"]].assign(series=series(*k))
+                                    for k, df in r.fid_curves.items()] or [pd.DataFrame(columns=["step", "fid"])],
+                                   ignore_index=True),
+        "fid_steps.csv": r.configs.assign(series=r.configs["schedule"] + " " + r.configs["label"])
+                                  [["steps", "fid", "fid_lo", "fid_hi", "series"]],
     }
     for name, df in tables.items():
         with atomic_path(REPORTS / "plots" / name) as tmp:
             df.to_csv(tmp, index=False, float_format="%.6g")
 
 
-def log_to_mlflow(p, out: dict, metrics: dict, samples: dict) -> None:
-    """The report files into a new `report` run; each sample grid into its sample set's run."""
+def train_run_id(schedule: str, seed: int) -> str | None:
+    """The MLflow run id of a model's training run (from its train.json), None when unknown."""
+    info = model_dir(schedule=schedule, seed=seed) / TRAIN_JSON
+    return read_json(info).get("mlflow_run_id") if info.is_file() else None
+
+
+def log_to_mlflow(p, r: Results, out: dict, metrics: dict) -> None:
+    """The report files into a new `report` run; each sample grid (first seed) into its sample set's run."""
     tracker = Tracker(enabled=p.tracking.enabled, experiment=p.tracking.experiment,
                       pending_path=REPORTS / "mlflow-pending.jsonl")
-    parents = {schedule: train_run_id(schedule) for schedule in p.diffusion.schedules}
+    parents = {(s, k): train_run_id(s, k) for s in r.schedules for k in r.seeds}
     run = tracker.start_run("report", params=p.flat(), tags={
-        "kind": "report", "train_run_ids": ",".join(r for r in parents.values() if r)})
+        "kind": "report", "train_run_ids": ",".join(x for x in parents.values() if x)})
     tracker.log_metrics(run, [{"step": 0, **metrics}])
-    for path in (out["markdown"], out["html"], REPORTS / "fid.csv", REPORTS / "metrics.json"):
+    for path in (out["markdown"], out["html"], FID_CSV, REPORT_METRICS):
         tracker.log_artifact(run, path)
     tracker.log_artifacts(run, REPORTS / "figures", "figures")
     tracker.end_run(run)
-    for (schedule, label, steps), images in samples.items():
-        if parents[schedule]:
-            for run_id in tracker.find_runs(f"tags.sample_key = '{sample_key(images)}'", parents[schedule]):
+    for (schedule, label, steps), images in r.samples.items():
+        parent = parents[(schedule, r.seeds[0])]
+        if parent:
+            for run_id in tracker.find_runs(f"tags.sample_key = '{sample_key(images)}'", parent):
                 tracker.log_artifact(run_id, out["grids"][(schedule, label, steps)])
 
 
 def main() -> None:
     log = setup_logging()
     p = load_params()
-    fid = pd.read_csv(REPORTS / "fid.csv")
-    summary = read_json(REPORTS / "fid_summary.json")
-    timings = [("prepare", "", read_json(PREPARED / "meta.json")["seconds"]),
-               ("featurizer", p.featurizer.kind, read_json(FEATURIZER / "metrics.json")["seconds"])]
-    losses, fid_curves, samples = {}, {}, {}
-    for schedule in p.diffusion.schedules:
-        losses[schedule] = pd.read_csv(model_dir(schedule) / "loss.csv")
-        fid_curves[schedule] = pd.read_csv(model_dir(schedule) / "fid_curve.csv")
-        timings.append(("train", schedule, read_json(model_dir(schedule) / "train.json")["seconds"]))
-        for s in p.sample.samplers:
-            for steps in p.sample.steps:
-                path = sample_path(schedule, s.name, s.eta, steps)
-                samples[(schedule, sampler_label(s.name, s.eta), steps)] = load_arrays(path)["images"]
-                timings.append(("sample", f"{schedule} {sampler_label(s.name, s.eta)} x{steps}",
-                                read_json(path.with_suffix(".json"))["seconds"]))
-    timings.append(("fid", "", summary["seconds"]))
-    featurizer = read_json(FEATURIZER / "metrics.json")
-    real = load_arrays(PREPARED / "holdout.npz")["images"][: p.report.forward_images]
-    out = build_report(
-        REPORTS, fid=fid, fid_floor=summary["fid_floor"], n_samples=summary["n_samples"],
-        features=summary["features"], losses=losses, fid_curves=fid_curves, timesteps=p.timesteps,
-        zero_terminal_snr=p.diffusion.zero_terminal_snr, samples=samples, real_images=real, featurizer=featurizer,
-        timings=pd.DataFrame(timings, columns=["stage", "item", "seconds"]), params=p.to_dict(),
-        grid_images=p.report.grid_images, grid_scale=p.report.grid_scale,
-    )
-    metrics = summary_metrics(fid, summary["fid_floor"], losses, featurizer)
-    atomic_write_json(REPORTS / "metrics.json", metrics)
-    write_plot_data(losses, fid_curves, fid)
-    log_to_mlflow(p, out, metrics, samples)
+    r = load_results(p)
+    out = build_report(REPORTS, r, grid_images=p.report.grid_images, grid_scale=p.report.grid_scale)
+    metrics = summary_metrics(r)
+    atomic_write_json(REPORT_METRICS, metrics)
+    write_plot_data(r)
+    log_to_mlflow(p, r, out, metrics)
     log.info("report: %s and %s", out["markdown"], out["html"])
 
 

@@ -1,4 +1,5 @@
 import copy
+from pathlib import Path
 
 import pytest
 import yaml
@@ -78,3 +79,18 @@ def test_types_and_yaml_errors(raw, tmp_path):
         load_params(f)
     with pytest.raises(FileNotFoundError, match="nowhere.yaml"):
         load_params(tmp_path / "nowhere.yaml")
+
+
+def test_name_tuples_match_the_registries():
+    """ddpm/names.py lets config validate without importing the maths modules; each tuple must be its registry's."""
+    import ast
+
+    from ddpm import data, diffusion, names, samplers, schedules
+
+    assert names.DATASETS == data.DATASETS
+    assert names.OBJECTIVES == diffusion.OBJECTIVES
+    assert names.STEP_RULES == samplers.STEP_RULES
+    assert names.SCHEDULES == tuple(schedules.SCHEDULES)
+    tree = ast.parse((Path(__file__).resolve().parents[1] / "ddpm" / "config.py").read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1}
+    assert not imported & {"data", "diffusion", "samplers", "schedules"}, imported

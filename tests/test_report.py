@@ -1,5 +1,7 @@
-"""Tests for ddpm.report: files, Markdown content and links, a self-contained HTML page, flat metrics,
-byte-for-byte determinism, and (with /usr/bin/chromium) that every image of the page loads in a browser."""
+"""Tests for ddpm.results and ddpm.report: a pipeline output tree in the contract format (tests/report_fixture.py)
+-> load_results -> build_report: files, Markdown content and links, a self-contained HTML page, aggregation over
+seeds, intervals, ties, the winner per step count, clear errors for missing columns, flat metrics, byte-for-byte
+determinism, and (with /usr/bin/chromium) that every image of the page loads in a browser."""
 from __future__ import annotations
 
 import json
@@ -12,63 +14,33 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from scipy import stats
 
-from ddpm.data import load_dataset
-from ddpm.report import build_report, sampler_labels, summary_metrics
+import report_fixture as rf
+from ddpm import figures, pipeline
+from ddpm.names import sampler_label
+from ddpm.report import build_report, summary_metrics
+from ddpm.results import TIE_RULE, ResultsError, aggregate, load_results, winners_by_steps
+from ddpm.samplers import StepRule
 
 SCHEDULES = ("linear", "cosine")
 SAMPLERS = (("ddpm", 0.0), ("ddim", 0.0))
 STEPS = (5, 20)
-FLOOR = 1.2345
 CHROMIUM = "/usr/bin/chromium"
 
 
-def synthetic_inputs(channels: int = 1, timesteps: int = 50) -> dict:
-    rng = np.random.default_rng(0)
-    digits = load_dataset("digits").images[:200]  # uint8 [N, 1, 8, 8]
-    if channels == 3:
-        digits = np.concatenate([digits, digits[:, :, ::-1], 255 - digits], axis=1)
-    rows = []
-    for i, s in enumerate(SCHEDULES):
-        for j, (name, eta) in enumerate(SAMPLERS):
-            for st in STEPS:
-                rows.append(dict(schedule=s, sampler=name, eta=eta, steps=st, fid=2.0 + 10.0 / st + i + 0.5 * j,
-                                 n_samples=100, features="classifier"))
-    n = 400
-    losses = {
-        s: pd.DataFrame({
-            "step": np.arange(n),
-            "loss": 0.1 + np.exp(-np.arange(n) / 80) * (1 + i) + rng.uniform(0, 0.02, n),
-            **{f"loss_q{q}": (0.2 / (q + 1)) * (1 + rng.uniform(0, 0.1, n)) for q in range(4)},
-        })
-        for i, s in enumerate(SCHEDULES)
-    }
-    fid_curves = {s: pd.DataFrame({"step": [100, 200, 300], "fid": [30.0 + i, 15.0, 9.0]})
-                  for i, s in enumerate(SCHEDULES)}
-    samples = {
-        (s, name, st): digits[rng.integers(0, len(digits), 16)]
-        for s in SCHEDULES for name, _ in SAMPLERS for st in STEPS
-    }
-    return dict(
-        fid=pd.DataFrame(rows), fid_floor=FLOOR, n_samples=100, features="classifier", losses=losses,
-        fid_curves=fid_curves, timesteps=timesteps, zero_terminal_snr=False, samples=samples,
-        real_images=digits[:3],
-        featurizer={"kind": "classifier", "val_accuracy": 0.975, "train_accuracy": 0.99, "feature_dim": 32},
-        timings=pd.DataFrame({"stage": ["train", "sample"], "item": ["linear", "all"], "seconds": [12.5, 3.25]}),
-        params={"seed": 0, "timesteps": timesteps, "data": {"name": "digits"}, "train": {"steps": n, "lr": 1e-3},
-                "sample": {"samplers": [{"name": "ddpm", "eta": 0.0}, {"name": "ddim", "eta": 0.0}],
-                           "steps": list(STEPS)}},
-        grid_images=16, grid_scale=3,
-    )
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    return rf.write_tree(tmp_path_factory.mktemp("tree"), schedules=SCHEDULES, samplers=SAMPLERS, steps=STEPS)
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """The same inputs built twice, into two folders."""
-    kw = synthetic_inputs()
-    a = build_report(tmp_path_factory.mktemp("a") / "reports", **kw)
-    b = build_report(tmp_path_factory.mktemp("b") / "reports", **kw)
-    return kw, a, b
+def built(tree, tmp_path_factory):
+    """The same results built twice, into two folders."""
+    r = load_results(rf.params(), tree)
+    a = build_report(tmp_path_factory.mktemp("a") / "reports", r, grid_images=16, grid_scale=3)
+    b = build_report(tmp_path_factory.mktemp("b") / "reports", r, grid_images=16, grid_scale=3)
+    return r, a, b
 
 
 def _md_images(md: str) -> list[str]:
@@ -89,35 +61,60 @@ def test_files_exist(built):
     assert not list(fig_dir.parent.rglob(".*.tmp"))  # atomic writes left no temporary files
 
 
-def test_markdown_fid_table_floor_and_links(built):
-    kw, res, _ = built
+def test_markdown_fid_table_floor_and_links(built, tree):
+    r, res, _ = built
     md = res["markdown"].read_text(encoding="utf-8")
     assert md.startswith("# DDPM experiment report")
-    assert "| # | schedule | sampler | eta | steps | FID | FID / floor | samples |" in md
-    assert "real vs real (floor)" in md and "1.234" in md  # the floor row (4 significant digits)
-    # every configuration is a row; the best (lowest FID) row comes first, ratio to the floor shown
-    fid = kw["fid"].sort_values("fid")
-    best = fid.iloc[0]
-    assert f"| **1** | **{best.schedule}** | **{best.sampler}** |" in md
-    assert f"{best.fid / FLOOR:.2f}" in md
+    assert ("| # | schedule | sampler | eta | spacing | steps | seeds | FID | 95% interval | FID / floor | KID | "
+            "vs best |") in md
+    fl = r.floor
+    assert "*real vs real (floor)* |" in md and f"*\\[{fl.lo:.4g}, {fl.hi:.4g}\\]*" in md  # floor + interval
+    rows = pd.read_csv(tree / "reports" / "fid.csv")
+    best = rows.sort_values("fid").iloc[0]
+    label = sampler_label(best.sampler, best.eta)
+    assert f"| **1** | **{best.schedule}** | **{label}** |" in md
+    assert f"{best.fid / fl.fid:.2f}" in md
     table_rows = [ln for ln in md.splitlines() if re.match(r"\| \**\d+\** \|", ln)]
-    assert len(table_rows) == len(fid)
-    # summary paragraph names the best configuration and the floor
+    assert len(table_rows) == len(rows)  # one seed: one row per fid.csv row
     assert "best configuration" in md and f"FID **{best.fid:.4g}**" in md
-    # every image referenced exists, relative to the Markdown file
     refs = _md_images(md)
-    assert len(refs) >= 6 + len(kw["samples"])
+    assert len(refs) >= 6 + len(r.samples)
     for ref in refs:
         assert not ref.startswith(("http:", "https:", "/")), ref
         assert (res["markdown"].parent / ref).is_file(), ref
-    for section in ("## FID", "## Samples", "## Training", "## Noise schedules", "## Featurizer", "## Run times",
-                    "## Parameters"):
+    for section in ("## FID", "## Samples", "## Training", "## Noise schedules", "## Featurizer", "## Parameters"):
         assert section in md
+    assert "## Run times" not in md  # timings are no DVC output (outputs are pure functions of their inputs)
     assert "97.5%" in md  # featurizer validation accuracy
 
 
+def test_single_seed_says_training_noise_is_untested(built):
+    r, res, _ = built
+    md = res["markdown"].read_text(encoding="utf-8")
+    assert "Each configuration was trained with one seed (seed 0): differences between schedules have not been " \
+           "tested against training noise." in md
+    best = r.configs.iloc[0]  # one seed: the interval is fid.csv's own, and no sd is shown for the FID
+    rows = r.rows
+    own = rows[(rows["schedule"] == best["schedule"]) & (rows["label"] == best["label"])
+               & (rows["steps"] == best["steps"])]
+    assert (best["fid_lo"], best["fid_hi"]) == (own["fid_lo"].iloc[0], own["fid_hi"].iloc[0])
+    assert f"| **{best['fid']:.4g}** | **\\[{best['fid_lo']:.4g}, {best['fid_hi']:.4g}\\]** |" in md
+
+
+def test_featurizer_section_shows_the_ruler(built):
+    r, res, _ = built
+    md = res["markdown"].read_text(encoding="utf-8")
+    section = md.split("## Featurizer")[1].split("## Parameters")[0]
+    lines = [ln.replace("\\", "") for ln in section.splitlines()]
+    f = r.featurizer
+    for key in ("features", "ruler", "sha256"):
+        assert f"| {key} | {f[key]} |" in lines, key
+    assert any(ln.startswith("| seed_stability | {seeds: [0, 1]") for ln in lines)
+    assert f["features"] in md.split("## FID")[0]  # the summary names the ruler too
+
+
 def test_html_self_contained(built):
-    kw, res, _ = built
+    r, res, _ = built
     page = res["html"].read_text(encoding="utf-8")
     assert page.startswith("<!DOCTYPE html>") and '<meta charset="utf-8">' in page
     urls = re.findall(r"""\b(?:src|href)\s*=\s*["']([^"']*)["']""", page, flags=re.I)
@@ -125,7 +122,7 @@ def test_html_self_contained(built):
     assert not [u for u in urls if re.match(r"\s*(https?:)?//", u, flags=re.I)]
     assert not re.search(r"https?://", page)
     srcs = re.findall(r"""<img[^>]*\bsrc="([^"]*)\"""", page)
-    assert len(srcs) == len(re.findall(r"<img\b", page)) >= 6 + len(kw["samples"])
+    assert len(srcs) == len(re.findall(r"<img\b", page)) >= 6 + len(r.samples)
     assert all(s.startswith("data:image/png;base64,") for s in srcs)
     assert "<script" not in page.lower() and "<link" not in page.lower()
     assert "real vs real (floor)" in page
@@ -140,55 +137,157 @@ def test_determinism(built):
         assert Path(pa).read_bytes() == Path(pb).read_bytes(), Path(pa).name
 
 
-def test_sample_grids_pixels(built, tmp_path):
-    kw, res, _ = built
+def test_sample_grids_pixels(built, tree, tmp_path):
+    r, res, _ = built
     fig_dir = res["markdown"].parent / "figures"
     img = Image.open(fig_dir / "samples_linear_ddpm_5.png")
     assert img.mode == "L"
     # 16 images of 8x8 at scale 3 in a 4x4 grid with 1 px padding: nearest-neighbour upscaling
     assert img.size == (4 * (8 * 3 + 1) + 1, 4 * (8 * 3 + 1) + 1)
     arr = np.asarray(img)
-    first = kw["samples"][("linear", "ddpm", 5)][0, 0]
+    with np.load(tree / pipeline.sample_path(schedule="linear", seed=0, name="ddpm", eta=0.0, steps=5)) as f:
+        first = f["images"][0, 0]
     assert np.array_equal(arr[1:25, 1:25], first.repeat(3, 0).repeat(3, 1))
 
-    rgb = synthetic_inputs(channels=3)
-    rgb.update(zero_terminal_snr=True, fid_curves={})  # zero terminal SNR and no FID curve still work
-    out = build_report(tmp_path / "rgb", **rgb)
-    assert Image.open(tmp_path / "rgb" / "figures" / "samples_cosine_ddim_20.png").mode == "RGB"
+    root = rf.write_tree(tmp_path / "rgb", channels=3, curves=False)  # RGB, no FID curve, zero terminal SNR
+    out = build_report(tmp_path / "rgb" / "out", load_results(rf.params(zero_terminal_snr=True), root))
+    assert Image.open(tmp_path / "rgb" / "out" / "figures" / "samples_cosine_ddim-eta0_20.png").mode == "RGB"
     names = {Path(p).name for p in out["figures"]}
     assert "fid_over_training.png" not in names and "schedules.png" in names
     assert "No FID over training" in out["markdown"].read_text(encoding="utf-8")
 
 
-def test_summary_metrics():
-    kw = synthetic_inputs()
-    m = summary_metrics(kw["fid"], kw["fid_floor"], kw["losses"], kw["featurizer"])
-    best = kw["fid"].sort_values("fid").iloc[0]
-    assert m["fid_floor"] == FLOOR
+def test_summary_metrics(built):
+    r, _, _ = built
+    m = summary_metrics(r)
+    rows = r.rows.sort_values("fid")
+    best = rows.iloc[0]
+    assert m["fid_floor"] == r.floor.fid and (m["fid_floor_lo"], m["fid_floor_hi"]) == (r.floor.lo, r.floor.hi)
     assert m["best_fid"] == pytest.approx(best.fid)
-    assert (m["best_schedule"], m["best_sampler"], m["best_steps"]) == (best.schedule, best.sampler, best.steps)
-    assert m["best_fid_ratio"] == pytest.approx(best.fid / FLOOR)
-    assert m["featurizer_val_accuracy"] == 0.975
-    for s, df in kw["losses"].items():
+    assert (m["best_fid_lo"], m["best_fid_hi"]) == (pytest.approx(best.fid_lo), pytest.approx(best.fid_hi))
+    assert (m["best_schedule"], m["best_sampler"], m["best_steps"]) == (best.schedule, best.label, best.steps)
+    assert m["best_fid_ratio"] == pytest.approx(best.fid / r.floor.fid)
+    assert m["featurizer_val_accuracy"] == r.featurizer["val_accuracy"] and m["n_seeds"] == 1
+    for (s, _), df in r.losses.items():
         assert m[f"final_loss_{s}"] == pytest.approx(df["loss"].iloc[-40:].mean())  # last 10% of 400 steps
-    for r in kw["fid"].itertuples():
-        assert m[f"fid_{r.schedule}_{r.sampler}_{r.steps}"] == pytest.approx(r.fid)
+    for row in r.rows.itertuples():
+        assert m[f"fid_{row.schedule}_{row.label}_{row.steps}"] == pytest.approx(row.fid)
     # flat, JSON-serialisable python scalars (what `dvc exp show` reads)
     assert all(isinstance(v, (int, float, str)) for v in m.values())
     assert json.loads(json.dumps(m)) == m
     assert isinstance(m["best_steps"], int)
 
 
-def test_sampler_labels_disambiguate_eta():
-    df = pd.DataFrame({"sampler": ["ddpm", "ddim", "ddim", "ddim"], "eta": [0.0, 0.0, 1.0, 0.0]})
-    assert list(sampler_labels(df)) == ["ddpm", "ddim:0", "ddim:1", "ddim:0"]
-    m = summary_metrics(
-        pd.DataFrame({"schedule": ["cosine"] * 2, "sampler": ["ddim"] * 2, "eta": [0.0, 0.5], "steps": [10, 10],
-                      "fid": [3.0, float("nan")]}),
-        1.0, {}, {},
-    )
-    assert m["best_sampler"] == "ddim:0" and m["fid_cosine_ddim-0_10"] == 3.0
-    assert m["fid_cosine_ddim-0p5_10"] is None  # NaN -> null in JSON
+def test_one_sampler_label_across_modules():
+    for name, eta in (("ddpm", 0.0), ("ddpm_large", 0.0), ("ddim", 0.0), ("ddim", 0.5), ("ddim", 1.0)):
+        label = sampler_label(name, eta)
+        assert StepRule(name, eta).label == pipeline.sampler_label(name, eta) == label
+    assert [sampler_label("ddim", e) for e in (0.0, 0.5)] == ["ddim-eta0", "ddim-eta0.5"]
+    df = rf.fid_rows(["cosine"], [("ddim", 0.0), ("ddim", 0.5)], [10], [0])
+    df.loc[0, "fid"] = float("nan")
+    configs = aggregate(df.assign(label=[sampler_label(n, e) for n, e in zip(df["sampler"], df["eta"])]))
+    assert list(configs["label"]) == ["ddim-eta0.5", "ddim-eta0"]  # NaN sorts last
+    assert list(configs["tie"]) == [False, False]
+
+
+def _build(tmp_path, **kw):
+    root = rf.write_tree(tmp_path, **kw)
+    r = load_results(rf.params(), root)
+    out = build_report(tmp_path / "out", r, grid_images=4, grid_scale=1)
+    return r, out["markdown"].read_text(encoding="utf-8"), out
+
+
+def test_several_seeds_aggregate_as_mean_sd_with_t_interval(tmp_path):
+    seeds = (0, 1, 2)
+    r, md, _ = _build(tmp_path, seeds=seeds, steps=(5,), schedules=("cosine",))
+    assert r.seeds == seeds and len(r.configs) == len(SAMPLERS)
+    for _, c in r.configs.iterrows():
+        fids = r.rows[(r.rows["label"] == c["label"])]["fid"].to_numpy()
+        assert len(fids) == len(seeds)
+        half = stats.t.ppf(0.975, len(fids) - 1) * fids.std(ddof=1) / np.sqrt(len(fids))
+        assert c["fid"] == pytest.approx(fids.mean()) and c["fid_sd"] == pytest.approx(fids.std(ddof=1))
+        assert (c["fid_lo"], c["fid_hi"]) == (pytest.approx(fids.mean() - half), pytest.approx(fids.mean() + half))
+        assert f"| {c['fid']:.4g} ± {c['fid_sd']:.2g} |" in md or f"**{c['fid']:.4g} ± {c['fid_sd']:.2g}**" in md
+    assert "trained with 3 seeds (0, 1, 2)" in md and "not been tested against training noise" not in md
+    assert summary_metrics(r)["n_seeds"] == 3
+
+
+def test_ties_are_marked_and_named(tmp_path):
+    # three configurations: the second's interval overlaps the best one's, the third's does not
+    df = rf.fid_rows(["cosine"], [("ddpm", 0.0)], [10, 20, 50], [0], spread=0.0)
+    df["fid"] = [3.0, 2.0, 2.2]
+    df["fid_lo"], df["fid_hi"] = df["fid"] - 0.15, df["fid"] + 0.15
+    r, md, _ = _build(tmp_path, schedules=("cosine",), samplers=(("ddpm", 0.0),), steps=(10, 20, 50), fid=df)
+    assert list(r.configs["steps"]) == [20, 50, 10] and list(r.configs["tie"]) == [False, True, False]
+    table = {ln.split(" | ")[5].strip("* "): ln for ln in md.splitlines() if re.match(r"\| \**\d+\** \|", ln)}
+    assert table["20"].endswith("**best** |") and table["50"].endswith("| tie |") and table["10"].endswith("|  |")
+    assert f"Indistinguishable from it ({TIE_RULE}): cosine / ddpm / 50 steps." in md
+    df.loc[2, "fid"] = 2.5  # no overlap now
+    df["fid_lo"], df["fid_hi"] = df["fid"] - 0.15, df["fid"] + 0.15
+    r, md, _ = _build(tmp_path / "b", schedules=("cosine",), samplers=(("ddpm", 0.0),), steps=(10, 20, 50), fid=df)
+    assert not r.configs["tie"].any() and f"No other configuration is indistinguishable from it ({TIE_RULE})" in md
+
+
+def test_every_sampler_drawn_and_winner_per_step_count(tmp_path):
+    samplers = (("ddim", 0.0), ("dpmpp_2m", 0.0), ("ddpm", 0.0))  # a sampler this branch does not know
+    df = rf.fid_rows(["cosine", "linear"], samplers, [10, 50], [0], spread=0.02)
+    fast = df["sampler"] == "dpmpp_2m"
+    df.loc[fast & (df["steps"] == 10), ["fid", "fid_lo", "fid_hi"]] = [[1.5, 1.45, 1.55]]  # clear winner at 10
+    slow = (df["sampler"] == "ddim") & (df["steps"] == 50)
+    df.loc[slow, ["fid", "fid_lo", "fid_hi"]] = [[8.0, 1.0, 9.0]]  # worse, yet its wide interval ties at 50
+    r, md, _ = _build(tmp_path, schedules=("cosine", "linear"), samplers=samplers, steps=(10, 50), fid=df)
+    wins = {steps: (w["label"], tied) for steps, w, tied in winners_by_steps(r.configs)}
+    per_label = r.configs.groupby(["steps", "label"])["fid"].min()
+    assert wins[10][0] == "dpmpp_2m" and wins[10][0] == per_label[10].idxmin() and wins[10][1] == []
+    assert wins[50][0] == per_label[50].idxmin() != "ddim-eta0" and "ddim-eta0" in wins[50][1]
+    text = md.replace("\\", "")  # Markdown escapes the underscore of dpmpp_2m
+    assert re.search(r"at 10 steps dpmpp_2m \(cosine, FID 1\.5 \[1\.45, 1\.55\]\), ahead of every other sampler", text)
+    assert re.search(rf"at 50 steps {wins[50][0]} \([^)]*\), tied with [^;.]*ddim-eta0", text)
+    fig = figures.fid_vs_steps(r.configs, r.floor, r.schedules)
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    for s in r.schedules:
+        for name, eta in samplers:
+            assert f"{s} / {sampler_label(name, eta)}" in legend
+    bars = [c for c in fig.axes[0].containers if type(c).__name__ == "ErrorbarContainer"]
+    assert len(bars) == len(r.schedules) * len(samplers)
+    bar = next(b for b in bars if b.get_label() == "cosine / ddim-eta0")
+    seg = bar.lines[2][0].get_segments()  # the error bars span each configuration's interval
+    lows = sorted(round(float(min(s[:, 1])), 9) for s in seg)
+    first = r.configs[(r.configs["schedule"] == "cosine") & (r.configs["label"] == "ddim-eta0")]
+    assert lows == sorted(round(float(x), 9) for x in first["fid_lo"])
+
+
+def test_fid_over_training_is_drawn_against_its_own_floor(built):
+    r, _, _ = built
+    fig = figures.fid_over_training(r.fid_curves, r.schedules)
+    ys = {round(float(y), 9) for ln in fig.axes[0].get_lines() if ln.get_linestyle() == "--" for y in ln.get_ydata()}
+    curve_floors = {round(float(v), 9) for d in r.fid_curves.values() for v in d["floor"]}
+    assert ys == curve_floors and round(r.floor.fid, 9) not in ys
+
+
+@pytest.mark.parametrize("drop, file", [("kid", "reports/fid.csv"), ("seed", "reports/fid.csv"),
+                                        ("fid_floor_hi", "reports/fid_summary.json"),
+                                        ("ruler", "featurizer/metrics.json"),
+                                        ("floor", "models/linear/seed0/fid_curve.csv")])
+def test_missing_column_or_key_is_a_clear_error(tmp_path, drop, file):
+    root = rf.write_tree(tmp_path)
+    path = root / file
+    if path.suffix == ".csv":
+        pd.read_csv(path).drop(columns=[drop]).to_csv(path, index=False)
+    else:
+        obj = json.loads(path.read_text())
+        del obj[drop]
+        path.write_text(json.dumps(obj))
+    with pytest.raises(ResultsError, match=rf"{re.escape(str(path))}: missing (column|key)\(s\) {drop};"):
+        load_results(rf.params(), root)
+
+
+def test_mixed_rulers_are_refused(tmp_path):
+    df = rf.fid_rows(["linear", "cosine"], SAMPLERS, STEPS, [0])
+    df.loc[0, "features"] = "classifier-32d-ffffffff"
+    root = rf.write_tree(tmp_path, fid=df)
+    with pytest.raises(ResultsError, match="several feature spaces"):
+        load_results(rf.params(), root)
 
 
 _PROBE = """<script>
@@ -267,3 +366,25 @@ def test_plots_template_renders_in_headless_chromium(plots_page, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
     assert re.search(r'<canvas width="[1-9]\d*" height="[1-9]\d*"', proc.stdout), (
         f"vega drew no canvas (rc={proc.returncode}); stderr tail:\n{proc.stderr[-2000:]}")
+
+
+def test_report_stage_on_a_contract_tree(tmp_path, monkeypatch, repo_root):
+    """stages/report.py end to end on a fixture tree: report files, metrics.json and the plot CSVs."""
+    import yaml
+
+    import stages.report as stage
+
+    root = rf.write_tree(tmp_path, seeds=(0, 1))
+    raw = yaml.safe_load((repo_root / "params.yaml").read_text())
+    raw["tracking"]["enabled"] = False
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(root)
+    stage.main()
+    metrics = json.loads((root / "reports" / "metrics.json").read_text())
+    assert metrics == summary_metrics(load_results(rf.params(), root)) and metrics["n_seeds"] == 2
+    for name in ("report.md", "report.html", "plots/loss.csv", "plots/fid_train.csv", "plots/fid_steps.csv"):
+        assert (root / "reports" / name).is_file(), name
+    steps = pd.read_csv(root / "reports" / "plots" / "fid_steps.csv")
+    assert list(steps.columns) == ["steps", "fid", "fid_lo", "fid_hi", "series"] and len(steps) == 8
+    assert set(pd.read_csv(root / "reports" / "plots" / "loss.csv")["series"]) == {
+        f"{s} seed{k}" for s in ("linear", "cosine") for k in (0, 1)}

@@ -1,0 +1,19 @@
+"""The names the configuration accepts, and the one spelling of a sampler's label.
+
+A tiny module without imports, so that ``ddpm/config.py`` can validate ``params.yaml`` without importing
+the maths modules (data, diffusion, samplers, schedules): an edit to those then reruns only the stages
+that compute with them. Each registry in those modules is checked against its tuple here by
+``tests/test_config.py``.
+"""
+from __future__ import annotations
+
+DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "folder")  # ddpm.data.DATASETS
+OBJECTIVES = ("pred_noise", "pred_x0", "pred_v")  # ddpm.diffusion
+STEP_RULES = ("ddpm", "ddpm_large", "ddim")  # ddpm.samplers.StepRule
+SCHEDULES = ("linear", "cosine", "sigmoid", "quadratic")  # keys of ddpm.schedules.SCHEDULES
+
+
+def sampler_label(name: str, eta: float) -> str:
+    """The label of a step rule everywhere (logs, MLflow run names, report, metric keys, figure names):
+    ``ddpm``, ``ddpm_large``, ``ddim-eta0``, ``ddim-eta0.5``; eta shows only where the rule uses it."""
+    return f"{name}-eta{float(eta):g}" if name == "ddim" else str(name)
