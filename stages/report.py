@@ -12,7 +12,7 @@ from ddpm.io import atomic_path, atomic_write_json
 from ddpm.pipeline import (FEATURIZER, PREPARED, REPORTS, load_arrays, model_dir, read_json, sample_key, sample_path,
                            sampler_label, setup_logging, train_run_id)
 from ddpm.report import build_report, summary_metrics
-from ddpm.tracking import Tracker
+from ddpm.tracking import Tracker, pending_file
 
 
 def write_plot_data(losses: dict, fid_curves: dict, fid: pd.DataFrame) -> None:
@@ -34,7 +34,7 @@ def write_plot_data(losses: dict, fid_curves: dict, fid: pd.DataFrame) -> None:
 def log_to_mlflow(p, out: dict, metrics: dict, samples: dict) -> None:
     """The report files into a new `report` run; each sample grid into its sample set's run."""
     tracker = Tracker(enabled=p.tracking.enabled, experiment=p.tracking.experiment,
-                      pending_path=REPORTS / "mlflow-pending.jsonl")
+                      pending_path=pending_file("report"))
     parents = {schedule: train_run_id(schedule) for schedule in p.diffusion.schedules}
     run = tracker.start_run("report", params=p.flat(), tags={
         "kind": "report", "train_run_ids": ",".join(r for r in parents.values() if r)})
