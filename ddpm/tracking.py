@@ -74,7 +74,8 @@ TABLE_COLUMNS = ["schedule", "seed", "sampler", "eta", "steps", "spacing", *_MET
                  "run_id", "parent_run_id"]
 _INT_COLUMNS = ["seed", "steps", "timesteps", "n_samples"]
 # The experiment type MLflow's UI offers for classic training runs (its "experiment kind" selector
-# writes this tag); without it MLflow 3 treats an experiment as GenAI.
+# writes this tag). MLflow 3.17's UI opens pages by its sidebar switch instead (checked in headless
+# Chromium): `#/experiments/<id>/runs?workflowType=machine_learning` opens the runs table.
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
