@@ -755,6 +755,23 @@ def comparison_table(experiment: str | None = None, filter_string: str = "",
     return df.sort_values(["fid", "run_id"], na_position="last", kind="stable").reset_index(drop=True)
 
 
+SEED_GROUP = ["schedule", "sampler", "eta", "steps", "spacing", "n_samples", "features"]
+
+
+def seed_summary(df):
+    """One row per configuration of :func:`comparison_table`'s rows (``SEED_GROUP``) over its
+    training seeds: ``n_seeds``, ``fid_mean``, ``fid_sd`` (sample sd; empty for one seed), ``kid_mean``,
+    ``kid_sd``, sorted by ``fid_mean``. With one seed per configuration, differences between rows
+    have not been tested against training noise."""
+    import pandas as pd
+    keys = [c for c in SEED_GROUP if c in df.columns]
+    g = df.groupby(keys, dropna=False, sort=False)
+    out = g.agg(n_seeds=("seed", "nunique"), fid_mean=("fid", "mean"), fid_sd=("fid", "std"),
+                kid_mean=("kid", "mean"), kid_sd=("kid", "std")).reset_index()
+    out["n_seeds"] = out["n_seeds"].where(out["n_seeds"] > 0, g.size().to_numpy()).astype("Int64")
+    return out.sort_values(["fid_mean", *keys], na_position="last", kind="stable").reset_index(drop=True)
+
+
 # --------------------------------------------------------------------------- CLI
 
 def main(argv: list[str] | None = None) -> int:
@@ -765,6 +782,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--filter", default="", help="MLflow filter, e.g. \"params.schedule = 'cosine'\"")
     t.add_argument("--uri", default=None, help="tracking URI (default: %(prog)s's default_tracking_uri)")
     t.add_argument("--csv", action="store_true", help="print CSV instead of a table")
+    t.add_argument("--seeds", action="store_true",
+                   help="one row per configuration: FID and KID as mean and sd over training seeds")
     p = sub.add_parser("import-pending", help="replay a Tracker's pending JSONL file")
     p.add_argument("file")
     p.add_argument("--uri", default=None)
@@ -781,6 +800,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _table(args: argparse.Namespace, uri: str) -> int:
     df = comparison_table(args.experiment, args.filter, uri=uri)
+    if args.seeds and not df.empty:
+        df = seed_summary(df)
     if args.csv:
         sys.stdout.write(df.to_csv(index=False))
         if df.empty:

@@ -489,3 +489,20 @@ def test_table_shows_intervals_first_and_run_ids_last(store):
     assert list(df["sampler"]) == ["ddpm", "ddim"] and list(df["seed"]) == [1, 1]  # seed from the train run
     assert list(df["fid_lo"]) == [2.0, 3.5] and list(df["fid_hi"]) == [4.1, 4.6] and list(df["kid"]) == [0.003, 0.004]
     assert set(df["features"]) == {"classifier-32d-0123abcd"} and set(df["spacing"]) == {"trailing"}
+
+
+def test_seed_summary_gives_mean_and_sd_over_training_seeds(store):
+    tk = tr.Tracker(True, "ddpm-seeds", uri=store["uri"])
+    fids = {0: 4.0, 1: 6.0, 2: 5.0}
+    for seed, fid in fids.items():
+        parent = tk.start_run(f"train-{seed}", {"schedule": "linear", "seed": seed}, {"kind": "train"})
+        for sampler, offset in (("ddim", 0.0), ("ddpm", 10.0)):
+            rid = tk.start_run("s", {"schedule": "linear", "sampler": sampler, "eta": 0.0, "steps": 10},
+                               {"kind": "sample"}, parent_run_id=parent)
+            tk.log_metrics(rid, [{"step": 0, "fid": fid + offset, "kid": (fid + offset) / 100}])
+    df = tr.comparison_table("ddpm-seeds", uri=store["uri"])
+    summary = tr.seed_summary(df)
+    assert list(summary["sampler"]) == ["ddim", "ddpm"] and list(summary["n_seeds"]) == [3, 3]
+    assert list(summary["fid_mean"]) == [5.0, 15.0] and list(summary["fid_sd"]) == [1.0, 1.0]
+    assert summary["kid_sd"].round(12).tolist() == [0.01, 0.01]
+    assert tr.main(["table", "--uri", store["uri"], "--experiment", "ddpm-seeds", "--seeds", "--csv"]) == 0
