@@ -13,6 +13,8 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
+import re
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +26,10 @@ from .names import DATASETS, OBJECTIVES, SCHEDULES, STEP_RULES
 
 FEATURIZERS = ("classifier", "inception")
 NATIVE_SIZES = {"digits": 8, "mnist": 28, "fashion_mnist": 28, "cifar10": 32}  # `folder`: known only once read
+DATASET_SIZES = {"digits": 1797, "mnist": 60000, "fashion_mnist": 60000, "cifar10": 50000}  # train splits
+MAX_INT = 2**63 - 1  # int64: beyond it numpy and torch overflow deep inside
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding and torch.manual_seed both accept [0, 2**32)
+DEVICE_RE = re.compile(r"auto|cpu|cuda(:[0-9]{1,2})?")
 
 
 class ConfigError(ValueError):
@@ -196,6 +202,12 @@ def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
     if not ok:
         problems.append(f"{key}: expected {_type_name(tp)}, got {value!r}")
         return None
+    if tp is float and not math.isfinite(value):
+        problems.append(f"{key}: got {value!r}; allowed: a finite number")
+        return None
+    if tp is int and not -MAX_INT <= value <= MAX_INT:
+        problems.append(f"{key}: got {value!r}; allowed: an integer of at most {MAX_INT} in magnitude")
+        return None
     return float(value) if tp is float else value
 
 
@@ -241,12 +253,14 @@ def _check(p: Params, problems: list[str]) -> None:
         if not cond:
             problems.append(f"{key}: got {value!r}; allowed: {allowed}")
 
+    need(0 <= p.seed <= MAX_SEED, "seed", p.seed, f"an integer in [0, {MAX_SEED}]")
     need(p.timesteps >= 1, "timesteps", p.timesteps, "an integer >= 1")
-    need(p.device == "auto" or p.device == "cpu" or p.device.startswith("cuda"), "device", p.device,
-         "auto, cpu, cuda or cuda:N")
+    need(p.timesteps <= 100_000, "timesteps", p.timesteps, "an integer in [1, 100000]")
+    need(DEVICE_RE.fullmatch(p.device) is not None, "device", p.device, "auto, cpu, cuda or cuda:N")
     d = p.data
     need(d.name in DATASETS, "data.name", d.name, ", ".join(DATASETS))
-    need(d.image_size is None or d.image_size >= 4, "data.image_size", d.image_size, "null or an integer >= 4")
+    need(d.image_size is None or 4 <= d.image_size <= 1024, "data.image_size", d.image_size,
+         "null or an integer in [4, 1024]")
     need(d.channels in (None, 1, 3), "data.channels", d.channels, "null, 1 or 3")
     need(0 < d.holdout_fraction < 1, "data.holdout_fraction", d.holdout_fraction, "a number in (0, 1)")
     f = p.featurizer
@@ -316,13 +330,50 @@ def _check(p: Params, problems: list[str]) -> None:
         need(1 <= st <= p.timesteps, f"sample.steps[{i}]", st, f"an integer in [1, timesteps={p.timesteps}]")
     need(len(set(s.steps)) == len(s.steps), "sample.steps", list(s.steps), "distinct step counts")
     need(s.n_samples >= 2, "sample.n_samples", s.n_samples, "an integer >= 2")
+    held = holdout_size(d)
+    need(held is None or s.n_samples <= held, "sample.n_samples", s.n_samples,
+         f"at most {held}, the held-out set of {d.name} ({d.holdout_fraction:g} of {DATASET_SIZES.get(d.name)} "
+         "images), which the FID floor compares against; or raise data.holdout_fraction")
     need(s.batch_size >= 1, "sample.batch_size", s.batch_size, "an integer >= 1")
     need(s.nproc_per_node >= 1, "sample.nproc_per_node", s.nproc_per_node,
          "an integer >= 1 (processes on this machine)")
     r = p.report
     need(r.grid_images >= 1, "report.grid_images", r.grid_images, "an integer >= 1")
-    need(r.grid_scale >= 1, "report.grid_scale", r.grid_scale, "an integer >= 1")
+    need(1 <= r.grid_scale <= 32, "report.grid_scale", r.grid_scale, "an integer in [1, 32]")
     need(r.forward_images >= 1, "report.forward_images", r.forward_images, "an integer >= 1")
+    _check_sizes(p, need)
+    e = p.tracking.experiment
+    need(0 < len(e) <= 256 and e.isprintable(), "tracking.experiment", e, "1 to 256 printable characters")
+
+
+# Upper bounds: far above any experiment on one machine, low enough that a typo cannot ask for
+# terabytes (a 1e12-step schedule, a million-fold grid) before anything fails.
+_CAPS = {"featurizer.feature_dim": 4096, "featurizer.epochs": 100_000, "featurizer.batch_size": 65536,
+         "model.dim": 1024, "model.attn_heads": 64, "model.attn_dim_head": 1024,
+         "train.steps": 100_000_000, "train.batch_size": 65536, "train.warmup_steps": 100_000_000,
+         "train.grad_accum": 65536, "train.nproc_per_node": 1024, "train.ema_warmup": 100_000_000,
+         "train.ema_every": 100_000_000, "train.log_every": 100_000_000, "train.checkpoint_every": 100_000_000,
+         "train.keep_checkpoints": 1000, "train.fid_every": 100_000_000, "train.fid_samples": 1_000_000,
+         "sample.n_samples": 1_000_000, "sample.batch_size": 65536, "sample.nproc_per_node": 1024,
+         "report.grid_images": 1024, "report.forward_images": 64}
+
+
+def _check_sizes(p: Params, need) -> None:
+    flat = p.flat()
+    for key, cap in _CAPS.items():
+        v = flat.get(key)
+        need(v is None or v <= cap, key, v, f"an integer <= {cap}")
+    need(len(p.model.dim_mults) <= 8 and all(x <= 16 for x in p.model.dim_mults), "model.dim_mults",
+         list(p.model.dim_mults), "at most 8 integers in [1, 16]")
+
+
+def holdout_size(d: DataConfig) -> int | None:
+    """Images in the held-out split of ``d`` (as :func:`ddpm.data.split_holdout` counts them), None
+    for ``folder`` (known once prepare has read it; prepare checks it then)."""
+    n = DATASET_SIZES.get(d.name)
+    if n is None or not 0 < d.holdout_fraction < 1:
+        return None
+    return min(max(round(d.holdout_fraction * n), 1), n - 1)
 
 
 def params_from_dict(raw: Any, source: str = "params.yaml") -> Params:

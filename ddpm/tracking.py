@@ -46,6 +46,7 @@ import json
 import logging
 import math
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -55,7 +56,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +65,104 @@ MAX_PARAMS_PER_BATCH = 100
 MAX_TAGS_PER_BATCH = 100
 MAX_PARAM_LENGTH = 6000
 PENDING_PREFIX = "pending-"  # run ids handed out while the store is unreachable
-TABLE_COLUMNS = ["experiment", "run_id", "parent_run_id", "dvc_exp_name", "git_commit", "start_time",
-                 "schedule", "sampler", "eta", "steps", "timesteps", "n_samples", "fid"]
-_PARAM_COLUMNS = ["schedule", "sampler", "eta", "steps", "timesteps", "n_samples"]
+# What a reader compares first (the configuration, FID with its 95% interval, KID), then how it was
+# measured, then where the row comes from; run ids last.
+_PARAM_COLUMNS = ["schedule", "seed", "sampler", "eta", "steps", "spacing", "timesteps", "n_samples", "features"]
+_METRIC_COLUMNS = ["fid", "fid_lo", "fid_hi", "kid", "kid_std", "fid_floor"]
+TABLE_COLUMNS = ["schedule", "seed", "sampler", "eta", "steps", "spacing", *_METRIC_COLUMNS, "n_samples",
+                 "timesteps", "features", "experiment", "dvc_exp_name", "git_commit", "start_time",
+                 "run_id", "parent_run_id"]
+_INT_COLUMNS = ["seed", "steps", "timesteps", "n_samples"]
+# The experiment type MLflow's UI offers for classic training runs (its "experiment kind" selector
+# writes this tag). MLflow 3.17's UI opens pages by its sidebar switch instead (checked in headless
+# Chromium): `#/experiments/<id>/runs?workflowType=machine_learning` opens the runs table.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+
+# --------------------------------------------------------------------------- secrets
+
+SECRET_ENV = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+REDACTED = "***"
+_USERINFO = re.compile(r"(?<=://)[^/@\s'\"]+@")  # user:password@ in any URL quoted in a message
+
+
+def redact_uri(uri: str | None) -> str:
+    """A tracking URI fit to print: user and password (``user:pw@``) and every query value
+    (``?token=...``) replaced by ``***``; e.g. ``http://***@host:5000/?token=***``."""
+    if not uri:
+        return str(uri)
+    out = _USERINFO.sub(REDACTED + "@", uri)
+    base, sep, query = out.partition("?")
+    if sep:
+        query = "&".join(kv.split("=", 1)[0] + ("=" + REDACTED if "=" in kv else "") for kv in query.split("&"))
+    return base + sep + query
+
+
+def _secrets(uri: str | None) -> list[str]:
+    """The secret substrings of ``uri`` (user info, query values, raw and %-decoded) and of the
+    environment's MLflow credentials, longest first."""
+    found = [os.environ.get(k, "") for k in SECRET_ENV]
+    with contextlib.suppress(ValueError):
+        parts = urlsplit(uri or "")
+        if "@" in parts.netloc:
+            userinfo = parts.netloc.rpartition("@")[0]
+            found += [userinfo, *userinfo.split(":", 1)]
+        found += [v for kv in parts.query.split("&") for v in kv.split("=", 1)[1:]]
+        found += [v for _, v in parse_qsl(parts.query, keep_blank_values=True)]
+    found += [unquote(f) for f in found]
+    return sorted({f for f in found if f}, key=len, reverse=True)
+
+
+def redact(text: str, uri: str | None = None) -> str:
+    """``text`` with ``uri`` (default: the current tracking URI), any ``user:password@`` of a URL,
+    and each secret of ``uri`` and of the environment redacted: for warnings, logs and error
+    messages that quote a URI or a server's reply. Secrets shorter than 4 characters are only
+    redacted in those URL forms (replacing every "ab" in a text would garble it)."""
+    uri = uri if uri is not None else default_tracking_uri()
+    text = str(text).replace(uri, redact_uri(uri)) if uri else str(text)
+    text = _USERINFO.sub(REDACTED + "@", text)
+    with contextlib.suppress(ValueError):
+        for key in {k for k, _ in parse_qsl(urlsplit(uri or "").query, keep_blank_values=True)}:
+            text = re.sub(rf"(?<=[?&]{re.escape(key)}=)[^&#\s'\"]+", REDACTED, text)
+    for secret in _secrets(uri):
+        if len(secret) >= 4:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
+class _RedactFilter(logging.Filter):
+    """Rewrites log records (ours, MLflow's, urllib3's) so no tracking secret reaches a log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        clean = redact(msg)
+        if clean != msg:
+            record.msg, record.args = clean, None
+        return True
+
+
+_REDACT_FILTER = _RedactFilter()
+
+
+def install_log_redaction() -> None:
+    """Attach the redacting filter to the handlers that exist now (root's and MLflow's own), and
+    to the loggers that speak about the tracking store."""
+    for name in ("", "mlflow", "urllib3", "urllib3.connectionpool", __name__):
+        logger = logging.getLogger(name)
+        for target in (logger, *logger.handlers):
+            if _REDACT_FILTER not in target.filters:
+                target.addFilter(_REDACT_FILTER)
+
+
+def pending_file(name: str | None = None) -> Path:
+    """Where a stage keeps tracking data it could not send: ``<root>/mlflow-pending/<name>.jsonl``,
+    ``root`` as for ``mlflow.db`` ($DVC_ROOT, else the current directory); ``name`` defaults to
+    $DVC_STAGE. Outside every DVC output (git- and DVC-ignored): `dvc push` never uploads it and
+    a rerun never deletes it."""
+    root = Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+    name = name or os.environ.get("DVC_STAGE") or "ddpm"
+    safe = "".join(c if c.isalnum() or c in "._@-" else "_" for c in name).lstrip(".") or "ddpm"
+    return root / "mlflow-pending" / f"{safe}.jsonl"
 
 
 # --------------------------------------------------------------------------- URIs and SQLite
@@ -163,7 +259,8 @@ def _experiment_id(client, uri: str, name: str, create: bool = True) -> str | No
     if not create:
         return None
     try:
-        return client.create_experiment(name, artifact_location=_artifact_location(uri, name))
+        return client.create_experiment(name, artifact_location=_artifact_location(uri, name),
+                                        tags=EXPERIMENT_TAGS)
     except Exception:  # created meanwhile by another process?
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -288,6 +385,8 @@ class Tracker:
         self.enabled = bool(enabled)
         self.experiment = experiment
         self.uri = (uri or default_tracking_uri()) if self.enabled else uri
+        if self.enabled:
+            install_log_redaction()
         self.pending_path = Path(pending_path) if pending_path is not None else None
         self.failed = False
         self.artifacts_failed = False  # the artifact store failed (the tracking store may still work)
@@ -313,7 +412,7 @@ class Tracker:
             where = (f"unsent data goes to {self.pending_path} (replay: python -m ddpm.tracking "
                      f"import-pending {self.pending_path})" if self.pending_path else
                      "unsent data is dropped (no pending_path)")
-            log.warning("MLflow tracking at %s: %s; %s", self.uri, message, where)
+            log.warning("MLflow tracking at %s: %s; %s", redact_uri(self.uri), redact(message, self.uri), where)
 
     def _fail(self, op: str, exc: BaseException) -> None:
         self.failed = True
@@ -329,14 +428,14 @@ class Tracker:
             return
         try:
             self.pending_path.parent.mkdir(parents=True, exist_ok=True)
-            line = json.dumps({"uri": self.uri, **record}) + "\n"
+            line = json.dumps({"uri": redact_uri(self.uri), **record}) + "\n"
             with open(self.pending_path, "a", encoding="utf-8") as fh:
                 with contextlib.suppress(ImportError, OSError):
                     import fcntl
                     fcntl.flock(fh, fcntl.LOCK_EX)  # several processes may share one file
                 fh.write(line)
         except Exception as exc:  # never raise, even for a full disk
-            log.warning("could not write pending MLflow data to %s: %s", self.pending_path, exc)
+            log.warning("could not write pending MLflow data to %s: %s", self.pending_path, redact(str(exc), self.uri))
 
     def _do(self, op: str, run_id: str | None, record: dict | None, fn: Callable[[], Any]) -> Any:
         """Run ``fn()`` against MLflow, or keep ``record`` for later when that is not possible."""
@@ -495,6 +594,29 @@ def read_pending(path: str | os.PathLike) -> list[dict]:
     return records
 
 
+class TrackingError(RuntimeError):
+    """An MLflow error from :func:`import_pending` or :func:`comparison_table`, its message redacted."""
+
+
+def _redacted(fn: Callable) -> Callable:
+    """Errors of ``fn(..., uri=...)`` come out as TrackingError with secrets redacted (the original
+    exception, which may quote the URI, is not chained)."""
+    import functools
+    import inspect
+
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            uri = sig.bind_partial(*args, **kwargs).arguments.get("uri") or default_tracking_uri()
+            raise TrackingError(redact(f"{type(exc).__name__}: {exc}", uri)) from None
+    return wrapper
+
+
+@_redacted
 def import_pending(path: str | os.PathLike, uri: str | None = None) -> dict[str, str]:
     """Replay a Tracker's pending JSONL file into ``uri`` (default: :func:`default_tracking_uri`).
 
@@ -538,7 +660,7 @@ def import_pending(path: str | os.PathLike, uri: str | None = None) -> dict[str,
             if parent:
                 tags["mlflow.parentRunId"] = parent
             elif rec.get("parent_run_id"):
-                log.warning("parent run %s of %s not found in %s", rec["parent_run_id"], old, uri)
+                log.warning("parent run %s of %s not found in %s", rec["parent_run_id"], old, redact_uri(uri))
             tags["pending_id"] = old
             run = client.create_run(exp_ids[name], start_time=rec.get("start_time"), tags=tags,
                                     run_name=rec.get("name"))
@@ -547,7 +669,7 @@ def import_pending(path: str | os.PathLike, uri: str | None = None) -> dict[str,
             continue
         rid = resolve(old)
         if rid is None:
-            log.warning("skipping %s record: run %s unknown in %s", op, old, uri)
+            log.warning("skipping %s record: run %s unknown in %s", op, old, redact_uri(uri))
         elif op == "metrics":
             _send_metrics(client, rid, rec["metrics"])
         elif op == "params":
@@ -569,17 +691,20 @@ def import_pending(path: str | os.PathLike, uri: str | None = None) -> dict[str,
 
 def _empty_table():
     import pandas as pd
-    dtypes = {"start_time": "datetime64[ns, UTC]", "eta": "float64", "steps": "Int64",
-              "timesteps": "Int64", "n_samples": "Int64", "fid": "float64"}
+    dtypes = {"start_time": "datetime64[ns, UTC]", "eta": "float64",
+              **{c: "Int64" for c in _INT_COLUMNS}, **{c: "float64" for c in _METRIC_COLUMNS}}
     return pd.DataFrame({c: pd.Series(dtype=dtypes.get(c, "object")) for c in TABLE_COLUMNS})
 
 
+@_redacted
 def comparison_table(experiment: str | None = None, filter_string: str = "",
                      uri: str | None = None):
     """One row per ``sample`` run (schedule x sampler x steps x run), sorted by FID.
 
-    Columns: experiment, run_id, parent_run_id, dvc_exp_name, git_commit, start_time, schedule,
-    sampler, eta, steps, timesteps, n_samples, fid. ``experiment`` None: all experiments.
+    Columns (:data:`TABLE_COLUMNS`): schedule, seed, sampler, eta, steps, spacing, fid, fid_lo,
+    fid_hi (the 95% interval), kid, kid_std, fid_floor, n_samples, timesteps, features, then
+    experiment, dvc_exp_name, git_commit, start_time, run_id, parent_run_id; a value the run did
+    not log is empty. ``experiment`` None: all experiments.
     ``filter_string``: an MLflow filter ANDed with ``tags.kind = 'sample'``, e.g.
     ``"params.schedule = 'cosine'"``. A param missing on a sample run is taken from its parent
     (train) run. An empty or missing store gives an empty DataFrame with these columns."""
@@ -617,17 +742,34 @@ def comparison_table(experiment: str | None = None, filter_string: str = "",
                "git_commit": tags.get("git_commit"), "start_time": run.info.start_time}
         for col in _PARAM_COLUMNS:
             row[col] = params[col] if col in params else parent_params(pid).get(col)
-        row["fid"] = run.data.metrics.get("fid")
+        row.update({m: run.data.metrics.get(m) for m in _METRIC_COLUMNS})
         rows.append(row)
     if not rows:
         return _empty_table()
     df = pd.DataFrame(rows, columns=TABLE_COLUMNS)
     df["start_time"] = pd.to_datetime(df["start_time"], unit="ms", utc=True)
-    df["eta"] = pd.to_numeric(df["eta"], errors="coerce").astype("float64")
-    for col in ("steps", "timesteps", "n_samples"):
+    for col in ("eta", *_METRIC_COLUMNS):
+        df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
+    for col in _INT_COLUMNS:
         df[col] = pd.to_numeric(df[col], errors="coerce").astype("Int64")
-    df["fid"] = pd.to_numeric(df["fid"], errors="coerce").astype("float64")
     return df.sort_values(["fid", "run_id"], na_position="last", kind="stable").reset_index(drop=True)
+
+
+SEED_GROUP = ["schedule", "sampler", "eta", "steps", "spacing", "n_samples", "features"]
+
+
+def seed_summary(df):
+    """One row per configuration of :func:`comparison_table`'s rows (``SEED_GROUP``) over its
+    training seeds: ``n_seeds``, ``fid_mean``, ``fid_sd`` (sample sd; empty for one seed), ``kid_mean``,
+    ``kid_sd``, sorted by ``fid_mean``. With one seed per configuration, differences between rows
+    have not been tested against training noise."""
+    import pandas as pd
+    keys = [c for c in SEED_GROUP if c in df.columns]
+    g = df.groupby(keys, dropna=False, sort=False)
+    out = g.agg(n_seeds=("seed", "nunique"), fid_mean=("fid", "mean"), fid_sd=("fid", "std"),
+                kid_mean=("kid", "mean"), kid_sd=("kid", "std")).reset_index()
+    out["n_seeds"] = out["n_seeds"].where(out["n_seeds"] > 0, g.size().to_numpy()).astype("Int64")
+    return out.sort_values(["fid_mean", *keys], na_position="last", kind="stable").reset_index(drop=True)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -640,31 +782,42 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--filter", default="", help="MLflow filter, e.g. \"params.schedule = 'cosine'\"")
     t.add_argument("--uri", default=None, help="tracking URI (default: %(prog)s's default_tracking_uri)")
     t.add_argument("--csv", action="store_true", help="print CSV instead of a table")
+    t.add_argument("--seeds", action="store_true",
+                   help="one row per configuration: FID and KID as mean and sd over training seeds")
     p = sub.add_parser("import-pending", help="replay a Tracker's pending JSONL file")
     p.add_argument("file")
     p.add_argument("--uri", default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    install_log_redaction()
+    uri = args.uri or default_tracking_uri()
+    try:
+        return _table(args, uri) if args.cmd == "table" else _import(args, uri)
+    except Exception as exc:
+        print(redact(f"error: {type(exc).__name__}: {exc}", uri), file=sys.stderr)
+        return 1
 
-    if args.cmd == "table":
-        try:
-            df = comparison_table(args.experiment, args.filter, args.uri)
-        except Exception as exc:
-            print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-            return 1
-        if args.csv:
-            sys.stdout.write(df.to_csv(index=False))
-            if df.empty:
-                print("no runs", file=sys.stderr)
-        elif df.empty:
-            print("no runs")
-        else:
-            import pandas as pd
-            with pd.option_context("display.width", 250, "display.max_columns", None):
-                print(df.to_string(index=False))
-        return 0
-    mapping = import_pending(args.file, args.uri)
-    print(f"imported {len(mapping)} run(s) from {args.file} into {args.uri or default_tracking_uri()}")
+
+def _table(args: argparse.Namespace, uri: str) -> int:
+    df = comparison_table(args.experiment, args.filter, uri=uri)
+    if args.seeds and not df.empty:
+        df = seed_summary(df)
+    if args.csv:
+        sys.stdout.write(df.to_csv(index=False))
+        if df.empty:
+            print("no runs", file=sys.stderr)
+    elif df.empty:
+        print("no runs")
+    else:
+        import pandas as pd
+        with pd.option_context("display.width", 250, "display.max_columns", None):
+            print(df.to_string(index=False))
+    return 0
+
+
+def _import(args: argparse.Namespace, uri: str) -> int:
+    mapping = import_pending(args.file, uri=uri)
+    print(f"imported {len(mapping)} run(s) from {args.file} into {redact_uri(uri)}")
     for old, new in mapping.items():
         print(f"  {old} -> {new}")
     return 0

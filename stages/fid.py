@@ -12,7 +12,7 @@ from ddpm.fid import extract_features, feature_statistics, frechet_distance, loa
 from ddpm.io import atomic_path
 from ddpm.pipeline import (FEATURIZER, REPORTS, load_arrays, sample_key, sample_path, sampler_label, setup_logging,
                            timed, train_run_id, write_json)
-from ddpm.tracking import Tracker
+from ddpm.tracking import Tracker, pending_file
 
 COLUMNS = ["schedule", "sampler", "eta", "steps", "fid", "n_samples", "features"]
 
@@ -52,7 +52,7 @@ def main() -> None:
                                               "seconds": t["seconds"]})
 
     tracker = Tracker(enabled=p.tracking.enabled, experiment=p.tracking.experiment,
-                      pending_path=REPORTS / "mlflow-pending.jsonl")
+                      pending_path=pending_file("fid"))
     for row, key in zip(table.itertuples(index=False), keys):
         parent = train_run_id(row.schedule)
         # a sample set already logged under this parent (same images) needs no new run

@@ -12,7 +12,7 @@ from ddpm.io import atomic_path, atomic_write_json
 from ddpm.pipeline import FID_CSV, REPORT_METRICS, REPORTS, TRAIN_JSON, model_dir, read_json, sample_key, setup_logging
 from ddpm.report import build_report, summary_metrics
 from ddpm.results import Results, load_results
-from ddpm.tracking import Tracker
+from ddpm.tracking import Tracker, pending_file
 
 
 def write_plot_data(r: Results) -> None:
@@ -45,7 +45,7 @@ def train_run_id(schedule: str, seed: int) -> str | None:
 def log_to_mlflow(p, r: Results, out: dict, metrics: dict) -> None:
     """The report files into a new `report` run; each sample grid (first seed) into its sample set's run."""
     tracker = Tracker(enabled=p.tracking.enabled, experiment=p.tracking.experiment,
-                      pending_path=REPORTS / "mlflow-pending.jsonl")
+                      pending_path=pending_file("report"))
     parents = {(s, k): train_run_id(s, k) for s in r.schedules for k in r.seeds}
     run = tracker.start_run("report", params=p.flat(), tags={
         "kind": "report", "train_run_ids": ",".join(x for x in parents.values() if x)})

@@ -94,3 +94,43 @@ def test_name_tuples_match_the_registries():
     tree = ast.parse((Path(__file__).resolve().parents[1] / "ddpm" / "config.py").read_text())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1}
     assert not imported & {"data", "diffusion", "samplers", "schedules"}, imported
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda r: r.update(seed=-1), "seed: got -1; allowed: an integer in [0, 4294967295]"),
+    (lambda r: r.update(seed=2**70), f"seed: got {2**70}; allowed: an integer of at most"),
+    (lambda r: r.update(seed=2**40), f"seed: got {2**40}; allowed: an integer in [0, 4294967295]"),
+    (lambda r: r["train"].update(weight_decay=float("inf")), "train.weight_decay: got inf; allowed: a finite number"),
+    (lambda r: r["train"].update(lr=float("nan")), "train.lr: got nan; allowed: a finite number"),
+    (lambda r: r["diffusion"].update(min_snr_gamma=float("inf")),
+     "diffusion.min_snr_gamma: got inf; allowed: a finite number"),
+    (lambda r: r.update(device="cudafoo"), "device: got 'cudafoo'; allowed: auto, cpu, cuda or cuda:N"),
+    (lambda r: r.update(device="cuda:0;rm"), "device: got 'cuda:0;rm'; allowed: auto, cpu, cuda or cuda:N"),
+    (lambda r: r.update(timesteps=10**12), "timesteps: got 1000000000000; allowed: an integer in [1, 100000]"),
+    (lambda r: r["report"].update(grid_scale=10**6), "report.grid_scale: got 1000000; allowed: an integer in [1, 32]"),
+    (lambda r: r["data"].update(image_size=10**6), "data.image_size: got 1000000; allowed: null or an integer in"),
+    (lambda r: r["train"].update(fid_samples=10**9), "train.fid_samples: got 1000000000; allowed: an integer <="),
+    (lambda r: r["model"].update(dim_mults=[1, 2, 1000]), "model.dim_mults: got [1, 2, 1000]; allowed: at most 8"),
+    (lambda r: r["tracking"].update(experiment=""), "tracking.experiment: got ''; allowed: 1 to 256 printable"),
+    (lambda r: r["sample"].update(n_samples=500), "sample.n_samples: got 500; allowed: at most 449, the held-out"),
+])
+def test_out_of_range_values_are_rejected_in_one_line(raw, edit, expected):
+    bad = copy.deepcopy(raw)
+    edit(bad)
+    found = problems(bad)
+    assert any(expected in p for p in found), (expected, found)
+    assert all("\n" not in p for p in found)
+
+
+def test_n_samples_bound_follows_the_holdout_fraction(raw):
+    ok = copy.deepcopy(raw)
+    ok["sample"]["n_samples"] = 449  # round(0.25 * 1797): the largest held-out set digits gives
+    params_from_dict(ok)
+    ok["sample"]["n_samples"] = 898  # round(0.5 * 1797), Python rounds half to even
+    ok["data"]["holdout_fraction"] = 0.5
+    params_from_dict(ok)
+    from ddpm.data import split_holdout
+    from ddpm.config import DATASET_SIZES, DataConfig, holdout_size
+    for frac in (0.25, 0.5, 0.001):
+        assert holdout_size(DataConfig(holdout_fraction=frac)) == len(split_holdout(DATASET_SIZES["digits"], frac, 0)[1])
+    assert holdout_size(DataConfig(name="folder")) is None

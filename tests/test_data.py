@@ -410,3 +410,104 @@ def test_save_image_grid(tmp_path):
         assert im.mode == "RGB" and im.size == (2 * 6 + 1, 2 * 6 + 1)
     with pytest.raises(ValueError, match="model_to_uint8"):
         save_image_grid(torch.zeros(2, 1, 4, 4), tmp_path / "bad.png")
+
+
+# --- a folder from someone else: pipes, symlinks, decompression bombs, memory --------------------
+def _folder_with_two(tmp_path: Path) -> Path:
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(2):
+        write_png(root / f"ok{i}.png", np.full((4, 4, 3), 50 * i, np.uint8))
+    return root
+
+
+def _load_in_thread(root: Path):
+    """load_dataset in a thread: a regression that blocks on a pipe fails the test instead of hanging it."""
+    import threading
+
+    box: dict = {}
+    t = threading.Thread(target=lambda: box.update(data=load_dataset("folder", root=root)), daemon=True)
+    t.start()
+    t.join(120)
+    assert not t.is_alive(), "load_dataset blocked (did it open the named pipe?)"
+    return box["data"]
+
+
+def test_folder_skips_a_named_pipe_without_opening_it(tmp_path, caplog):
+    import os
+
+    root = _folder_with_two(tmp_path)
+    os.mkfifo(root / "p.png")
+    with caplog.at_level(logging.WARNING, logger="ddpm.data"):
+        data = _load_in_thread(root)
+    assert len(data) == 2
+    assert "skipped 1 entries that are not regular files" in caplog.text and "p.png" in caplog.text
+
+
+def test_folder_refuses_symlinks_that_leave_it(tmp_path, caplog):
+    root = _folder_with_two(tmp_path)
+    outside = tmp_path / "secret.png"
+    write_png(outside, np.full((4, 4, 3), 7, np.uint8))
+    (root / "leak.png").symlink_to(outside)
+    (root / "inside.png").symlink_to(root / "ok0.png")  # a link inside the folder is fine
+    (tmp_path / "elsewhere").mkdir()
+    write_png(tmp_path / "elsewhere" / "x.png", np.zeros((4, 4, 3), np.uint8))
+    (root / "sub").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with caplog.at_level(logging.WARNING, logger="ddpm.data"):
+        data = load_dataset("folder", root=root)
+    assert len(data) == 3 and not (data.images == 7).any()  # ok0, ok1, inside; not the secret
+    assert "skipped 1 symlinks pointing outside the folder" in caplog.text and "leak.png" in caplog.text
+    assert "symlinked folders (not followed)" in caplog.text
+
+
+def _png_header_only(path: Path, w: int, h: int) -> None:
+    """A PNG whose header claims w x h pixels (a decompression bomb's header; no pixel data)."""
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+                     + chunk(b"IEND", b""))
+
+
+def test_folder_caps_the_pixel_count_before_decoding(tmp_path, monkeypatch):
+    import ddpm.data as data_mod
+
+    root = _folder_with_two(tmp_path)
+    _png_header_only(root / "bomb.png", 9000, 9000)  # under PIL's own 89-megapixel limit
+    with pytest.raises(ValueError, match=r"bomb\.png .*9000x9000 = 81000000 pixels; allowed: at most 67108864"):
+        load_dataset("folder", root=root, image_size=4)
+    (root / "bomb.png").unlink()
+    monkeypatch.setattr(data_mod, "MAX_PIXELS", 15)  # the cap is checked on every file
+    with pytest.raises(ValueError, match=r"ok0\.png .*4x4 = 16 pixels; allowed: at most 15"):
+        load_dataset("folder", root=root)
+
+
+MEMORY_PROBE = """
+import resource, sys
+import numpy as np
+from PIL import Image
+from ddpm.data import load_dataset
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+data = load_dataset("folder", root=sys.argv[1], image_size=8)
+print(data.images.shape, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+def test_folder_decodes_one_image_at_a_time(tmp_path, repo_root):
+    """Peak memory grows by about one decoded image, not by all of them (the old loader: 4.8 images)."""
+    import subprocess
+    import sys
+
+    n, side = 4, 3000
+    for i in range(n):
+        a = np.zeros((side, side, 3), np.uint8)
+        a[:: 7 + i] = 200  # cheap to write, compresses to ~40 KB
+        Image.fromarray(a).save(tmp_path / f"big{i}.png")
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(tmp_path)], cwd=repo_root, capture_output=True,
+                         text=True, check=True).stdout.split()
+    grown_bytes = int(out[-1]) * 1024  # ru_maxrss is in KiB on Linux
+    one_image = side * side * 4  # PIL keeps RGB as 4 bytes per pixel
+    assert " ".join(out[:-1]) == f"({n}, 3, 8, 8)"
+    assert grown_bytes < 2 * one_image, (grown_bytes, one_image)

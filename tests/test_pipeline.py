@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from ci_tools import need
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,8 +49,7 @@ def ran_stages(output: str) -> set[str]:
 
 def make_repo(path, params):
     """A git + DVC repository at ``path`` with this project's code and the given params, committed."""
-    if shutil.which("dvc") is None:
-        pytest.skip("dvc is not installed")
+    need("dvc")  # under CI=true a missing dvc fails instead of skipping every pipeline test
     for item in ("ddpm", "stages", "dvc.yaml", ".dvc/config", ".dvc/plots", ".dvcignore", ".gitignore"):
         src = ROOT / item
         if src.is_dir():
@@ -209,3 +209,28 @@ def test_npz_outputs_are_byte_reproducible(tmp_path):
     atomic_save_npz(tmp_path / "b.npz", images=a)
     assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
     assert np.array_equal(np.load(tmp_path / "a.npz")["images"], a)
+
+
+def test_hostile_names_in_params_never_reach_a_shell(tmp_path):
+    """A schedule or sampler name with shell syntax fails validation in Python; nothing runs in the shell.
+
+    Valid params first (prepare, featurizer and train@linear), then hostile names: prepare, featurizer
+    and train@linear stay up to date, so DVC goes straight to the new stages' commands."""
+    import copy
+
+    params = copy.deepcopy(TINY)
+    params["diffusion"]["schedules"] = ["linear"]
+    params["train"].update(steps=2, fid_every=0, checkpoint_every=2, log_every=2)
+    params["tracking"]["enabled"] = False
+    path, env = make_repo(tmp_path, params)
+    run(["dvc", "repro", "train@linear"], path, env)
+    params["diffusion"]["schedules"] = ["linear", "cosine;touch marker1;true"]
+    params["sample"]["samplers"] = [{"name": "ddpm", "eta": 0.0}, {"name": "ddim$(touch marker2)", "eta": 0.0}]
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    r = subprocess.run(["dvc", "repro", "--keep-going"], cwd=path, env=env, capture_output=True, text=True,
+                       timeout=600)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0
+    assert ran_stages(out) >= {"train@cosine;touch marker1;true", "sample@linear-sampler1-3"}, out[-3000:]
+    assert "diffusion.schedules[1]: got 'cosine;touch marker1;true'" in out
+    assert not list(path.rglob("marker*")), out[-3000:]

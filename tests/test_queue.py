@@ -15,6 +15,8 @@ from io import StringIO
 import pandas as pd
 import pytest
 
+from ci_tools import need
+
 from tests.test_pipeline import ROOT, TINY, make_repo, run
 
 QUEUE_TIMEOUT_S = 300
@@ -46,7 +48,7 @@ def test_cache_links_by_copy():
     """Parallel queue workers commit the same objects into one cache; DVC's default (reflink, copy) on a
     filesystem without reflink unlinks a shared cache file mid-commit and the other worker fails with
     "unable to remove ... without a confirmation". `.dvc/config` sets `cache.type = copy` to avoid it."""
-    pytest.importorskip("dvc")
+    need("dvc")
     from dvc.repo import Repo
 
     repo = Repo(str(ROOT))

@@ -16,6 +16,8 @@ import pytest
 from PIL import Image
 from scipy import stats
 
+from ci_tools import need
+
 import report_fixture as rf
 from ddpm import figures, pipeline
 from ddpm.names import sampler_label
@@ -26,7 +28,6 @@ from ddpm.samplers import StepRule
 SCHEDULES = ("linear", "cosine")
 SAMPLERS = (("ddpm", 0.0), ("ddim", 0.0))
 STEPS = (5, 20)
-CHROMIUM = "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="module")
@@ -303,14 +304,13 @@ window.addEventListener("load", function () {
 </script>"""
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} missing (apt-get install -y chromium)")
 def test_html_images_load_in_headless_chromium(built, tmp_path):
     _, res, _ = built
     page = res["html"].read_text(encoding="utf-8")
     n_img = len(re.findall(r"<img\b", page))
     probe = tmp_path / "probe.html"  # a test copy with a probe script; the report itself has no script
     probe.write_text(page.replace("</body>", _PROBE + "</body>"), encoding="utf-8")
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    cmd = [need("chromium"), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
            "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000",
            "--dump-dom", probe.as_uri()]
@@ -355,11 +355,10 @@ def test_plots_template_is_offline(plots_page):
     assert "cdn.jsdelivr" not in plots_page
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} missing (apt-get install -y chromium)")
 def test_plots_template_renders_in_headless_chromium(plots_page, tmp_path):
     page = tmp_path / "plots.html"
     page.write_text(plots_page, encoding="utf-8")
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    cmd = [need("chromium"), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
            "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000",
            "--dump-dom", page.as_uri()]

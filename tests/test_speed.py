@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from ci_tools import need
 from ddpm.diffusion import GaussianProcess
 from ddpm.samplers import StepRule, sample_images
 from ddpm.schedules import get_beta_schedule
@@ -72,6 +73,7 @@ def _digits(n=256):
 def test_compiled_channels_last_training_matches_eager():
     """The default path (fast: true on a CPU) with inductor: the per-step losses of the compiled,
     channels_last loop equal the eager loop's up to float rounding (dropout off: its RNG differs)."""
+    need("g++")  # inductor compiles C++: without a compiler this would only test the eager fallback
     images, process = _digits(), GaussianProcess(get_beta_schedule("linear", 50), "pred_noise")
     losses = {}
     for fast in (False, True):
@@ -87,6 +89,7 @@ def test_compiled_channels_last_training_matches_eager():
 
 
 def test_compiled_sampling_matches_eager():
+    need("g++")
     torch.manual_seed(0)
     model = Unet(dim=8, dim_mults=(1, 2), channels=1, attn_heads=1, attn_dim_head=8).eval()
     process = GaussianProcess(get_beta_schedule("linear", 50), "pred_noise")
