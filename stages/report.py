@@ -62,7 +62,7 @@ def main() -> None:
         fid_curves[schedule] = pd.read_csv(model_dir(schedule) / "fid_curve.csv")
         timings.append(("train", schedule, read_json(model_dir(schedule) / "train.json")["seconds"]))
         for s in p.sample.samplers:
-            for steps in p.sample.steps:
+            for steps in [s.steps]:
                 path = sample_path(schedule, s.name, s.eta, steps)
                 samples[(schedule, sampler_label(s.name, s.eta), steps)] = load_arrays(path)["images"]
                 timings.append(("sample", f"{schedule} {sampler_label(s.name, s.eta)} x{steps}",

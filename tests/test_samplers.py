@@ -236,3 +236,22 @@ def test_clipping_keeps_x0_in_range_and_chunks_are_order_free():
     part = sample_images(model, p, 10, (1, 2, 2), 5, StepRule("ddpm"), seed=3, batch_size=4, chunks=[2, 1])
     assert full.shape == (10, 1, 2, 2)
     assert torch.equal(part, torch.cat([full[8:], full[4:8]]))
+
+
+def test_api_samples_with_dpmpp_and_a_spacing():
+    from ddpm import GaussianDiffusion, Unet
+
+    torch.manual_seed(0)
+    model = Unet(dim=8, dim_mults=(1, 2), channels=1)
+    d = GaussianDiffusion(model, image_size=8, timesteps=100, sampling_timesteps=10, sampler="dpmpp_2m",
+                          spacing="trailing", objective="pred_v", beta_schedule="sigmoid")
+    assert d.rule == StepRule("dpmpp_2m", 0.0, "trailing") and not d.is_ddim_sampling
+    x = d.sample(3, generator=torch.Generator().manual_seed(1))
+    ref = sample_loop(model, d.process, (3, 1, 8, 8), 10, StepRule("dpmpp_2m", 0.0, "trailing"),
+                      torch.Generator().manual_seed(1))
+    torch.testing.assert_close(x, (ref + 1) / 2)
+    assert GaussianDiffusion(model, image_size=8, timesteps=100, sampling_timesteps=10).rule == StepRule("ddim")
+    with pytest.raises(ValueError, match="unknown sampler 'dpm'"):
+        GaussianDiffusion(model, image_size=8, timesteps=100, sampler="dpm")
+    with pytest.raises(ValueError, match="steps=100 with spacing 'linspace' gives repeated timesteps"):
+        GaussianDiffusion(model, image_size=8, timesteps=100, sampler="dpmpp_2m")  # S = T needs 'trailing'
