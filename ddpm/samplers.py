@@ -128,8 +128,8 @@ class StepRule:
         return Coefficients(c_x0, c_xt, 0.0, math.sqrt(var))
 
     def _dpmpp(self, ab_s: float, ab_t: float, last: bool, ab_hist: Optional[float]) -> Coefficients:
-        """DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2; data prediction, midpoint) and its SDE variant (eq. 18
-        ff.), from s to t in lambda. First order at the first step (no history) and at the last step
+        """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2: data prediction) and its SDE variant (same paper;
+        diffusers' ``sde-dpmsolver++``, midpoint), from s to t in lambda. First order at the first step (no history) and at the last step
         (to alpha_bar = 1: returns x0, as diffusers' ``lower_order_final`` with ``final_sigmas_type="zero"``)."""
         if last or ab_t >= 1.0:
             return Coefficients(1.0, 0.0, 0.0, 0.0)
@@ -142,7 +142,7 @@ class StepRule:
         noise = sigma_t * math.sqrt(-math.expm1(-2 * h)) if sde else 0.0
         if ab_hist is None:
             return Coefficients(a, c_xs, 0.0, noise)
-        # D = x0 + (x0 - x0_hist) / (2 r), r = h_hist / h (eq. 14 of DPM-Solver++, midpoint)
+        # D = (1 + 1/(2r)) x0 - 1/(2r) x0_hist, r = h_hist / h (Algorithm 2 of DPM-Solver++)
         w = 0.5 * h / (_half_log_snr(ab_s) - _half_log_snr(ab_hist))
         return Coefficients(a * (1 + w), c_xs, 0.0, noise, -a * w)
 
