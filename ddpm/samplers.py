@@ -129,8 +129,9 @@ class StepRule:
 
     def _dpmpp(self, ab_s: float, ab_t: float, last: bool, ab_hist: Optional[float]) -> Coefficients:
         """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2: data prediction) and its SDE variant (same paper;
-        diffusers' ``sde-dpmsolver++``, midpoint), from s to t in lambda. First order at the first step (no history) and at the last step
-        (to alpha_bar = 1: returns x0, as diffusers' ``lower_order_final`` with ``final_sigmas_type="zero"``)."""
+        diffusers' ``sde-dpmsolver++``, midpoint), from s to t in lambda. First order at the first step (no
+        history) and at the last step (to alpha_bar = 1: returns x0, as diffusers' ``lower_order_final`` with
+        ``final_sigmas_type="zero"``)."""
         if last or ab_t >= 1.0:
             return Coefficients(1.0, 0.0, 0.0, 0.0)
         sde = self.name == "dpmpp_2m_sde"

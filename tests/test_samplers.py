@@ -116,7 +116,8 @@ def test_ddim_eta0_is_deterministic_and_eta1_equals_ddpm():
 def test_step_rule_against_stored_values():
     # one DDPM step from alpha_bar 0.5 to 0.8 (beta = 0.375): hand-derived from Ho et al. eq. 7
     c = StepRule("ddpm").coefficients(0.5, 0.8, last=False)
-    assert (c.x0, c.xt, c.eps, c.hist) == pytest.approx((math.sqrt(0.8) * 0.375 / 0.5, math.sqrt(0.625) * 0.2 / 0.5, 0, 0))
+    expected = (math.sqrt(0.8) * 0.375 / 0.5, math.sqrt(0.625) * 0.2 / 0.5, 0, 0)
+    assert (c.x0, c.xt, c.eps, c.hist) == pytest.approx(expected)
     assert c.sigma == pytest.approx(math.sqrt(0.375 * 0.2 / 0.5))
     assert StepRule("ddpm_large").coefficients(0.5, 0.8, False).sigma == pytest.approx(math.sqrt(0.375))
     c = StepRule("ddim", 0.0).coefficients(0.5, 0.8, False)
