@@ -34,7 +34,9 @@ class GaussianDiffusion(nn.Module):
     ``channels``. ``diffusion(images)`` takes images in [0, 1], [B, C, H, W], and returns the scalar
     training loss; ``diffusion.sample(batch_size)`` returns images in [0, 1]. ``sampling_timesteps``
     below ``timesteps`` samples with DDIM (eta = ``ddim_sampling_eta``), as in the seed; equal, with
-    DDPM ancestral sampling (posterior variance).
+    DDPM ancestral sampling (posterior variance). ``sampler`` chooses the step rule instead (``ddpm``,
+    ``ddpm_large``, ``ddim``, ``dpmpp_2m``, ``dpmpp_2m_sde``), ``spacing`` the timestep grid
+    (``linspace``, ``trailing``, ``leading``: diffusers' ``timestep_spacing``).
     """
 
     def __init__(
@@ -52,6 +54,8 @@ class GaussianDiffusion(nn.Module):
         min_snr_gamma: float = 5.0,
         zero_terminal_snr: bool = False,
         clip_denoised: bool = True,
+        sampler: Optional[str] = None,
+        spacing: str = "linspace",
     ) -> None:
         super().__init__()
         if not hasattr(model, "channels"):
@@ -69,8 +73,10 @@ class GaussianDiffusion(nn.Module):
         self.sampling_timesteps = timesteps if sampling_timesteps is None else sampling_timesteps
         if not 1 <= self.sampling_timesteps <= timesteps:
             raise ValueError(f"sampling_timesteps must be in [1, timesteps={timesteps}], got {sampling_timesteps!r}")
-        self.is_ddim_sampling = self.sampling_timesteps < timesteps
-        self.rule = StepRule("ddim", ddim_sampling_eta) if self.is_ddim_sampling else StepRule("ddpm")
+        self.is_ddim_sampling = self.sampling_timesteps < timesteps if sampler is None else sampler == "ddim"
+        name = sampler or ("ddim" if self.is_ddim_sampling else "ddpm")
+        self.rule = StepRule(name, ddim_sampling_eta if name == "ddim" else 0.0, spacing)
+        self.rule.grid(timesteps, self.sampling_timesteps)  # a grid that cannot be built fails here, not at sampling
         self.objective = objective
         self.auto_normalize = auto_normalize
         self.clip_denoised = clip_denoised

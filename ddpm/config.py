@@ -22,7 +22,8 @@ from typing import Any, Optional
 
 import yaml
 
-from .names import DATASETS, OBJECTIVES, SCHEDULES, STEP_RULES
+from .grids import timestep_grid
+from .names import DATASETS, MULTISTEP_RULES, OBJECTIVES, SCHEDULES, SPACINGS, STEP_RULES
 
 FEATURIZERS = ("classifier", "inception")
 NATIVE_SIZES = {"digits": 8, "mnist": 28, "fashion_mnist": 28, "cifar10": 32}  # `folder`: known only once read
@@ -102,14 +103,45 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SamplerConfig:
+    """One sample set per schedule: a step rule, its eta (DDIM) and its step count, written in params.yaml
+    as the sample file's stem ``<name>-eta<eta>-<steps>`` (e.g. ``ddim-eta0.0-50``): DVC then names each
+    sample stage by its set, so adding or removing a set never reruns another."""
+
     name: str = "ddpm"
     eta: float = 0.0
+    steps: int = 100
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}-eta{float(self.eta)!r}-{self.steps}"
+
+
+SAMPLER_SPELLING = re.compile(r"(?P<name>[a-z_0-9]+)-eta(?P<eta>[0-9.]+)-(?P<steps>[0-9]+)")
+
+
+def _parse_sampler(value: Any, key: str, problems: list[str]) -> Optional[SamplerConfig]:
+    """``ddim-eta0.0-50`` -> SamplerConfig("ddim", 0.0, 50); the spelling must round-trip exactly."""
+    if isinstance(value, dict):  # a Params.to_dict() read back
+        return _build(SamplerConfig, value, key, problems)
+    m = SAMPLER_SPELLING.fullmatch(value) if isinstance(value, str) else None
+    sc = None
+    if m:
+        try:
+            sc = SamplerConfig(m["name"], float(m["eta"]), int(m["steps"]))
+        except ValueError:
+            sc = None
+    if sc is None or sc.key != value:
+        problems.append(f"{key}: got {value!r}; allowed: <rule>-eta<eta as a float>-<steps>, e.g. ddim-eta0.0-50 "
+                        "or dpmpp_2m-eta0.0-10 (the sample file's name)")
+        return None
+    return sc
 
 
 @dataclass(frozen=True)
 class SampleConfig:
-    samplers: tuple[SamplerConfig, ...] = (SamplerConfig("ddpm"), SamplerConfig("ddim", 0.0))
-    steps: tuple[int, ...] = (10, 50, 100)
+    samplers: tuple[SamplerConfig, ...] = tuple(SamplerConfig(n, 0.0, k) for n, k in (
+        ("ddpm", 100), ("ddim", 10), ("ddim", 20), ("dpmpp_2m", 10), ("dpmpp_2m", 20), ("dpmpp_2m_sde", 20)))
+    spacing: str = "linspace"  # timestep grid of every rule: linspace | trailing | leading (diffusers' definitions)
     n_samples: int = 400  # images per sample set; every FID uses this count
     batch_size: int = 400
     nproc_per_node: int = 1  # > 1: chunks split over torchrun processes, merged in order (same images)
@@ -191,6 +223,8 @@ def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
             return ()
         inner = typing.get_args(tp)[0]
         return tuple(_convert(v, inner, f"{key}[{i}]", problems) for i, v in enumerate(value))
+    if tp is SamplerConfig:
+        return _parse_sampler(value, key, problems)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key, problems)
     ok = {
@@ -320,15 +354,23 @@ def _check(p: Params, problems: list[str]) -> None:
          f"an integer in [1, timesteps={p.timesteps}]")
     s = p.sample
     need(len(s.samplers) >= 1, "sample.samplers", list(s.samplers), "a non-empty list")
+    need(s.spacing in SPACINGS, "sample.spacing", s.spacing, ", ".join(SPACINGS))
     for i, sc in enumerate(s.samplers):
+        if sc is None:  # misspelt: reported while parsing
+            continue
         need(sc.name in STEP_RULES, f"sample.samplers[{i}].name", sc.name, ", ".join(STEP_RULES))
         need(0 <= sc.eta <= 1, f"sample.samplers[{i}].eta", sc.eta, "a number in [0, 1]")
-    labels = [f"{sc.name}:{sc.eta:g}" if sc.name == "ddim" else sc.name for sc in s.samplers]
-    need(len(set(labels)) == len(labels), "sample.samplers", labels, "distinct samplers")
-    need(len(s.steps) >= 1, "sample.steps", list(s.steps), "a non-empty list")
-    for i, st in enumerate(s.steps):
-        need(1 <= st <= p.timesteps, f"sample.steps[{i}]", st, f"an integer in [1, timesteps={p.timesteps}]")
-    need(len(set(s.steps)) == len(s.steps), "sample.steps", list(s.steps), "distinct step counts")
+        need(sc.name not in MULTISTEP_RULES or sc.eta == 0, f"sample.samplers[{i}].eta", sc.eta,
+             f"0.0 ({sc.name} takes no eta)")
+        need(1 <= sc.steps <= p.timesteps, f"sample.samplers[{i}].steps", sc.steps,
+             f"an integer in [1, timesteps={p.timesteps}]")
+        if 1 <= sc.steps <= p.timesteps and s.spacing in SPACINGS:
+            try:
+                timestep_grid(p.timesteps, sc.steps, s.spacing, solver=sc.name in MULTISTEP_RULES)
+            except ValueError as err:
+                problems.append(f"sample.samplers[{i}].steps: {err}")
+    labels = [sc.key for sc in s.samplers if sc is not None]
+    need(len(set(labels)) == len(labels), "sample.samplers", labels, "distinct sample sets")
     need(s.n_samples >= 2, "sample.n_samples", s.n_samples, "an integer >= 2")
     held = holdout_size(d)
     need(held is None or s.n_samples <= held, "sample.n_samples", s.n_samples,

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "folder")  # ddpm.data.DATASETS
 OBJECTIVES = ("pred_noise", "pred_x0", "pred_v")  # ddpm.diffusion
-STEP_RULES = ("ddpm", "ddpm_large", "ddim")  # ddpm.samplers.StepRule
+STEP_RULES = ("ddpm", "ddpm_large", "ddim", "dpmpp_2m", "dpmpp_2m_sde")  # ddpm.samplers.StepRule
+MULTISTEP_RULES = ("dpmpp_2m", "dpmpp_2m_sde")  # rules that keep history (DPM-Solver++ multistep)
+SPACINGS = ("linspace", "trailing", "leading")  # diffusers' timestep_spacing (ddpm.grids)
 SCHEDULES = ("linear", "cosine", "sigmoid", "quadratic")  # keys of ddpm.schedules.SCHEDULES
 
 

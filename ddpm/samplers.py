@@ -1,68 +1,121 @@
 """Sampling: timestep grids, step rules, and ONE sampling loop.
 
-Every rule maps (x_t, x0_hat, eps_hat) to x_{t_prev} = c_x0 * x0_hat + c_xt * x_t + c_eps * eps_hat + sigma * z,
-with coefficients computed from alpha_bar[t] and alpha_bar[t_prev] alone. DDPM and DDIM therefore
-differ only in their coefficient tables, and any grid of S <= T steps is "respacing": the chain
-built from alpha_bar on the grid (Nichol & Dhariwal 2021, Sec. 4; DDIM Sec. 4.2).
+Every rule maps (x_t, x0_hat, eps_hat, x0_hist) to
+    x_{t_prev} = c_x0 * x0_hat + c_xt * x_t + c_eps * eps_hat + c_hist * x0_hist + sigma * z,
+with coefficients computed from alpha_bar at t, at t_prev and, for multistep rules, at the previous
+grid point (whose x0 prediction ``x0_hist`` the loop keeps: the rule's history). DDPM, DDIM and
+DPM-Solver++(2M) therefore differ only in their coefficient tables, and any grid of S <= T steps is
+"respacing": the chain built from alpha_bar on the grid (Nichol & Dhariwal 2021, Sec. 4; DDIM Sec. 4.2).
 
-Grid convention: S timesteps ``round(linspace(T-1, 0, S))`` (diffusers' ``timestep_spacing="linspace"``):
-always starts at t = T-1 (the noisiest step) and ends at t = 0; S = T gives every step.
-The final step (t_prev = -1, alpha_bar = 1) returns the predicted x0 with no added noise
-(Ho et al. Algorithm 2, z = 0 at t = 1).
+Grids follow diffusers' ``timestep_spacing`` (Lin et al. 2024, Table 2) exactly, as its
+DDIMScheduler / DDPMScheduler (ddpm, ddpm_large, ddim) and DPMSolverMultistepScheduler (dpmpp_*)
+compute them; ``linspace`` with the DDIM definition is ``round(linspace(T-1, 0, S))``. The final step
+(t_prev = -1, alpha_bar = 1) returns the predicted x0 with no added noise (Ho et al. Algorithm 2,
+z = 0 at t = 1; DPM-Solver++ with ``final_sigmas_type="zero"``).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 
 from .diffusion import GaussianProcess
-from .names import sampler_label
+from .grids import timestep_grid  # noqa: F401  (re-exported: the grids are part of the sampling API)
+from .names import MULTISTEP_RULES, SPACINGS, STEP_RULES, sampler_label  # noqa: F401
 
-STEP_RULES = ("ddpm", "ddpm_large", "ddim")
+ZERO_SNR_ALPHA_BAR = 2.0**-24  # what diffusers' DPMSolverMultistepScheduler puts at alpha_bar_T = 0
 
 
-def timestep_grid(num_timesteps: int, steps: int) -> list[int]:
-    """Descending timesteps [S]: round(linspace(T-1, 0, S)); distinct because the spacing is >= 1."""
-    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= num_timesteps:
-        raise ValueError(f"sampling steps must be an integer in [1, timesteps={num_timesteps}], got {steps!r}")
-    if steps == 1:
-        return [num_timesteps - 1]
-    return [round((num_timesteps - 1) * (1 - i / (steps - 1))) for i in range(steps)]
+class Coefficients(NamedTuple):
+    """x_prev = x0 * x0_hat + xt * x_t + eps * eps_hat + hist * x0_hist + sigma * z."""
+
+    x0: float
+    xt: float
+    eps: float
+    sigma: float
+    hist: float = 0.0
+
+
+def _half_log_snr(ab: float) -> float:
+    """lambda = log(alpha / sigma) = 0.5 log(ab / (1 - ab)) (DPM-Solver, Lu et al. 2022, Sec. 3.1)."""
+    return 0.5 * (math.log(ab) - math.log1p(-ab))
 
 
 @dataclass(frozen=True)
 class StepRule:
-    """A step rule: ``name`` in STEP_RULES, ``eta`` used by DDIM (0 = deterministic, 1 = DDPM posterior)."""
+    """A step rule and its grid: ``name`` in STEP_RULES; ``eta`` used by DDIM (0 = deterministic,
+    1 = DDPM posterior), ignored by ddpm and ddpm_large, 0 for the solvers; ``spacing`` in SPACINGS."""
 
     name: str = "ddpm"
     eta: float = 0.0
+    spacing: str = "linspace"
 
     def __post_init__(self) -> None:
         if self.name not in STEP_RULES:
             raise ValueError(f"unknown sampler {self.name!r}; allowed: {', '.join(STEP_RULES)}")
         if not 0.0 <= float(self.eta) <= 1.0:
             raise ValueError(f"sampler eta must be in [0, 1], got {self.eta!r}")
+        if self.name in MULTISTEP_RULES and self.eta != 0:
+            raise ValueError(f"sampler {self.name} takes no eta, got eta={self.eta!r}; allowed: 0.0")
+        if self.spacing not in SPACINGS:
+            raise ValueError(f"unknown timestep spacing {self.spacing!r}; allowed: {', '.join(SPACINGS)}")
 
-    def coefficients(self, ab_t: float, ab_prev: float, last: bool) -> tuple[float, float, float, float]:
-        """(c_x0, c_xt, c_eps, sigma) for one step from alpha_bar_t to alpha_bar_prev (python floats, float64)."""
+    @property
+    def multistep(self) -> bool:
+        return self.name in MULTISTEP_RULES
+
+    def grid(self, num_timesteps: int, steps: int) -> list[int]:
+        return timestep_grid(num_timesteps, steps, self.spacing, solver=self.multistep)
+
+    def alpha_bars(self, alpha_bar: list[float]) -> list[float]:
+        """The alpha_bar table the rule steps on: the solvers replace a zero terminal alpha_bar by 2**-24
+        (diffusers' DPMSolverMultistepScheduler with ``rescale_betas_zero_snr``), so lambda stays finite."""
+        if self.multistep and alpha_bar[-1] == 0:
+            return alpha_bar[:-1] + [ZERO_SNR_ALPHA_BAR]
+        return alpha_bar
+
+    def coefficients(self, ab_t: float, ab_prev: float, last: bool, ab_hist: Optional[float] = None) -> Coefficients:
+        """One step from alpha_bar_t to alpha_bar_prev (python floats, float64); ``ab_hist``: alpha_bar of the
+        previous grid point (None at the first step), used by the multistep rules only."""
+        if self.multistep:
+            return self._dpmpp(ab_t, ab_prev, last, ab_hist)
         beta = 1 - ab_t / ab_prev  # the respaced chain's beta (improved-diffusion respace.py)
         if self.name == "ddim":
             # DDIM eq. 16: sigma = eta sqrt((1 - ab_prev) / (1 - ab_t)) sqrt(1 - ab_t / ab_prev)
             sigma = self.eta * math.sqrt(max((1 - ab_prev) / (1 - ab_t) * beta, 0.0))
             # DDIM eq. 12: x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z
-            return math.sqrt(ab_prev), 0.0, math.sqrt(max(1 - ab_prev - sigma**2, 0.0)), sigma
+            return Coefficients(math.sqrt(ab_prev), 0.0, math.sqrt(max(1 - ab_prev - sigma**2, 0.0)), sigma)
         # Ho et al. eq. 6-7: posterior mean of q(x_prev | x_t, x0)
         c_x0 = math.sqrt(ab_prev) * beta / (1 - ab_t)
         c_xt = math.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab_t)
         if last:
-            return c_x0, c_xt, 0.0, 0.0
+            return Coefficients(c_x0, c_xt, 0.0, 0.0)
         # variance: beta_tilde (eq. 7, "small") or beta_t (the sigma-hat row of DDIM's Table 1, "large")
         var = beta * (1 - ab_prev) / (1 - ab_t) if self.name == "ddpm" else beta
-        return c_x0, c_xt, 0.0, math.sqrt(var)
+        return Coefficients(c_x0, c_xt, 0.0, math.sqrt(var))
+
+    def _dpmpp(self, ab_s: float, ab_t: float, last: bool, ab_hist: Optional[float]) -> Coefficients:
+        """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2: data prediction) and its SDE variant (same paper;
+        diffusers' ``sde-dpmsolver++``, midpoint), from s to t in lambda. First order at the first step (no
+        history) and at the last step (to alpha_bar = 1: returns x0, as diffusers' ``lower_order_final`` with
+        ``final_sigmas_type="zero"``)."""
+        if last or ab_t >= 1.0:
+            return Coefficients(1.0, 0.0, 0.0, 0.0)
+        sde = self.name == "dpmpp_2m_sde"
+        alpha_t, sigma_t, sigma_s = math.sqrt(ab_t), math.sqrt(1 - ab_t), math.sqrt(1 - ab_s)
+        h = _half_log_snr(ab_t) - _half_log_snr(ab_s)
+        # ODE: x_t = (sigma_t / sigma_s) x_s + alpha_t (1 - e^-h) D;  SDE: e^-h on x_s, e^-2h in the x0 term
+        c_xs = sigma_t / sigma_s * (math.exp(-h) if sde else 1.0)
+        a = alpha_t * -math.expm1(-2 * h if sde else -h)
+        noise = sigma_t * math.sqrt(-math.expm1(-2 * h)) if sde else 0.0
+        if ab_hist is None:
+            return Coefficients(a, c_xs, 0.0, noise)
+        # D = (1 + 1/(2r)) x0 - 1/(2r) x0_hist, r = h_hist / h (Algorithm 2 of DPM-Solver++)
+        w = 0.5 * h / (_half_log_snr(ab_s) - _half_log_snr(ab_hist))
+        return Coefficients(a * (1 + w), c_xs, 0.0, noise, -a * w)
 
     @property
     def label(self) -> str:
@@ -103,14 +156,14 @@ def sample_loop(
     autocast_dtype: Optional[torch.dtype] = None,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Draw samples [N, C, H, W] in model space from x_T ~ N(0, I) over a grid of ``steps`` timesteps.
+    """Draw samples [N, C, H, W] in model space from x_T ~ N(0, I) over ``rule``'s grid of ``steps`` timesteps.
 
     The only loop: the rule's coefficients are python floats computed once, the model is called once
     per step, and nothing reads a device value back (no host synchronisation per step).
     """
     device = torch.device(device)
-    grid = timestep_grid(process.num_timesteps, steps)
-    ab = process.alpha_bar64.tolist()
+    grid = rule.grid(process.num_timesteps, steps)
+    ab = rule.alpha_bars(process.alpha_bar64.tolist())
     x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T.to(device).clone()
     was_training = isinstance(model, nn.Module) and model.training
     if isinstance(model, nn.Module):
@@ -120,23 +173,28 @@ def sample_loop(
         from tqdm.auto import tqdm
 
         iterator = tqdm(grid, desc=f"sampling {rule.label}, {steps} steps", leave=False)
+    x0_hist, ab_hist = None, None  # the history: x0 prediction and alpha_bar (lambda) of the previous point
     try:
         for i, t in enumerate(iterator):
             last = i == len(grid) - 1
             ab_t, ab_prev = ab[t], (1.0 if last else ab[grid[i + 1]])
-            c_x0, c_xt, c_eps, sigma = rule.coefficients(ab_t, ab_prev, last)
+            c = rule.coefficients(ab_t, ab_prev, last, ab_hist)
             t_batch = torch.full((shape[0],), t, device=device, dtype=torch.long)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 out = model(x, t_batch)
             x0, eps = predict_x0_eps(out.float(), x, process.objective, math.sqrt(ab_t), math.sqrt(1 - ab_t), clip_denoised)
-            x_prev = c_x0 * x0
-            if c_xt:
-                x_prev = x_prev + c_xt * x
-            if c_eps:
-                x_prev = x_prev + c_eps * eps
-            if sigma:
-                x_prev = x_prev + sigma * torch.randn(shape, generator=generator, device=device)
+            x_prev = c.x0 * x0
+            if c.xt:
+                x_prev = x_prev + c.xt * x
+            if c.eps:
+                x_prev = x_prev + c.eps * eps
+            if c.hist:
+                x_prev = x_prev + c.hist * x0_hist
+            if c.sigma:
+                x_prev = x_prev + c.sigma * torch.randn(shape, generator=generator, device=device)
             x = x_prev
+            if rule.multistep:
+                x0_hist, ab_hist = x0, ab_t
     finally:
         if was_training:
             model.train()

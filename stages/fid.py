@@ -14,7 +14,7 @@ from ddpm.pipeline import (FEATURIZER, REPORTS, load_arrays, sample_key, sample_
                            timed, train_run_id, write_json)
 from ddpm.tracking import Tracker, pending_file
 
-COLUMNS = ["schedule", "sampler", "eta", "steps", "fid", "n_samples", "features"]
+COLUMNS = ["schedule", "sampler", "eta", "steps", "fid", "n_samples", "features", "spacing"]
 
 
 def main() -> None:
@@ -34,14 +34,14 @@ def main() -> None:
         rows, keys = [], []
         for schedule in p.diffusion.schedules:
             for s in p.sample.samplers:
-                for steps in p.sample.steps:
+                for steps in [s.steps]:
                     images = load_arrays(sample_path(schedule, s.name, s.eta, steps))["images"]
                     if len(images) != n:
                         raise SystemExit(f"{sample_path(schedule, s.name, s.eta, steps)} has {len(images)} images, "
                                          f"expected sample.n_samples={n}")
                     feats = extract_features(featurizer, images, device=device)
                     fid = frechet_distance(*feature_statistics(feats), ref["mu"], ref["sigma"])
-                    rows.append([schedule, s.name, s.eta, steps, fid, n, features])
+                    rows.append([schedule, s.name, s.eta, steps, fid, n, features, p.sample.spacing])
                     keys.append(sample_key(images))
                     log.info("fid %s %s x%d: %.3f (floor %.3f)", schedule, sampler_label(s.name, s.eta), steps, fid,
                              floor)
@@ -61,7 +61,7 @@ def main() -> None:
         run = tracker.start_run(
             f"{row.schedule}-{sampler_label(row.sampler, row.eta)}-{row.steps}",
             params={"schedule": row.schedule, "sampler": row.sampler, "eta": row.eta, "steps": row.steps,
-                    "timesteps": p.timesteps, "n_samples": n, "features": features, "seed": p.seed,
+                    "spacing": row.spacing, "timesteps": p.timesteps, "n_samples": n, "features": features, "seed": p.seed,
                     "objective": p.diffusion.objective},
             tags={"kind": "sample", "sample_key": key, "schedule": row.schedule}, parent_run_id=parent)
         tracker.log_metrics(run, [{"step": 0, "fid": row.fid, "fid_floor": floor}])

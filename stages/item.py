@@ -25,13 +25,12 @@ from ddpm.config import ConfigError, Params, load_params
 # stage -> its grid, [(matrix key, values)] in dvc.yaml's order
 GRIDS: dict[str, Callable[[Params], list[tuple[str, tuple]]]] = {
     "train": lambda p: [("schedule", p.diffusion.schedules)],
-    "sample": lambda p: [("schedule", p.diffusion.schedules), ("sampler", p.sample.samplers),
-                         ("steps", p.sample.steps)],
+    "sample": lambda p: [("schedule", p.diffusion.schedules), ("sampler", tuple(s.key for s in p.sample.samplers))],
 }
 # stage -> its module's command-line arguments for one item
 ARGS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "train": lambda it: [it["schedule"]],
-    "sample": lambda it: [it["schedule"], it["sampler"].name, repr(it["sampler"].eta), str(it["steps"])],
+    "sample": lambda it: [it["schedule"], it["sampler"]],
 }
 
 

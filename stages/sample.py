@@ -1,7 +1,7 @@
 """sample: one fixed-size sample set from a schedule's EMA model with one sampler and step count.
 
-`python -m stages.sample <schedule> <sampler> <eta> <steps>` (one DVC matrix item) writes
-samples/<schedule>/<sampler label>-<steps>.npz (uint8 images) and a .json beside it.
+`python -m stages.sample <schedule> <sample set>` (one DVC matrix item; the set as params.yaml spells it,
+e.g. `dpmpp_2m-eta0.0-10`) writes samples/<schedule>/<sample set>.npz (uint8 images) and a .json beside it.
 
 With `sample.nproc_per_node: N` (> 1) it re-executes itself under
 `python -m torch.distributed.run --standalone --nproc_per_node N -m stages.sample ...`: chunk k of
@@ -26,16 +26,14 @@ from ddpm.train import load_model
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("schedule")
-    parser.add_argument("sampler")
-    parser.add_argument("eta", type=float)
-    parser.add_argument("steps", type=int)
+    parser.add_argument("set")
     args = parser.parse_args()
     log = setup_logging()
     p = load_params()
-    if (args.sampler, args.eta) not in [(s.name, s.eta) for s in p.sample.samplers] or \
-            args.steps not in p.sample.steps or args.schedule not in p.diffusion.schedules:
-        raise ConfigError([f"sample item {args.schedule}/{args.sampler}(eta={args.eta:g})/{args.steps} is not in "
-                           "diffusion.schedules x sample.samplers x sample.steps"])
+    sets = {s.key: s for s in p.sample.samplers}
+    if args.set not in sets or args.schedule not in p.diffusion.schedules:
+        raise ConfigError([f"sample item {args.schedule} {args.set} is not in diffusion.schedules x sample.samplers"])
+    args.sampler, args.eta, args.steps = sets[args.set].name, sets[args.set].eta, sets[args.set].steps
     if p.sample.nproc_per_node > 1 and not dist.launched_by_torchrun():
         raise SystemExit(dist.relaunch("stages.sample", sys.argv[1:], p.sample.nproc_per_node))
     device = dist.init(resolve_device(p.device))
@@ -47,7 +45,7 @@ def main() -> None:
 
 def run(args: argparse.Namespace, p, device, log) -> None:
     """This rank's chunks of the sample set; rank 0 gathers them and writes the files."""
-    rule = StepRule(args.sampler, args.eta)
+    rule = StepRule(args.sampler, args.eta, p.sample.spacing)
     model, process, ckpt = load_model(model_dir(args.schedule) / "model.pt", device=device)
     shape = tuple(ckpt["image_shape"])
     s = p.sample
@@ -66,7 +64,7 @@ def run(args: argparse.Namespace, p, device, log) -> None:
     save_arrays(out, images=images.numpy())
     write_json(out.with_suffix(".json"), {
         "schedule": args.schedule, "sampler": args.sampler, "eta": args.eta, "steps": args.steps,
-        "n_samples": s.n_samples, "world_size": dist.world_size(), "seconds": t["seconds"],
+        "spacing": p.sample.spacing, "n_samples": s.n_samples, "world_size": dist.world_size(), "seconds": t["seconds"],
         "image_steps_per_second": round(s.n_samples * args.steps / t["seconds"], 1) if t["seconds"] else None,
     })
     log.info("sample %s: %s x%d done in %.1f s", args.schedule, rule.label, args.steps, t["seconds"])

@@ -28,22 +28,24 @@ def test_every_problem_is_reported_with_key_value_and_allowed(raw):
     bad["timesteps"] = 0
     bad["diffusion"]["schedules"] = ["linear", "cosinus"]
     bad["diffusion"]["objective"] = "pred_eps"
-    bad["sample"]["samplers"].append({"name": "euler", "eta": 0.0})
-    bad["sample"]["samplers"][1]["eta"] = 1.5
-    bad["sample"]["steps"] = [0, 10]
+    bad["sample"]["samplers"] += ["euler-eta0.0-10", "dpmpp_2m-eta0.5-10", "ddim-eta1.5-10", "ddpm-eta0.0-0"]
+    bad["sample"]["spacing"] = "uniform"
     bad["data"]["name"] = "imagenet"
     bad["train"]["batch_size"] = 0
     bad["train"]["lr"] = -1e-3
     del bad["train"]["ema_decay"]
     found = "\n".join(problems(bad))
+    n = len(raw["sample"]["samplers"])
     for expected in (
         "timestep: unknown key; did you mean 'timesteps'?",
         "timesteps: got 0; allowed: an integer >= 1",
         "diffusion.schedules[1]: got 'cosinus'; allowed: linear, cosine, sigmoid, quadratic",
         "diffusion.objective: got 'pred_eps'; allowed: pred_noise, pred_x0, pred_v",
-        "sample.samplers[2].name: got 'euler'; allowed: ddpm, ddpm_large, ddim",
-        "sample.samplers[1].eta: got 1.5; allowed: a number in [0, 1]",
-        "sample.steps[0]: got 0; allowed: an integer in [1, timesteps=",
+        f"sample.samplers[{n}].name: got 'euler'; allowed: ddpm, ddpm_large, ddim, dpmpp_2m, dpmpp_2m_sde",
+        f"sample.samplers[{n + 1}].eta: got 0.5; allowed: 0.0 (dpmpp_2m takes no eta)",
+        f"sample.samplers[{n + 2}].eta: got 1.5; allowed: a number in [0, 1]",
+        f"sample.samplers[{n + 3}].steps: got 0; allowed: an integer in [1, timesteps=",
+        "sample.spacing: got 'uniform'; allowed: linspace, trailing, leading",
         "data.name: got 'imagenet'; allowed: digits, mnist, fashion_mnist, cifar10, folder",
         "train.batch_size: got 0; allowed: an integer >= 1",
         "train.lr: got -0.001; allowed: a number > 0",
@@ -55,7 +57,12 @@ def test_every_problem_is_reported_with_key_value_and_allowed(raw):
 def test_steps_above_timesteps_and_image_sizes(raw):
     bad = copy.deepcopy(raw)
     bad["timesteps"] = 50
-    assert any("sample.steps[2]: got 100; allowed: an integer in [1, timesteps=50]" in p for p in problems(bad))
+    bad["sample"]["samplers"] = ["ddim-eta0.0-10", "ddpm-eta0.0-100"]
+    assert any("sample.samplers[1].steps: got 100; allowed: an integer in [1, timesteps=50]" in p for p in problems(bad))
+    bad = copy.deepcopy(raw)
+    bad["sample"]["samplers"].append("dpmpp_2m-eta0.0-1000")  # the solvers' linspace: S + 1 points repeat one
+    assert any(p.startswith("sample.samplers[") and "steps=1000 with spacing 'linspace' gives repeated" in p
+               for p in problems(bad))
     bad = copy.deepcopy(raw)
     bad["model"]["dim_mults"] = [1, 2, 4, 8, 16]
     assert any(p.startswith("data.image_size: got 'null (digits images are 8x8)'") and "multiple of 16" in p
@@ -69,10 +76,12 @@ def test_steps_above_timesteps_and_image_sizes(raw):
 def test_types_and_yaml_errors(raw, tmp_path):
     bad = copy.deepcopy(raw)
     bad["train"]["steps"] = "many"
-    bad["sample"]["samplers"][0]["eta"] = 0  # an int would name files differently from dvc.yaml
+    bad["sample"]["samplers"] = ["ddim-eta0-10", {"name": "ddim", "eta": 0.0, "steps": 10}, "ddim-10", "ddim-eta0.0-10"]
     found = "\n".join(problems(bad))
     assert "train.steps: expected int, got 'many'" in found
-    assert "sample.samplers[0].eta: got 0; write it as a float" in found
+    for i, given in ((0, "ddim-eta0-10"), (2, "ddim-10")):  # an int eta would name files differently from dvc.yaml
+        assert f"sample.samplers[{i}]: got {given!r}; allowed: <rule>-eta<eta as a float>-<steps>, e.g. " in found
+    assert "sample.samplers: got ['ddim-eta0.0-10', 'ddim-eta0.0-10']; allowed: distinct sample sets" in found
     f = tmp_path / "params.yaml"
     f.write_text("seed: [1\n")
     with pytest.raises(ConfigError, match="not valid YAML"):

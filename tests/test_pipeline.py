@@ -30,7 +30,7 @@ TINY = {
               "max_grad_norm": 1.0, "ema_decay": 0.9, "ema_warmup": 10, "ema_every": 1, "amp": False,
               "horizontal_flip": False, "log_every": 3, "checkpoint_every": 3, "keep_checkpoints": 2,
               "fid_every": 3, "fid_samples": 16, "fid_sampling_steps": 2, "nproc_per_node": 1},
-    "sample": {"samplers": [{"name": "ddpm", "eta": 0.0}, {"name": "ddim", "eta": 0.0}], "steps": [3],
+    "sample": {"samplers": ["ddpm-eta0.0-3", "ddim-eta0.0-3"], "spacing": "linspace",
                "n_samples": 24, "batch_size": 24, "nproc_per_node": 1},
     "report": {"grid_images": 16, "grid_scale": 2, "forward_images": 2},
     "tracking": {"enabled": True, "experiment": "tiny"},
@@ -79,7 +79,7 @@ def test_repro_writes_the_outputs(repo):
     path, env, out = repo
     assert ran_stages(out) >= {"prepare", "featurizer", "train@linear", "train@cosine", "fid", "report"}
     fid = pd.read_csv(path / "reports" / "fid.csv")
-    assert list(fid.columns) == ["schedule", "sampler", "eta", "steps", "fid", "n_samples", "features"]
+    assert list(fid.columns) == ["schedule", "sampler", "eta", "steps", "fid", "n_samples", "features", "spacing"]
     assert len(fid) == 2 * 2 * 1 and (fid["n_samples"] == 24).all() and (fid["fid"] >= 0).all()
     metrics = json.loads((path / "reports" / "metrics.json").read_text())
     for key in ("fid_floor", "best_fid", "featurizer_val_accuracy", "final_loss_linear", "final_loss_cosine"):
@@ -120,17 +120,18 @@ def test_rerun_rules(repo):
     path, env, _ = repo
     assert ran_stages(run(["dvc", "repro"], path, env)) == set()  # nothing changed, nothing runs
     params = yaml.safe_load((path / "params.yaml").read_text())
-    params["sample"]["steps"] = [3, 5]
+    params["sample"]["samplers"] = ["ddpm-eta0.0-3", "dpmpp_2m-eta0.0-5", "ddim-eta0.0-3"]  # a set inserted
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     ran = ran_stages(run(["dvc", "repro"], path, env))
-    assert ran == {"sample@linear-sampler0-5", "sample@linear-sampler1-5", "sample@cosine-sampler0-5",
-                   "sample@cosine-sampler1-5", "fid", "report"}, ran
-    assert len(pd.read_csv(path / "reports" / "fid.csv")) == 8
-    params["sample"]["steps"] = [5]  # removing a value leaves no stale rows behind
+    assert ran == {"sample@linear-dpmpp_2m-eta0.0-5", "sample@cosine-dpmpp_2m-eta0.0-5", "fid", "report"}, ran
+    fid = pd.read_csv(path / "reports" / "fid.csv")
+    assert len(fid) == 6 and set(fid["spacing"]) == {"linspace"}
+    assert json.loads((path / "samples" / "linear" / "dpmpp_2m-eta0.0-5.json").read_text())["spacing"] == "linspace"
+    params["sample"]["samplers"] = ["dpmpp_2m-eta0.0-5"]  # removing sets leaves no stale rows behind
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     ran = ran_stages(run(["dvc", "repro"], path, env))
     assert ran == {"fid", "report"}, ran
-    assert list(pd.read_csv(path / "reports" / "fid.csv")["steps"].unique()) == [5]
+    assert list(pd.read_csv(path / "reports" / "fid.csv")["sampler"].unique()) == ["dpmpp_2m"]
     params["report"]["grid_scale"] = 3  # a report param: the report only
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert ran_stages(run(["dvc", "repro"], path, env)) == {"report"}
