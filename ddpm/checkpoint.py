@@ -18,6 +18,7 @@ rule raises :class:`UnsafeFileError` naming it.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import pickle
 import re
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "ddpm-checkpoint/1"
 MODEL_FORMAT = "ddpm-model/1"
 EXPORT_KEYS = ("model_class", "model_config", "diffusion", "image_shape", "params", "train_seed")
-_CKPT_RE = re.compile(r"^ckpt-(\d+)\.pt$")
+_CKPT_RE = re.compile(r"^ckpt-(\d+)(?:-[0-9a-f]{8})?\.pt$")  # -<8 hex>: another run's, moved aside
 _MODEL_CLASSES: dict[str, type] = {}
 
 
@@ -138,6 +139,16 @@ def latest_valid_checkpoint(folder: Path, run_key: Optional[str] = None) -> Opti
     return None
 
 
+def move_aside(path: Path) -> Path:
+    """Rename another run's checkpoint that holds a name this run writes to ckpt-XXXXXXXX-<8 hex of its
+    run key>.pt, where its own run still finds it, instead of overwriting it."""
+    key = _read(path, (CHECKPOINT_FORMAT,), mmap=True).get("run_key")
+    new = path.with_name(f"{path.stem}-{hashlib.sha256(str(key).encode()).hexdigest()[:8]}.pt")
+    path.replace(new)
+    log.info("moved checkpoint %s of other parameters aside to %s", path, new.name)
+    return new
+
+
 def prune(own: list[tuple[int, Path]], keep: int) -> list[tuple[int, Path]]:
     """Delete all but the ``keep`` (>= 1) newest of a run's own checkpoints; returns those kept."""
     own = sorted(set(own), reverse=True)
@@ -179,7 +190,7 @@ def model_metadata(model: nn.Module, process: GaussianProcess, schedule: str, im
     }
 
 
-def build_process(diffusion: dict[str, Any], device: torch.device | str | None = None) -> GaussianProcess:
+def build_process(diffusion: dict[str, Any], device: torch.device | str = "cpu") -> GaussianProcess:
     """The process of a ``diffusion`` description: schedule, timesteps, objective, zero_terminal_snr, min_snr_gamma."""
     betas = get_beta_schedule(diffusion["schedule"], diffusion["timesteps"], diffusion.get("zero_terminal_snr", False))
     return GaussianProcess(betas, diffusion.get("objective", "pred_noise"), diffusion.get("min_snr_gamma"), device)

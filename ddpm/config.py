@@ -128,6 +128,7 @@ class TrackingConfig:
 @dataclass(frozen=True)
 class Params:
     seed: int = 0
+    seeds: tuple[int, ...] = (0,)  # training seeds: one model per schedule and seed (init, data order, noise)
     timesteps: int = 1000
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     fast: bool = True  # channels_last + torch.compile (+ bf16 autocast on CUDA): see ddpm/speed.py
@@ -245,6 +246,8 @@ def _check(p: Params, problems: list[str]) -> None:
             problems.append(f"{key}: got {value!r}; allowed: {allowed}")
 
     need(p.timesteps >= 1, "timesteps", p.timesteps, "an integer >= 1")
+    need(len(p.seeds) >= 1 and len(set(p.seeds)) == len(p.seeds) and all(0 <= k < 2**32 for k in p.seeds),
+         "seeds", list(p.seeds), "a non-empty list of distinct integers in [0, 2**32)")
     need(p.device == "auto" or p.device == "cpu" or p.device.startswith("cuda"), "device", p.device,
          "auto, cpu, cuda or cuda:N")
     d = p.data

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from . import distributed as dist
 from .checkpoint import (CHECKPOINT_FORMAT, checkpoint_path, checkpoints_by_run, latest_valid_checkpoint,  # noqa: F401
-                         list_checkpoints, load_checkpoint, load_model, model_metadata, prune)
+                         list_checkpoints, load_checkpoint, load_model, model_metadata, move_aside, prune)
 from .config import TrainConfig
 from .diffusion import GaussianProcess
 from .io import atomic_torch_save
@@ -134,6 +134,7 @@ class TrainLoop:
         self.metadata, self.run_key = metadata or {}, run_key
         self.on_log, self.on_eval, self.progress = on_log, on_eval, progress
         self.own: list[tuple[int, Path]] = []  # this run's checkpoints: the only ones it prunes
+        self.others: list[Path] = []  # other runs' checkpoints in the folder: left alone
         self.last_good: Optional[Path] = None
         if self.ckpt_dir is not None:
             self.resume()
@@ -185,10 +186,10 @@ class TrainLoop:
     # --- checkpoints --------------------------------------------------------------------------------------
     def resume(self) -> None:
         """Continue from the newest valid checkpoint of this run (same ``run_key``), if any."""
-        self.own, others = checkpoints_by_run(self.ckpt_dir, self.run_key)
-        if others and self.main:
-            log.info("%d checkpoint(s) in %s belong to other parameters; left alone: %s", len(others),
-                     self.ckpt_dir, ", ".join(p.name for p in others))
+        self.own, self.others = checkpoints_by_run(self.ckpt_dir, self.run_key)
+        if self.others and self.main:
+            log.info("%d checkpoint(s) in %s belong to other parameters; left alone: %s", len(self.others),
+                     self.ckpt_dir, ", ".join(p.name for p in self.others))
         ckpt = latest_valid_checkpoint(self.ckpt_dir, self.run_key)
         if ckpt is None:
             return
@@ -242,6 +243,8 @@ class TrainLoop:
         per_rank = dist.all_gather_object(rng) if self.world > 1 else None
         path = checkpoint_path(self.ckpt_dir, self.step)
         if self.main:
+            if path in self.others:  # never overwrite another run's checkpoint
+                self.others[self.others.index(path)] = move_aside(path)
             atomic_torch_save(self._state(rng, per_rank), path)
             self.own = prune(self.own + [(self.step, path)], self.s.keep_checkpoints)
         return path

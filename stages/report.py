@@ -35,7 +35,7 @@ def log_to_mlflow(p, out: dict, metrics: dict, samples: dict) -> None:
     """The report files into a new `report` run; each sample grid into its sample set's run."""
     tracker = Tracker(enabled=p.tracking.enabled, experiment=p.tracking.experiment,
                       pending_path=REPORTS / "mlflow-pending.jsonl")
-    parents = {schedule: train_run_id(schedule) for schedule in p.diffusion.schedules}
+    parents = {schedule: train_run_id(schedule, p.seeds[0]) for schedule in p.diffusion.schedules}
     run = tracker.start_run("report", params=p.flat(), tags={
         "kind": "report", "train_run_ids": ",".join(r for r in parents.values() if r)})
     tracker.log_metrics(run, [{"step": 0, **metrics}])
@@ -57,13 +57,13 @@ def main() -> None:
     timings = [("prepare", "", read_json(PREPARED / "meta.json")["seconds"]),
                ("featurizer", p.featurizer.kind, read_json(FEATURIZER / "metrics.json")["seconds"])]
     losses, fid_curves, samples = {}, {}, {}
+    seed = p.seeds[0]  # the first training seed until the report aggregates seeds (train.json has no timings)
     for schedule in p.diffusion.schedules:
-        losses[schedule] = pd.read_csv(model_dir(schedule) / "loss.csv")
-        fid_curves[schedule] = pd.read_csv(model_dir(schedule) / "fid_curve.csv")
-        timings.append(("train", schedule, read_json(model_dir(schedule) / "train.json")["seconds"]))
+        losses[schedule] = pd.read_csv(model_dir(schedule, seed) / "loss.csv")
+        fid_curves[schedule] = pd.read_csv(model_dir(schedule, seed) / "fid_curve.csv")
         for s in p.sample.samplers:
             for steps in p.sample.steps:
-                path = sample_path(schedule, s.name, s.eta, steps)
+                path = sample_path(schedule, seed, s.name, s.eta, steps)
                 samples[(schedule, sampler_label(s.name, s.eta), steps)] = load_arrays(path)["images"]
                 timings.append(("sample", f"{schedule} {sampler_label(s.name, s.eta)} x{steps}",
                                 read_json(path.with_suffix(".json"))["seconds"]))

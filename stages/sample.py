@@ -1,7 +1,9 @@
 """sample: one fixed-size sample set from a schedule's EMA model with one sampler and step count.
 
-`python -m stages.sample <schedule> <sampler> <eta> <steps>` (one DVC matrix item) writes
-samples/<schedule>/<sampler label>-<steps>.npz (uint8 images) and a .json beside it.
+`python -m stages.sample <schedule> <seed> <sampler> <eta> <steps>` (one DVC matrix item) reads the exported
+model models/<schedule>/seed<seed>/model.pt and writes samples/<schedule>/seed<seed>/<sampler>-eta<eta>-<steps>.npz
+(uint8 images) and a .json beside it. The sampler noise comes from the top-level `seed`, not the training
+seed: every training seed's model is sampled with the same noise (common random numbers).
 
 With `sample.nproc_per_node: N` (> 1) it re-executes itself under
 `python -m torch.distributed.run --standalone --nproc_per_node N -m stages.sample ...`: chunk k of
@@ -15,17 +17,18 @@ import argparse
 import sys
 
 from ddpm import distributed as dist
+from ddpm.checkpoint import load_model
 from ddpm.config import ConfigError, load_params, resolve_device
 from ddpm.data import model_to_uint8
 from ddpm.pipeline import model_dir, sample_path, save_arrays, setup_logging, timed, write_json
 from ddpm.samplers import StepRule
 from ddpm.speed import Speed, sampling_model
-from ddpm.train import load_model
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("schedule")
+    parser.add_argument("seed", type=int)
     parser.add_argument("sampler")
     parser.add_argument("eta", type=float)
     parser.add_argument("steps", type=int)
@@ -33,9 +36,9 @@ def main() -> None:
     log = setup_logging()
     p = load_params()
     if (args.sampler, args.eta) not in [(s.name, s.eta) for s in p.sample.samplers] or \
-            args.steps not in p.sample.steps or args.schedule not in p.diffusion.schedules:
-        raise ConfigError([f"sample item {args.schedule}/{args.sampler}(eta={args.eta:g})/{args.steps} is not in "
-                           "diffusion.schedules x sample.samplers x sample.steps"])
+            args.steps not in p.sample.steps or args.schedule not in p.diffusion.schedules or args.seed not in p.seeds:
+        raise ConfigError([f"sample item {args.schedule}/seed{args.seed}/{args.sampler}(eta={args.eta:g})/{args.steps} "
+                           "is not in diffusion.schedules x seeds x sample.samplers x sample.steps"])
     if p.sample.nproc_per_node > 1 and not dist.launched_by_torchrun():
         raise SystemExit(dist.relaunch("stages.sample", sys.argv[1:], p.sample.nproc_per_node))
     device = dist.init(resolve_device(p.device))
@@ -48,7 +51,7 @@ def main() -> None:
 def run(args: argparse.Namespace, p, device, log) -> None:
     """This rank's chunks of the sample set; rank 0 gathers them and writes the files."""
     rule = StepRule(args.sampler, args.eta)
-    model, process, ckpt = load_model(model_dir(args.schedule) / "model.pt", device=device)
+    model, process, ckpt = load_model(model_dir(args.schedule, args.seed) / "model.pt", device=device)
     shape = tuple(ckpt["image_shape"])
     s = p.sample
     speed = Speed.resolve(p.fast, device)
@@ -62,10 +65,10 @@ def run(args: argparse.Namespace, p, device, log) -> None:
                                             autocast_dtype=speed.autocast_dtype, progress=dist.is_main())
     if not dist.is_main():
         return
-    out = sample_path(args.schedule, args.sampler, args.eta, args.steps)
+    out = sample_path(args.schedule, args.seed, args.sampler, args.eta, args.steps)
     save_arrays(out, images=images.numpy())
     write_json(out.with_suffix(".json"), {
-        "schedule": args.schedule, "sampler": args.sampler, "eta": args.eta, "steps": args.steps,
+        "schedule": args.schedule, "seed": args.seed, "sampler": args.sampler, "eta": args.eta, "steps": args.steps,
         "n_samples": s.n_samples, "world_size": dist.world_size(), "seconds": t["seconds"],
         "image_steps_per_second": round(s.n_samples * args.steps / t["seconds"], 1) if t["seconds"] else None,
     })
