@@ -204,19 +204,20 @@ class Trainer:
         self.calculate_fid = calculate_fid
         self.num_fid_samples = min(num_fid_samples, len(self.data))
         self.run_key = run_key if run_key is not None else self._derive_run_key()
-        self._fid = None
-        if calculate_fid and dist.is_main():  # the FID is computed by rank 0 alone
-            from .fid import InceptionFeaturizer, extract_features, feature_statistics
-
-            # fails here, before any training, with the paths it looked in when the weights are missing
-            featurizer = InceptionFeaturizer(inception_weights)
-            device = diffusion_model.device
-            real = self.data.images[: self.num_fid_samples]
-            ref = feature_statistics(extract_features(featurizer, real, device=device))
-            self._fid = (featurizer, ref)
+        # the FID is computed by rank 0 alone
+        self._fid = self._fid_reference(inception_weights) if calculate_fid and dist.is_main() else None
         self.result = None
         self.fid_history: list[dict[str, float]] = []
         self.best_fid = math.inf
+
+    def _fid_reference(self, inception_weights: Optional[str | Path]) -> tuple[nn.Module, tuple]:
+        """(InceptionV3, statistics of the real images); fails here, before any training, with the paths
+        it looked in when the weights are missing."""
+        from .fid import InceptionFeaturizer, extract_features, feature_statistics
+
+        featurizer = InceptionFeaturizer(inception_weights)
+        real = self.data.images[: self.num_fid_samples]
+        return featurizer, feature_statistics(extract_features(featurizer, real, device=self.diffusion.device))
 
     def _derive_run_key(self) -> str:
         """A hash of what the checkpoint's weights mean: model, process, image shape, seed and the images."""
