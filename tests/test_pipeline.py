@@ -195,7 +195,12 @@ def test_sigkill_during_training_resumes_bit_for_bit(tmp_path):
     steps = {m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")}
     assert sorted(steps) == list(range(1, 501))  # steps logged after the last checkpoint may appear twice
     assert not ckpts.parent.exists()  # a finished run removes its checkpoints: the next run starts from scratch
-    run(["dvc", "repro", "--force", "train@linear"], path, env)
+    # issue 13 point 2: other params' checkpoints above this run's last step survive the run and its cleanup
+    ckpts.mkdir(parents=True)
+    for step in (600, 700):
+        torch.save({"format": "ddpm-checkpoint/1", "step": step, "run_key": "other-params"}, ckpts / f"ckpt-{step:08d}.pt")
+    run(["dvc", "repro", "--force", "train@linear-0"], path, env)
+    assert sorted(f.name for f in ckpts.iterdir()) == ["ckpt-00000600.pt", "ckpt-00000700.pt"]
     fresh = torch.load(model_dir / "model.pt", weights_only=True)
     assert json.loads((model_dir / "train.json").read_text())["resumed_from"] is None
     assert fresh["format"] == "ddpm-model/1" and not {"optimizer", "rng", "data_state", "model"} & set(fresh)
