@@ -7,6 +7,8 @@ Defaults follow the DDPM paper, not denoising-diffusion-pytorch: objective ``pre
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 from pathlib import Path
@@ -17,10 +19,10 @@ import torch.nn as nn
 
 from . import distributed as dist
 from .data import load_dataset, model_to_uint8, save_image_grid
+from .checkpoint import build_process, checkpoints_by_run, model_metadata
 from .diffusion import GaussianProcess
 from .samplers import StepRule, sample_images, sample_loop
-from .schedules import get_beta_schedule
-from .train import TrainSettings, list_checkpoints, model_metadata, train
+from .train import TrainSettings, train
 from .unet import Unet
 
 log = logging.getLogger(__name__)
@@ -67,8 +69,9 @@ class GaussianDiffusion(nn.Module):
             model.check_image_size(image_size)
         self.beta_schedule = beta_schedule
         self.zero_terminal_snr = zero_terminal_snr
-        betas = get_beta_schedule(beta_schedule, timesteps, zero_terminal_snr)
-        self.process = GaussianProcess(betas, objective, min_snr_gamma if min_snr_loss_weight else None)
+        self.process = build_process({"schedule": beta_schedule, "timesteps": timesteps, "objective": objective,
+                                      "zero_terminal_snr": zero_terminal_snr,
+                                      "min_snr_gamma": min_snr_gamma if min_snr_loss_weight else None})
         self.num_timesteps = timesteps
         self.sampling_timesteps = timesteps if sampling_timesteps is None else sampling_timesteps
         if not 1 <= self.sampling_timesteps <= timesteps:
@@ -130,6 +133,13 @@ class Trainer:
     (gloo on the CPU; NCCL on CUDA, each rank on ``cuda:LOCAL_RANK``) and only rank 0 writes checkpoints,
     sample grids and FID. As with accelerate, ``split_batches=True`` splits that batch over the processes;
     ``False`` gives each process ``train_batch_size`` images per micro-step.
+
+    Resume takes only checkpoints of the same run: ``run_key`` names it; when None it is derived from what
+    the weights mean (model class and config, diffusion process, image shape, ``seed`` and the images), so
+    a Trainer with another model, process, seed or data never continues from another's checkpoint and
+    never prunes it. Training hyper-parameters (steps, lr, EMA, amp) may change between sessions, as in
+    the seed, where a new Trainer continued with what it was given. ``save_best_and_latest_only`` is not
+    supported (the newest ``keep_checkpoints`` are kept): True raises a ValueError.
     """
 
     def __init__(
@@ -162,7 +172,11 @@ class Trainer:
         keep_checkpoints: int = 3,
         seed: int = 0,
         progress: bool = True,
+        run_key: Optional[str] = None,
     ) -> None:
+        if save_best_and_latest_only:
+            raise ValueError("save_best_and_latest_only=True is not supported: the Trainer keeps the newest "
+                             f"keep_checkpoints={keep_checkpoints} checkpoints; pass False (the default)")
         self.diffusion = diffusion_model
         self.folder = Path(folder)
         if convert_image_to not in (None, "L", "RGB"):
@@ -183,7 +197,7 @@ class Trainer:
         self.results_folder = Path(results_folder)
         self.results_folder.mkdir(parents=True, exist_ok=True)
         self.settings = TrainSettings(
-            steps=train_num_steps, batch_size=per_step, lr=train_lr,
+            steps=train_num_steps, batch_size=per_step, lr=train_lr, warmup_steps=0, weight_decay=0.0,
             grad_accum=gradient_accumulate_every, max_grad_norm=max_grad_norm, ema_decay=ema_decay,
             ema_warmup=ema_warmup, ema_every=ema_update_every, adam_betas=tuple(adam_betas),
             amp=bool(amp) and mixed_precision_type != "no", horizontal_flip=augment_horizontal_flip,
@@ -195,25 +209,32 @@ class Trainer:
         self.progress = progress
         self.calculate_fid = calculate_fid
         self.num_fid_samples = min(num_fid_samples, len(self.data))
-        self.save_best_and_latest_only = save_best_and_latest_only
-        self._fid = None
-        if calculate_fid and dist.is_main():  # the FID is computed by rank 0 alone
-            from .fid import InceptionFeaturizer, extract_features, feature_statistics
-
-            # fails here, before any training, with the paths it looked in when the weights are missing
-            featurizer = InceptionFeaturizer(inception_weights)
-            device = diffusion_model.device
-            real = self.data.images[: self.num_fid_samples]
-            ref = feature_statistics(extract_features(featurizer, real, device=device))
-            self._fid = (featurizer, ref)
+        self.run_key = run_key if run_key is not None else self._derive_run_key()
+        # the FID is computed by rank 0 alone
+        self._fid = self._fid_reference(inception_weights) if calculate_fid and dist.is_main() else None
         self.result = None
         self.fid_history: list[dict[str, float]] = []
         self.best_fid = math.inf
 
+    def _fid_reference(self, inception_weights: Optional[str | Path]) -> tuple[nn.Module, tuple]:
+        """(InceptionV3, statistics of the real images); fails here, before any training, with the paths
+        it looked in when the weights are missing."""
+        from .fid import InceptionFeaturizer, extract_features, feature_statistics
+
+        featurizer = InceptionFeaturizer(inception_weights)
+        real = self.data.images[: self.num_fid_samples]
+        return featurizer, feature_statistics(extract_features(featurizer, real, device=self.diffusion.device))
+
+    def _derive_run_key(self) -> str:
+        """A hash of what the checkpoint's weights mean: model, process, image shape, seed and the images."""
+        meta = {k: v for k, v in self.diffusion.metadata().items() if k != "params"}
+        what = json.dumps({"model": meta, "seed": self.seed}, sort_keys=True).encode()
+        return "trainer-" + hashlib.sha256(what + self.data.images.tobytes()).hexdigest()[:16]
+
     @property
     def step(self) -> int:
-        ckpts = list_checkpoints(self.results_folder)
-        return ckpts[0][0] if ckpts else 0
+        own, _ = checkpoints_by_run(self.results_folder, self.run_key)
+        return own[0][0] if own else 0
 
     def _on_eval(self, step: int, ema_model: nn.Module) -> dict[str, float]:
         d = self.diffusion
@@ -242,7 +263,7 @@ class Trainer:
         images = torch.from_numpy(self.data.images)
         self.result = train(
             d.model, d.process, images, self.settings, seed=self.seed, device=d.device,
-            checkpoint_dir=self.results_folder, metadata=d.metadata(), run_key=None,
+            checkpoint_dir=self.results_folder, metadata=d.metadata(), run_key=self.run_key,
             on_eval=self._on_eval, progress=self.progress,
         )
         self.fid_history = [r for r in self.result.extra.get("eval", []) if "fid" in r]

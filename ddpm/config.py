@@ -163,6 +163,7 @@ class TrackingConfig:
 @dataclass(frozen=True)
 class Params:
     seed: int = 0
+    seeds: tuple[int, ...] = (0,)  # training seeds: one model per schedule and seed (init, data order, noise)
     timesteps: int = 1000
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     fast: bool = True  # channels_last + torch.compile (+ bf16 autocast on CUDA): see ddpm/speed.py
@@ -289,6 +290,8 @@ def _check(p: Params, problems: list[str]) -> None:
 
     need(0 <= p.seed <= MAX_SEED, "seed", p.seed, f"an integer in [0, {MAX_SEED}]")
     need(p.timesteps >= 1, "timesteps", p.timesteps, "an integer >= 1")
+    need(len(p.seeds) >= 1 and len(set(p.seeds)) == len(p.seeds) and all(0 <= k <= MAX_SEED for k in p.seeds),
+         "seeds", list(p.seeds), f"a non-empty list of distinct integers in [0, {MAX_SEED}]")
     need(p.timesteps <= 100_000, "timesteps", p.timesteps, "an integer in [1, 100000]")
     need(DEVICE_RE.fullmatch(p.device) is not None, "device", p.device, "auto, cpu, cuda or cuda:N")
     d = p.data

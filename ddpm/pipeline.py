@@ -37,21 +37,24 @@ FID_CURVE_CSV = "fid_curve.csv"  # in model_dir(schedule, seed)
 TRAIN_JSON = "train.json"  # in model_dir(schedule, seed)
 
 
-def sample_path(schedule: str, name: str, eta: float, steps: int, seed: int | None = None) -> Path:
-    """samples/<schedule>[/seed<k>]/<name>-eta<eta>-<steps>.npz, spelt as dvc.yaml's matrix interpolates it.
-    Call it with keywords: struct-train's contract signature is (schedule, seed, name, eta, steps)."""
-    folder = SAMPLES / schedule if seed is None else SAMPLES / schedule / f"seed{int(seed)}"
-    return folder / f"{name}-eta{float(eta)!r}-{steps}.npz"
+def sample_path(schedule: str, seed: int, name: str, eta: float, steps: int) -> Path:
+    """samples/<schedule>/seed<k>/<name>-eta<eta>-<steps>.npz, spelt as dvc.yaml's matrix interpolates it."""
+    return SAMPLES / schedule / f"seed{int(seed)}" / f"{name}-eta{float(eta)!r}-{steps}.npz"
 
 
-def model_dir(schedule: str, seed: int | None = None) -> Path:
-    """models/<schedule>[/seed<k>] (contract: models/<schedule>/seed<k>/, owner struct-train)."""
-    return MODELS / schedule if seed is None else MODELS / schedule / f"seed{int(seed)}"
+def model_dir(schedule: str, seed: int) -> Path:
+    """models/<schedule>/seed<k>/: the model of one schedule and training seed."""
+    return MODELS / schedule / f"seed{int(seed)}"
 
 
-def train_run_id(schedule: str) -> str | None:
+def checkpoint_dir(schedule: str, seed: int) -> Path:
+    """checkpoints/<schedule>/seed<k>/: resume checkpoints (not a DVC output)."""
+    return CHECKPOINTS / schedule / f"seed{int(seed)}"
+
+
+def train_run_id(schedule: str, seed: int) -> str | None:
     """The MLflow run id of a schedule's training run (from its train.json), None when unknown."""
-    info = model_dir(schedule) / "train.json"
+    info = model_dir(schedule, seed) / "train.json"
     return read_json(info).get("mlflow_run_id") if info.is_file() else None
 
 

@@ -1,9 +1,12 @@
 """The training loop: AdamW, EMA, gradient accumulation and clipping, mixed precision, checkpoints, resume.
 
-``train()`` knows nothing of files other than its checkpoint folder, nor of MLflow: it reports through
-callbacks (``on_log`` with the per-step losses, ``on_eval`` with the EMA model). Every random draw
-comes from generators it owns and checkpoints (data order, timesteps and noise), plus torch's global
-RNG for dropout, which is seeded here and saved too, so a resumed run continues bit for bit on the CPU.
+:class:`TrainLoop` (in the spirit of improved-diffusion's ``TrainLoop``) holds the loop's state as
+attributes and does one job per method; :func:`train` runs it. It knows nothing of files other than its
+checkpoint folder, nor of MLflow: it reports through callbacks (``on_log`` with the per-step losses,
+``on_eval`` with the EMA model). Every random draw comes from generators it owns and checkpoints (data
+order, timesteps and noise), plus torch's global RNG for dropout, which is seeded here and saved too, so a
+resumed run continues bit for bit on the CPU. The file formats live in ``ddpm.checkpoint``; flat
+parameters, EMA, warm-up and AMP in ``ddpm.optim``.
 
 Under torchrun (``ddpm.distributed.init`` called first) the model trains in DistributedDataParallel:
 every rank draws the same global data order and takes its shard of each global batch of
@@ -12,12 +15,10 @@ its RNG states in rank 0's checkpoints; only rank 0 calls ``on_log``/``on_eval``
 """
 from __future__ import annotations
 
-import copy
 import logging
 import math
-import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -25,42 +26,36 @@ import torch
 import torch.nn as nn
 
 from . import distributed as dist
+from .checkpoint import (CHECKPOINT_FORMAT, checkpoint_path, checkpoints_by_run, latest_valid_checkpoint,  # noqa: F401
+                         list_checkpoints, load_checkpoint, load_model, model_metadata, move_aside, prune)
+from .config import TrainConfig
 from .diffusion import GaussianProcess
 from .io import atomic_torch_save
+from .optim import EMA, FlatParams, amp_settings, flat_optimizer_state, make_optimizer, warmup_lr  # noqa: F401
 from .speed import CompiledOrEager, compile_options, to_channels_last
 
 log = logging.getLogger(__name__)
-CHECKPOINT_FORMAT = "ddpm-checkpoint/1"
-_CKPT_RE = re.compile(r"^ckpt-(\d+)\.pt$")
 
 
 class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN or infinite loss."""
 
 
-@dataclass
-class TrainSettings:
-    """The knobs of :func:`train` (mirrors ``params.yaml``'s ``train`` section)."""
+@dataclass(frozen=True)
+class TrainSettings(TrainConfig):
+    """The knobs of :func:`train`: every field of ``params.yaml``'s ``train`` section (``config.TrainConfig``,
+    defined and defaulted once there), plus the loop's own switches that params.yaml does not carry.
+    The ``fid_*`` and ``nproc_per_node`` fields are the stage's; the loop reads ``eval_every`` instead."""
 
-    steps: int
-    batch_size: int = 128  # global batch per optimizer step
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    grad_accum: int = 1
-    max_grad_norm: Optional[float] = 1.0
-    ema_decay: float = 0.999
-    ema_warmup: int = 10
-    ema_every: int = 1
     adam_betas: tuple[float, float] = (0.9, 0.999)
-    amp: bool = False
-    horizontal_flip: bool = False
-    log_every: int = 50
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
     eval_every: int = 0  # calls on_eval every N steps (and at the end); 0: never
     channels_last: bool = False  # NHWC weights and activations (ddpm.speed)
     compile: bool = False        # torch.compile the loss (forward and backward), eager if that fails
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, **loop: Any) -> "TrainSettings":
+        """The settings of a ``train`` section: its fields as they are, ``eval_every`` = ``fid_every``."""
+        return cls(**{**asdict(config), "eval_every": config.fid_every, **loop})
 
 
 @dataclass
@@ -75,427 +70,308 @@ class TrainResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def amp_settings(device: torch.device, enabled: bool) -> tuple[Optional[torch.dtype], bool]:
-    """(autocast dtype, use GradScaler): bf16 where supported, else fp16 with a scaler on CUDA."""
-    if not enabled:
-        return None, False
-    if device.type == "cuda":
-        return (torch.bfloat16, False) if torch.cuda.is_bf16_supported() else (torch.float16, True)
-    return torch.bfloat16, False
+class LossLog:
+    """Per-step losses and per-quarter-of-t losses, kept on the device and read back once per log
+    interval (no sync per step)."""
 
+    def __init__(self, size: int, device: torch.device, num_timesteps: int) -> None:
+        self.loss = torch.zeros(size, device=device)
+        self.q_sum = torch.zeros(size, 4, device=device)
+        self.q_cnt = torch.zeros(size, 4, device=device)
+        self.T = num_timesteps
+        self.pending: list[int] = []
 
-class FlatParams:
-    """Trainable parameters, and their gradients, as views into one buffer each.
-
-    The optimizer, the gradient clipping and the EMA then run one kernel on one tensor instead of one
-    per parameter tensor (151 at dim 32): on a CPU, where ``foreach`` ops loop over tensors, that took
-    2.7 ms of a ~100 ms training step, against 0.9 ms flat (``benchmarks/peers.py`` measures the step).
-    The parameters keep their shapes, strides (channels_last too), names and values; ``param`` is what
-    the optimizer steps and ``param.grad`` is the flat gradient, which backward accumulates into in place.
-    """
-
-    def __init__(self, params: list[nn.Parameter], grads: bool = True) -> None:
-        self.params = params
-        first = params[0]
-        self.param = nn.Parameter(torch.empty(sum(p.numel() for p in params), dtype=first.dtype, device=first.device))
-        self._offsets = []
-        offset = 0
-        for p in params:
-            self._offsets.append(offset)
-            offset += p.numel()
-        with torch.no_grad():
-            for p, view in zip(params, self.views(self.param.data)):
-                view.copy_(p)
-                p.data = view
-        if grads:
-            self.param.grad = torch.zeros_like(self.param)
-            for p, view in zip(params, self.views(self.param.grad)):
-                p.grad = view
-
-    @staticmethod
-    def possible(params: list[nn.Parameter]) -> bool:
-        """One buffer needs one dtype and device, and parameters that each fill their storage densely."""
-        return bool(params) and all(
-            p.dtype == params[0].dtype and p.device == params[0].device
-            and (p.is_contiguous() or p.is_contiguous(memory_format=torch.channels_last)) for p in params)
-
-    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """``flat`` seen as one tensor per parameter, with that parameter's shape and strides."""
-        return [flat.as_strided(p.shape, p.stride(), flat.storage_offset() + o) for p, o in zip(self.params, self._offsets)]
-
-    def flatten(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """Per-parameter tensors (e.g. a per-tensor optimizer's moments) laid out as one flat tensor."""
-        flat = torch.empty_like(self.param.data)
-        for view, t in zip(self.views(flat), tensors):
-            view.copy_(t)
-        return flat
-
-    def zero_grad(self) -> None:
-        self.param.grad.zero_()
-
-
-def flat_optimizer_state(state: dict[str, Any], flat: FlatParams) -> dict[str, Any]:
-    """An optimizer state_dict saved per parameter tensor (before ``FlatParams``) for the flat optimizer."""
-    groups = state["param_groups"]
-    if len(groups) != 1 or len(groups[0]["params"]) != len(flat.params):
-        return state  # not the per-tensor layout of this model: load_state_dict says what does not match
-    per = [state["state"].get(i, {}) for i in groups[0]["params"]]
-    if not all(per):
-        return {**state, "state": {}, "param_groups": [{**groups[0], "params": [0]}]}
-    moments = {k: flat.flatten([s[k] for s in per]) for k, v in per[0].items() if torch.is_tensor(v) and v.ndim > 0}
-    scalars = {k: v for k, v in per[0].items() if k not in moments}
-    return {"state": {0: {**scalars, **moments}}, "param_groups": [{**groups[0], "params": [0]}]}
-
-
-class EMA:
-    """Exponential moving average of weights with warm-up: decay_t = min(decay, (1 + t) / (warmup + t)).
-
-    Given the model's :class:`FlatParams`, the average is kept flat too and updated in one ``lerp``.
-    """
-
-    def __init__(self, model: nn.Module, decay: float, warmup: int, flat: Optional[FlatParams] = None) -> None:
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay, self.warmup = decay, warmup
-        self._dst = [p for p in self.model.parameters()]
-        self._dst_buf = [b for b in self.model.buffers()]
-        self._src_flat, self._dst_flat = None, None
-        if flat is not None:
-            trainable = {id(p) for p in flat.params}
-            mine = [q for p, q in zip(model.parameters(), self.model.parameters()) if id(p) in trainable]
-            self._src_flat, self._dst_flat = flat.param.data, FlatParams(mine, grads=False).param.data
+    def start_step(self) -> None:
+        slot = len(self.pending)
+        self.loss[slot].zero_()
+        self.q_sum[slot].zero_()
+        self.q_cnt[slot].zero_()
 
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
-        d = min(self.decay, (1 + step) / (self.warmup + step))
-        if self._dst_flat is not None:
-            self._dst_flat.lerp_(self._src_flat, 1 - d)  # ema <- d ema + (1 - d) w
-        else:
-            src = [p.detach() for p in model.parameters()]
-            torch._foreach_lerp_(self._dst, src, 1 - d)
-        for b_dst, b_src in zip(self._dst_buf, model.buffers()):
-            b_dst.copy_(b_src)
+    def add(self, loss: torch.Tensor, per_sample: torch.Tensor, t: torch.Tensor) -> None:
+        slot = len(self.pending)
+        self.loss[slot] += loss.detach()
+        quarter = (t * 4) // self.T
+        self.q_sum[slot].index_add_(0, quarter, per_sample.detach().float())
+        self.q_cnt[slot].index_add_(0, quarter, torch.ones_like(per_sample, dtype=torch.float32))
+
+    def rows(self, world: int) -> list[dict[str, float]]:
+        """The pending steps' rows (step, loss, loss_q0..q3), averaged over ranks; clears them."""
+        k = len(self.pending)
+        if world > 1:  # the global batch's loss: the mean of the ranks' means; quarter sums and counts add up
+            dist.all_reduce_sum_(self.loss[:k], self.q_sum[:k], self.q_cnt[:k])
+            self.loss[:k] /= world
+        losses = self.loss[:k].tolist()
+        qs = (self.q_sum[:k] / self.q_cnt[:k]).tolist()  # NaN where a quarter got no sample
+        rows = [{"step": st, "loss": losses[j], **{f"loss_q{q}": qs[j][q] for q in range(4)}}
+                for j, st in enumerate(self.pending)]
+        self.pending = []
+        return rows
 
 
-# --- checkpoints ----------------------------------------------------------------------------------
-def checkpoint_path(folder: Path, step: int) -> Path:
-    return Path(folder) / f"ckpt-{step:08d}.pt"
+class TrainLoop:
+    """Train ``model`` to denoise ``images`` (uint8 [N, C, H, W]) under ``process``; see :func:`train`."""
 
+    def __init__(self, model: nn.Module, process: GaussianProcess, images: torch.Tensor, settings: TrainSettings,
+                 *, seed: int, device: torch.device | str = "cpu", checkpoint_dir: Optional[str | Path] = None,
+                 metadata: Optional[dict[str, Any]] = None, run_key: Optional[str] = None,
+                 on_log: Optional[Callable[[list[dict[str, float]]], None]] = None,
+                 on_eval: Optional[Callable[[int, nn.Module], Optional[dict[str, float]]]] = None,
+                 progress: bool = True) -> None:
+        self.s, self.device, self.seed = settings, torch.device(device), seed
+        self.rank, self.world, self.main = dist.rank(), dist.world_size(), dist.is_main()
+        self.micro = self._micro_batch(images)
+        self.process = process.to(self.device)
+        self._setup_model(model)
+        self.data, self.n = images.to(self.device), len(images)
+        self._setup_rngs()
+        self._setup_optimizer()
+        self.perm, self.pos, self.step = torch.randperm(self.n, generator=self.g_data), 0, 0
+        self.history: list[dict[str, float]] = []
+        self.extra: dict[str, Any] = {}
+        self.skipped_steps, self.resumed_from = 0, None
+        self.ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.metadata, self.run_key = metadata or {}, run_key
+        self.on_log, self.on_eval, self.progress = on_log, on_eval, progress
+        self.own: list[tuple[int, Path]] = []  # this run's checkpoints: the only ones it prunes
+        self.others: list[Path] = []  # other runs' checkpoints in the folder: left alone
+        self.last_good: Optional[Path] = None
+        if self.ckpt_dir is not None:
+            self.resume()
+        self.loss_fn = self._make_loss_fn()
+        self.losses = LossLog(settings.log_every, self.device, self.process.num_timesteps)
+        self.pbar = None
 
-def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
-    """Checkpoints in ``folder``, newest first."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CKPT_RE.match(p.name))]
-    return sorted(found, reverse=True)
+    # --- setup ------------------------------------------------------------------------------------------
+    def _micro_batch(self, images: torch.Tensor) -> int:
+        """This rank's share of a micro-batch; checks the images and the batch split."""
+        s = self.s
+        if images.dtype != torch.uint8 or images.ndim != 4 or len(images) == 0:
+            raise ValueError(f"images must be a non-empty uint8 tensor [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
+        if s.batch_size % (s.grad_accum * self.world):
+            raise ValueError(f"train.batch_size={s.batch_size} must be divisible by train.grad_accum={s.grad_accum}"
+                             + (f" x {self.world} processes (train.nproc_per_node x nodes)" if self.world > 1 else ""))
+        return s.batch_size // s.grad_accum // self.world
 
+    def _setup_model(self, model: nn.Module) -> None:
+        model = model.to(self.device)
+        self.model = to_channels_last(model) if self.s.channels_last else model
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.flat = FlatParams(trainable) if FlatParams.possible(trainable) else None  # after the layout change
+        self.stepped = [self.flat.param] if self.flat is not None else list(self.model.parameters())
+        self.net = dist.wrap(self.model, self.device)  # DDP (weights broadcast from rank 0) when several processes
 
-def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load and sanity-check a checkpoint; raise ValueError naming the file if it is truncated or foreign."""
-    path = Path(path)
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except FileNotFoundError:
-        raise
-    except Exception as err:  # truncated zip, bad pickle, ...
-        raise ValueError(f"checkpoint {str(path)!r} is corrupt or truncated: {type(err).__name__}: {err}") from err
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"checkpoint {str(path)!r} is not a {CHECKPOINT_FORMAT} file")
-    return ckpt
+    def _setup_rngs(self) -> None:
+        """Data order (CPU), timesteps + noise (device); dropout uses torch's global RNG."""
+        self.g_data = torch.Generator().manual_seed(self.seed)
+        self.g_noise = torch.Generator(device=self.device).manual_seed(dist.rank_seed(self.seed, 1))
+        torch.manual_seed(dist.rank_seed(self.seed, 2))
 
+    def _setup_optimizer(self) -> None:
+        s = self.s
+        self.amp_dtype, self.use_scaler = amp_settings(self.device, s.amp)
+        self.opt = make_optimizer(self.stepped, s.lr, s.adam_betas, s.weight_decay)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.use_scaler)
+        self.ema = EMA(self.model, s.ema_decay, s.ema_warmup, self.flat)
 
-def latest_valid_checkpoint(folder: Path, run_key: Optional[str] = None) -> Optional[dict[str, Any]]:
-    """The newest checkpoint that loads (and matches ``run_key`` when given); corrupt ones are reported and skipped."""
-    for step, path in list_checkpoints(folder):
-        try:
-            ckpt = load_checkpoint(path)
-        except ValueError as err:
-            log.warning("%s; falling back to the previous checkpoint", err)
-            continue
-        if run_key is not None and ckpt.get("run_key") != run_key:
-            log.warning("checkpoint %s was made with other parameters; not resuming from it", path)
-            continue
-        ckpt["_path"] = str(path)
-        return ckpt
-    return None
+    def _make_loss_fn(self) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+        def loss_fn(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                return self.process.losses(self.net, x0, t, noise)
 
+        if self.s.compile:
+            return CompiledOrEager(loss_fn, "the training loss", **compile_options(self.device))
+        return loss_fn
 
-def _prune(folder: Path, keep: int) -> None:
-    for _, path in list_checkpoints(folder)[keep:]:
-        path.unlink(missing_ok=True)
+    # --- checkpoints --------------------------------------------------------------------------------------
+    def resume(self) -> None:
+        """Continue from the newest valid checkpoint of this run (same ``run_key``), if any."""
+        self.own, self.others = checkpoints_by_run(self.ckpt_dir, self.run_key)
+        if self.others and self.main:
+            log.info("%d checkpoint(s) in %s belong to other parameters; left alone: %s", len(self.others),
+                     self.ckpt_dir, ", ".join(p.name for p in self.others))
+        ckpt = latest_valid_checkpoint(self.ckpt_dir, self.run_key)
+        if ckpt is None:
+            return
+        self.model.load_state_dict(ckpt["model"])
+        self.ema.model.load_state_dict(ckpt["ema"])
+        opt_state = ckpt["optimizer"]
+        self.opt.load_state_dict(flat_optimizer_state(opt_state, self.flat) if self.flat is not None else opt_state)
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self._restore_rngs(ckpt)
+        self.perm, self.pos, self.step = ckpt["data_state"]["perm"], ckpt["data_state"]["pos"], ckpt["step"]
+        self.history, self.extra = list(ckpt.get("history", [])), dict(ckpt.get("extra", {}))
+        self.skipped_steps = ckpt.get("skipped_steps", 0)
+        self.resumed_from = self.step
+        log.info("resuming from %s (step %d)", ckpt["_path"], self.step)
 
+    def _restore_rngs(self, ckpt: dict[str, Any]) -> None:
+        self.g_data.set_state(ckpt["rng"]["data"])  # the same on every rank
+        mine = dist.rank_rng_state(ckpt)
+        if mine is None:  # written by another number of processes: reseed from (seed, step, rank)
+            log.warning("checkpoint %s was written by another number of processes; noise and dropout RNGs "
+                        "reseeded from (seed, step, rank)", ckpt["_path"])
+            self.g_noise.manual_seed(dist.rank_seed(self.seed, 1, ckpt["step"]))
+            torch.manual_seed(dist.rank_seed(self.seed, 2, ckpt["step"]))
+            return
+        self.g_noise.set_state(mine["noise"])
+        torch.set_rng_state(mine["torch"])
+        if self.device.type == "cuda" and mine.get("cuda") is not None:
+            torch.cuda.set_rng_state(mine["cuda"], self.device)
 
-# --- the loop ---------------------------------------------------------------------------------------
-def train(
-    model: nn.Module,
-    process: GaussianProcess,
-    images: torch.Tensor,
-    settings: TrainSettings,
-    *,
-    seed: int,
-    device: torch.device | str = "cpu",
-    checkpoint_dir: Optional[str | Path] = None,
-    metadata: Optional[dict[str, Any]] = None,
-    run_key: Optional[str] = None,
-    on_log: Optional[Callable[[list[dict[str, float]]], None]] = None,
-    on_eval: Optional[Callable[[int, nn.Module], Optional[dict[str, float]]]] = None,
-    progress: bool = True,
-) -> TrainResult:
-    """Train ``model`` to denoise ``images`` (uint8 [N, C, H, W]) under ``process``.
+    def _rng_state(self) -> dict[str, Any]:
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return {"noise": self.g_noise.get_state().cpu(), "torch": torch.get_rng_state(), "cuda": cuda}
 
-    ``metadata`` (model config, diffusion config, full params...) is stored in every checkpoint so a
-    model can be rebuilt from a checkpoint alone. With ``checkpoint_dir``, training resumes from the
-    newest valid checkpoint whose ``run_key`` matches.
-    """
-    from .data import uint8_to_model
-
-    s = settings
-    device = torch.device(device)
-    if images.dtype != torch.uint8 or images.ndim != 4 or len(images) == 0:
-        raise ValueError(f"images must be a non-empty uint8 tensor [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
-    rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
-    if s.batch_size % (s.grad_accum * world):
-        raise ValueError(f"train.batch_size={s.batch_size} must be divisible by train.grad_accum={s.grad_accum}"
-                         + (f" x {world} processes (train.nproc_per_node x nodes)" if world > 1 else ""))
-    micro = s.batch_size // s.grad_accum // world  # this rank's share of a micro-batch
-    process = process.to(device)
-    model = model.to(device)
-    if s.channels_last:
-        model = to_channels_last(model)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    flat = FlatParams(trainable) if FlatParams.possible(trainable) else None  # after the layout change
-    stepped = [flat.param] if flat is not None else list(model.parameters())  # what AdamW and clipping see
-    net = dist.wrap(model, device)  # DDP (weights broadcast from rank 0) when several processes; else model
-    data = images.to(device)
-    n = len(data)
-
-    # generators: data order (CPU), timesteps + noise (device); dropout uses torch's global RNG
-    g_data = torch.Generator().manual_seed(seed)
-    g_noise = torch.Generator(device=device).manual_seed(dist.rank_seed(seed, 1))  # seed + 1 on rank 0
-    torch.manual_seed(dist.rank_seed(seed, 2))
-
-    amp_dtype, use_scaler = amp_settings(device, s.amp)
-    # fused: one kernel for every parameter (CPU and CUDA) instead of about ten per parameter tensor
-    opt = torch.optim.AdamW(stepped, lr=s.lr, betas=tuple(s.adam_betas), weight_decay=s.weight_decay, fused=True)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    ema = EMA(model, s.ema_decay, s.ema_warmup, flat)
-    perm, pos, step, history, resumed_from, extra = torch.randperm(n, generator=g_data), 0, 0, [], None, {}
-    skipped_steps = 0
-
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else None
-    if ckpt_dir is not None:
-        ckpt = latest_valid_checkpoint(ckpt_dir, run_key)
-        if ckpt is not None:
-            model.load_state_dict(ckpt["model"])
-            ema.model.load_state_dict(ckpt["ema"])
-            opt.load_state_dict(flat_optimizer_state(ckpt["optimizer"], flat) if flat is not None else ckpt["optimizer"])
-            scaler.load_state_dict(ckpt["scaler"])
-            g_data.set_state(ckpt["rng"]["data"])  # the same on every rank
-            mine = dist.rank_rng_state(ckpt)
-            if mine is None:  # written by another number of processes: reseed from (seed, step, rank)
-                log.warning("checkpoint %s was written by another number of processes; noise and dropout RNGs "
-                            "reseeded from (seed, step, rank)", ckpt["_path"])
-                g_noise.manual_seed(dist.rank_seed(seed, 1, ckpt["step"]))
-                torch.manual_seed(dist.rank_seed(seed, 2, ckpt["step"]))
-            else:
-                g_noise.set_state(mine["noise"])
-                torch.set_rng_state(mine["torch"])
-                if device.type == "cuda" and mine.get("cuda") is not None:
-                    torch.cuda.set_rng_state(mine["cuda"], device)
-            perm, pos, step = ckpt["data_state"]["perm"], ckpt["data_state"]["pos"], ckpt["step"]
-            history, extra = list(ckpt.get("history", [])), dict(ckpt.get("extra", {}))
-            skipped_steps = ckpt.get("skipped_steps", 0)
-            resumed_from = step
-            log.info("resuming from %s (step %d)", ckpt["_path"], step)
-
-    def save(final: bool = False) -> Optional[Path]:
-        if ckpt_dir is None:
-            return None
-        rng = {"noise": g_noise.get_state().cpu(), "torch": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-        per_rank = dist.all_gather_object(rng) if world > 1 else None  # a collective: every rank calls save()
-        path = checkpoint_path(ckpt_dir, step)
-        if not main:
-            return path
-        state = {
-            "format": CHECKPOINT_FORMAT,
-            "step": step,
-            "run_key": run_key,
-            "model": model.state_dict(),
-            "ema": ema.model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scaler": scaler.state_dict(),
-            "rng": {"data": g_data.get_state(), **rng},
+    def _state(self, rng: dict[str, Any], per_rank: Optional[list[dict[str, Any]]]) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT, "step": self.step, "run_key": self.run_key,
+            "model": self.model.state_dict(), "ema": self.ema.model.state_dict(),
+            "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
+            "rng": {"data": self.g_data.get_state(), **rng},
             **({"rng_per_rank": per_rank} if per_rank else {}),
-            "data_state": {"perm": perm, "pos": pos},
-            "history": history,
-            "extra": extra,
-            "skipped_steps": skipped_steps,
-            **(metadata or {}),
+            "data_state": {"perm": self.perm, "pos": self.pos},
+            "history": self.history, "extra": self.extra, "skipped_steps": self.skipped_steps,
+            **self.metadata,
         }
-        atomic_torch_save(state, path)
-        _prune(ckpt_dir, s.keep_checkpoints)
+
+    def save(self) -> Optional[Path]:
+        """Write this step's checkpoint (rank 0; a collective: every rank calls it) and prune this run's."""
+        if self.ckpt_dir is None:
+            return None
+        rng = self._rng_state()
+        per_rank = dist.all_gather_object(rng) if self.world > 1 else None
+        path = checkpoint_path(self.ckpt_dir, self.step)
+        if self.main:
+            if path in self.others:  # never overwrite another run's checkpoint
+                self.others[self.others.index(path)] = move_aside(path)
+            atomic_torch_save(self._state(rng, per_rank), path)
+            self.own = prune(self.own + [(self.step, path)], self.s.keep_checkpoints)
         return path
 
-    def next_batch() -> torch.Tensor:
-        nonlocal perm, pos
-        idx = []
-        need = micro * world  # the global micro-batch, the same on every rank (g_data is not offset by rank)
+    # --- one step -----------------------------------------------------------------------------------------
+    def next_batch(self) -> torch.Tensor:
+        """This rank's shard of the next global micro-batch, in [-1, 1] (flipped where asked)."""
+        from .data import uint8_to_model
+
+        idx, need = [], self.micro * self.world  # the same on every rank (g_data is not offset by rank)
         while need:
-            if pos >= n:
-                perm, pos = torch.randperm(n, generator=g_data), 0
-            take = perm[pos:pos + need]
+            if self.pos >= self.n:
+                self.perm, self.pos = torch.randperm(self.n, generator=self.g_data), 0
+            take = self.perm[self.pos:self.pos + need]
             idx.append(take)
-            pos += len(take)
+            self.pos += len(take)
             need -= len(take)
-        shard = slice(rank * micro, (rank + 1) * micro)  # this rank's part of it
-        x = uint8_to_model(data[torch.cat(idx)[shard].to(device)])
-        if s.horizontal_flip:
-            flip = (torch.rand(micro * world, generator=g_data) < 0.5)[shard]
-            x = torch.where(flip.to(device).view(-1, 1, 1, 1), x.flip(-1), x)
-        return x.contiguous(memory_format=torch.channels_last) if s.channels_last else x
+        shard = slice(self.rank * self.micro, (self.rank + 1) * self.micro)
+        x = uint8_to_model(self.data[torch.cat(idx)[shard].to(self.device)])
+        if self.s.horizontal_flip:
+            flip = (torch.rand(self.micro * self.world, generator=self.g_data) < 0.5)[shard]
+            x = torch.where(flip.to(self.device).view(-1, 1, 1, 1), x.flip(-1), x)
+        return x.contiguous(memory_format=torch.channels_last) if self.s.channels_last else x
 
-    def loss_fn(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            return process.losses(net, x0, t, noise)
+    def backward_micro_batch(self) -> None:
+        """Loss (Ho et al. eq. 14, or the objective's) of one micro-batch, backpropagated into the gradients."""
+        x0 = self.next_batch()
+        t = self.process.sample_timesteps(len(x0), self.g_noise, self.device)
+        noise = torch.randn(x0.shape, generator=self.g_noise, device=self.device)
+        per_sample = self.loss_fn(x0, t, noise)
+        loss = per_sample.mean() / self.s.grad_accum
+        self.scaler.scale(loss).backward()
+        self.losses.add(loss, per_sample, t)
 
-    if s.compile:
-        loss_fn = CompiledOrEager(loss_fn, "the training loss", **compile_options(device))
+    def optimizer_step(self) -> None:
+        """Clip, step (counting steps the grad scaler skips) and zero the gradients."""
+        if self.s.max_grad_norm is not None:
+            self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_(self.stepped, self.s.max_grad_norm, foreach=True)
+        if self.use_scaler:
+            scale_before = self.scaler.get_scale()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            if self.scaler.get_scale() < scale_before:  # the scaler skipped this step (inf/NaN gradients)
+                self.skipped_steps += 1
+        else:
+            self.opt.step()
+        if self.flat is not None:
+            self.flat.zero_grad()
+        else:
+            self.opt.zero_grad(set_to_none=True)
 
-    def lr_at(k: int) -> float:
-        return s.lr * min(1.0, (k + 1) / s.warmup_steps) if s.warmup_steps else s.lr
+    def train_step(self) -> None:
+        for group in self.opt.param_groups:
+            group["lr"] = warmup_lr(self.s.lr, self.step, self.s.warmup_steps)
+        self.losses.start_step()
+        for _ in range(self.s.grad_accum):
+            self.backward_micro_batch()
+        self.optimizer_step()
+        self.step += 1
+        if self.step % self.s.ema_every == 0:
+            self.ema.update(self.model, self.step)
+        self.losses.pending.append(self.step)
+        if self.pbar is not None:
+            self.pbar.update(1)
 
-    T = process.num_timesteps
-    # per-step loss buffers on the device: read back once per log interval (no sync per step)
-    loss_buf = torch.zeros(s.log_every, device=device)
-    q_sum = torch.zeros(s.log_every, 4, device=device)
-    q_cnt = torch.zeros(s.log_every, 4, device=device)
-    pending: list[int] = []
-    pbar = None
-    if progress and main:
-        from tqdm.auto import tqdm
-
-        pbar = tqdm(total=s.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
-    last_good = None
-    t0, start_step = time.perf_counter(), step
-    model.train()
-
-    def flush() -> None:
-        nonlocal pending
-        if not pending:
+    # --- after a step: log, evaluate, checkpoint ----------------------------------------------------------
+    def flush(self) -> None:
+        """Read the pending losses back, check they are finite, append them to the history, report them."""
+        if not self.losses.pending:
             return
-        k = len(pending)
-        if world > 1:  # the global batch's loss: the mean of the ranks' means; quarter sums and counts add up
-            dist.all_reduce_sum_(loss_buf[:k], q_sum[:k], q_cnt[:k])
-            loss_buf[:k] /= world
-        losses = loss_buf[:k].tolist()
-        qs = (q_sum[:k] / q_cnt[:k]).tolist()  # NaN where a quarter got no sample
-        rows = []
-        for j, st in enumerate(pending):
-            row = {"step": st, "loss": losses[j], **{f"loss_q{q}": qs[j][q] for q in range(4)}}
-            rows.append(row)
-            if not math.isfinite(losses[j]) and not use_scaler:
+        rows = self.losses.rows(self.world)
+        for row in rows:
+            if not math.isfinite(row["loss"]) and not self.use_scaler:
+                quarters = ", ".join(f"q{q}={row[f'loss_q{q}']:.4g}" for q in range(4))
+                good = str(self.last_good) if self.last_good else "none (no checkpoint written yet)"
                 raise NonFiniteLossError(
-                    f"non-finite loss {losses[j]} at step {st} (per-quarter-of-t losses: "
-                    f"{', '.join(f'q{q}={qs[j][q]:.4g}' for q in range(4))}); the last good checkpoint is "
-                    f"{str(last_good) if last_good else 'none (no checkpoint written yet)'} and is left intact"
-                )
-        history.extend(rows)
-        if on_log is not None and main:
-            on_log(rows)
-        if pbar is not None:
-            pbar.set_postfix(loss=f"{sum(losses) / k:.4f}")
-        pending = []
+                    f"non-finite loss {row['loss']} at step {row['step']} (per-quarter-of-t losses: {quarters}); "
+                    f"the last good checkpoint is {good} and is left intact")
+        self.history.extend(rows)
+        if self.on_log is not None and self.main:
+            self.on_log(rows)
+        if self.pbar is not None:
+            self.pbar.set_postfix(loss=f"{sum(r['loss'] for r in rows) / len(rows):.4f}")
 
-    while step < s.steps:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step)
-        slot = len(pending)
-        q_sum[slot].zero_()
-        q_cnt[slot].zero_()
-        loss_buf[slot].zero_()
-        for _ in range(s.grad_accum):
-            x0 = next_batch()
-            t = process.sample_timesteps(len(x0), g_noise, device)
-            noise = torch.randn(x0.shape, generator=g_noise, device=device)
-            per_sample = loss_fn(x0, t, noise)
-            loss = per_sample.mean() / s.grad_accum
-            scaler.scale(loss).backward()
-            with torch.no_grad():
-                loss_buf[slot] += loss.detach()
-                quarter = (t * 4) // T
-                q_sum[slot].index_add_(0, quarter, per_sample.detach().float())
-                q_cnt[slot].index_add_(0, quarter, torch.ones_like(per_sample, dtype=torch.float32))
-        if s.max_grad_norm is not None:
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(stepped, s.max_grad_norm, foreach=True)
-        if use_scaler:
-            scale_before = scaler.get_scale()
-            scaler.step(opt)
-            scaler.update()
-            if scaler.get_scale() < scale_before:  # the scaler skipped this step (inf/NaN gradients)
-                skipped_steps += 1
-        else:
-            opt.step()
-        if flat is not None:
-            flat.zero_grad()
-        else:
-            opt.zero_grad(set_to_none=True)
-        step += 1
-        if step % s.ema_every == 0:
-            ema.update(model, step)
-        pending.append(step)
-        if pbar is not None:
-            pbar.update(1)
-        if len(pending) == s.log_every or step == s.steps or step % s.checkpoint_every == 0:
-            flush()  # also the finite-loss check before any checkpoint is written
-        if s.eval_every and (step % s.eval_every == 0 or step == s.steps):
-            row = on_eval(step, ema.model) if on_eval is not None and main else None
-            dist.barrier()  # the other ranks wait for rank 0's evaluation
-            if row:
-                extra.setdefault("eval", []).append({"step": step, **row})
-        if step % s.checkpoint_every == 0 or step == s.steps:
-            last_good = save()
-    flush()
-    if pbar is not None:
-        pbar.close()
-    seconds = time.perf_counter() - t0
-    done = step - start_step
-    extra["skipped_steps"] = skipped_steps
-    return TrainResult(model, ema.model, step, history, resumed_from, seconds,
-                       done * s.batch_size / seconds if seconds > 0 and done else 0.0, extra)
+    def evaluate(self) -> None:
+        row = self.on_eval(self.step, self.ema.model) if self.on_eval is not None and self.main else None
+        dist.barrier()  # the other ranks wait for rank 0's evaluation
+        if row:
+            self.extra.setdefault("eval", []).append({"step": self.step, **row})
+
+    def after_step(self) -> None:
+        s, step, last = self.s, self.step, self.step == self.s.steps
+        if len(self.losses.pending) == s.log_every or last or step % s.checkpoint_every == 0:
+            self.flush()  # also the finite-loss check before any checkpoint is written
+        if s.eval_every and (step % s.eval_every == 0 or last):
+            self.evaluate()
+        if step % s.checkpoint_every == 0 or last:
+            self.last_good = self.save()
+
+    # --- the loop -----------------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        if self.progress and self.main:
+            from tqdm.auto import tqdm
+
+            self.pbar = tqdm(total=self.s.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        t0, start = time.perf_counter(), self.step
+        self.model.train()
+        while self.step < self.s.steps:
+            self.train_step()
+            self.after_step()
+        self.flush()
+        if self.pbar is not None:
+            self.pbar.close()
+        seconds, done = time.perf_counter() - t0, self.step - start
+        self.extra["skipped_steps"] = self.skipped_steps
+        return TrainResult(self.model, self.ema.model, self.step, self.history, self.resumed_from, seconds,
+                           done * self.s.batch_size / seconds if seconds > 0 and done else 0.0, self.extra)
 
 
-def model_metadata(model: nn.Module, process: GaussianProcess, schedule: str, image_shape: tuple[int, ...],
-                   clip_denoised: bool = True, zero_terminal_snr: bool = False,
-                   params: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """What a checkpoint needs to rebuild the model and its process with no other input."""
-    config = getattr(model, "config", None)
-    if config is None:
-        raise ValueError(f"{type(model).__name__} has no `config` dict; a checkpoint could not rebuild it")
-    return {
-        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
-        "model_config": config,
-        "diffusion": {"schedule": schedule, "timesteps": process.num_timesteps, "objective": process.objective,
-                      "zero_terminal_snr": zero_terminal_snr, "min_snr_gamma": process.min_snr_gamma,
-                      "clip_denoised": clip_denoised},
-        "image_shape": list(image_shape),
-        "params": params or {},
-    }
+def train(model: nn.Module, process: GaussianProcess, images: torch.Tensor, settings: TrainSettings, **kwargs: Any
+          ) -> TrainResult:
+    """Train ``model`` to denoise ``images`` (uint8 [N, C, H, W]) under ``process``.
 
-
-def load_model(path: str | Path, device: torch.device | str = "cpu", use_ema: bool = True):
-    """Rebuild (model, process, checkpoint) from a self-describing checkpoint alone."""
-    import importlib
-
-    from .schedules import get_beta_schedule
-
-    ckpt = load_checkpoint(path)
-    module, _, name = ckpt["model_class"].rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
-    model = cls(**ckpt["model_config"])
-    model.load_state_dict(ckpt["ema" if use_ema else "model"])
-    d = ckpt["diffusion"]
-    betas = get_beta_schedule(d["schedule"], d["timesteps"], d["zero_terminal_snr"])
-    process = GaussianProcess(betas, d["objective"], d["min_snr_gamma"], device)
-    return model.to(device).eval(), process, ckpt
+    Keywords: ``seed`` (required), ``device``, ``checkpoint_dir``, ``metadata`` (model config, diffusion
+    config, full params... stored in every checkpoint so a model can be rebuilt from one alone),
+    ``run_key`` (with ``checkpoint_dir``, training resumes from the newest valid checkpoint with the same
+    key and prunes only checkpoints with that key), ``on_log``, ``on_eval``, ``progress``.
+    """
+    return TrainLoop(model, process, images, settings, **kwargs).run()

@@ -32,17 +32,17 @@ def main() -> None:
     with timed() as t:
         floor = frechet_distance(*feature_statistics(held[:n]), ref["mu"], ref["sigma"])
         rows, keys = [], []
-        for schedule in p.diffusion.schedules:
+        for schedule, seed in ((sc, k) for sc in p.diffusion.schedules for k in p.seeds):
             for s in p.sample.samplers:
                 for steps in [s.steps]:
-                    images = load_arrays(sample_path(schedule, s.name, s.eta, steps))["images"]
+                    images = load_arrays(sample_path(schedule, seed, s.name, s.eta, steps))["images"]
                     if len(images) != n:
-                        raise SystemExit(f"{sample_path(schedule, s.name, s.eta, steps)} has {len(images)} images, "
+                        raise SystemExit(f"{sample_path(schedule, seed, s.name, s.eta, steps)} has {len(images)} images, "
                                          f"expected sample.n_samples={n}")
                     feats = extract_features(featurizer, images, device=device)
                     fid = frechet_distance(*feature_statistics(feats), ref["mu"], ref["sigma"])
                     rows.append([schedule, s.name, s.eta, steps, fid, n, features, p.sample.spacing])
-                    keys.append(sample_key(images))
+                    keys.append((sample_key(images), seed))
                     log.info("fid %s %s x%d: %.3f (floor %.3f)", schedule, sampler_label(s.name, s.eta), steps, fid,
                              floor)
     table = pd.DataFrame(rows, columns=COLUMNS)
@@ -53,8 +53,8 @@ def main() -> None:
 
     tracker = Tracker(enabled=p.tracking.enabled, experiment=p.tracking.experiment,
                       pending_path=pending_file("fid"))
-    for row, key in zip(table.itertuples(index=False), keys):
-        parent = train_run_id(row.schedule)
+    for row, (key, seed) in zip(table.itertuples(index=False), keys):
+        parent = train_run_id(row.schedule, seed)
         # a sample set already logged under this parent (same images) needs no new run
         if parent and tracker.find_runs(f"tags.sample_key = '{key}' and tags.mlflow.parentRunId = '{parent}'"):
             continue

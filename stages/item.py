@@ -24,13 +24,14 @@ from ddpm.config import ConfigError, Params, load_params
 
 # stage -> its grid, [(matrix key, values)] in dvc.yaml's order
 GRIDS: dict[str, Callable[[Params], list[tuple[str, tuple]]]] = {
-    "train": lambda p: [("schedule", p.diffusion.schedules)],
-    "sample": lambda p: [("schedule", p.diffusion.schedules), ("sampler", tuple(s.key for s in p.sample.samplers))],
+    "train": lambda p: [("schedule", p.diffusion.schedules), ("seed", p.seeds)],
+    "sample": lambda p: [("schedule", p.diffusion.schedules), ("seed", p.seeds),
+                         ("sampler", tuple(s.key for s in p.sample.samplers))],
 }
 # stage -> its module's command-line arguments for one item
 ARGS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
-    "train": lambda it: [it["schedule"]],
-    "sample": lambda it: [it["schedule"], it["sampler"]],
+    "train": lambda it: [it["schedule"], str(it["seed"])],
+    "sample": lambda it: [it["schedule"], str(it["seed"]), it["sampler"]],
 }
 
 

@@ -9,7 +9,7 @@ import pandas as pd
 
 from ddpm.config import load_params
 from ddpm.io import atomic_path, atomic_write_json
-from ddpm.pipeline import FID_CSV, REPORT_METRICS, REPORTS, TRAIN_JSON, model_dir, read_json, sample_key, setup_logging
+from ddpm.pipeline import FID_CSV, REPORT_METRICS, REPORTS, sample_key, setup_logging, train_run_id
 from ddpm.report import build_report, summary_metrics
 from ddpm.results import Results, load_results
 from ddpm.tracking import Tracker, pending_file
@@ -34,12 +34,6 @@ def write_plot_data(r: Results) -> None:
     for name, df in tables.items():
         with atomic_path(REPORTS / "plots" / name) as tmp:
             df.to_csv(tmp, index=False, float_format="%.6g")
-
-
-def train_run_id(schedule: str, seed: int) -> str | None:
-    """The MLflow run id of a model's training run (from its train.json), None when unknown."""
-    info = model_dir(schedule=schedule, seed=seed) / TRAIN_JSON
-    return read_json(info).get("mlflow_run_id") if info.is_file() else None
 
 
 def log_to_mlflow(p, r: Results, out: dict, metrics: dict) -> None:

@@ -1,7 +1,10 @@
 """sample: one fixed-size sample set from a schedule's EMA model with one sampler and step count.
 
-`python -m stages.sample <schedule> <sample set>` (one DVC matrix item; the set as params.yaml spells it,
-e.g. `dpmpp_2m-eta0.0-10`) writes samples/<schedule>/<sample set>.npz (uint8 images) and a .json beside it.
+`python -m stages.sample <schedule> <seed> <sample set>` (one DVC matrix item, run through `stages.item`; the
+set as params.yaml spells it, e.g. `dpmpp_2m-eta0.0-10`) reads the exported model
+models/<schedule>/seed<seed>/model.pt and writes samples/<schedule>/seed<seed>/<sample set>.npz (uint8 images)
+and a .json beside it. The sampler noise comes from the top-level `seed`, not the training seed: every
+training seed's model is sampled with the same noise (common random numbers).
 
 With `sample.nproc_per_node: N` (> 1) it re-executes itself under
 `python -m torch.distributed.run --standalone --nproc_per_node N -m stages.sample ...`: chunk k of
@@ -15,24 +18,26 @@ import argparse
 import sys
 
 from ddpm import distributed as dist
+from ddpm.checkpoint import load_model
 from ddpm.config import ConfigError, load_params, resolve_device
 from ddpm.data import model_to_uint8
 from ddpm.pipeline import model_dir, sample_path, save_arrays, setup_logging, timed, write_json
 from ddpm.samplers import StepRule
 from ddpm.speed import Speed, sampling_model
-from ddpm.train import load_model
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("schedule")
+    parser.add_argument("seed", type=int)
     parser.add_argument("set")
     args = parser.parse_args()
     log = setup_logging()
     p = load_params()
     sets = {s.key: s for s in p.sample.samplers}
-    if args.set not in sets or args.schedule not in p.diffusion.schedules:
-        raise ConfigError([f"sample item {args.schedule} {args.set} is not in diffusion.schedules x sample.samplers"])
+    if args.set not in sets or args.schedule not in p.diffusion.schedules or args.seed not in p.seeds:
+        raise ConfigError([f"sample item {args.schedule} {args.seed} {args.set} is not in "
+                           "diffusion.schedules x seeds x sample.samplers"])
     args.sampler, args.eta, args.steps = sets[args.set].name, sets[args.set].eta, sets[args.set].steps
     if p.sample.nproc_per_node > 1 and not dist.launched_by_torchrun():
         raise SystemExit(dist.relaunch("stages.sample", sys.argv[1:], p.sample.nproc_per_node))
@@ -46,7 +51,7 @@ def main() -> None:
 def run(args: argparse.Namespace, p, device, log) -> None:
     """This rank's chunks of the sample set; rank 0 gathers them and writes the files."""
     rule = StepRule(args.sampler, args.eta, p.sample.spacing)
-    model, process, ckpt = load_model(model_dir(args.schedule) / "model.pt", device=device)
+    model, process, ckpt = load_model(model_dir(args.schedule, args.seed) / "model.pt", device=device)
     shape = tuple(ckpt["image_shape"])
     s = p.sample
     speed = Speed.resolve(p.fast, device)
@@ -60,12 +65,11 @@ def run(args: argparse.Namespace, p, device, log) -> None:
                                             autocast_dtype=speed.autocast_dtype, progress=dist.is_main())
     if not dist.is_main():
         return
-    out = sample_path(args.schedule, args.sampler, args.eta, args.steps)
+    out = sample_path(args.schedule, args.seed, args.sampler, args.eta, args.steps)
     save_arrays(out, images=images.numpy())
     write_json(out.with_suffix(".json"), {
-        "schedule": args.schedule, "sampler": args.sampler, "eta": args.eta, "steps": args.steps,
-        "spacing": p.sample.spacing, "n_samples": s.n_samples, "world_size": dist.world_size(), "seconds": t["seconds"],
-        "image_steps_per_second": round(s.n_samples * args.steps / t["seconds"], 1) if t["seconds"] else None,
+        "schedule": args.schedule, "seed": args.seed, "sampler": args.sampler, "eta": args.eta, "steps": args.steps,
+        "spacing": p.sample.spacing, "n_samples": s.n_samples, "world_size": dist.world_size(),
     })
     log.info("sample %s: %s x%d done in %.1f s", args.schedule, rule.label, args.steps, t["seconds"])
 

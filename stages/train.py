@@ -1,17 +1,20 @@
-"""train: one model per beta schedule (`python -m stages.train <schedule>`), with its loss and FID curves.
+"""train: one model per beta schedule and training seed (`python -m stages.train <schedule> <seed>`).
 
-Writes models/<schedule>/model.pt (a self-describing checkpoint), loss.csv, fid_curve.csv and
-train.json; resumes from checkpoints/<schedule>/ after an interruption. That folder is not a DVC output
-(DVC leaves undeclared files alone, so they survive a failed run) and is removed once training is done.
+Writes models/<schedule>/seed<k>/model.pt (the exported inference model: description and EMA weights),
+loss.csv, fid_curve.csv (step, fid, floor: the real-vs-real FID at the curve's own sample count) and
+train.json (no timings: those go to MLflow); resumes from checkpoints/<schedule>/seed<k>/ after an
+interruption. That folder is not a DVC output (DVC leaves undeclared files alone, so they survive a
+failed run); once training is done the run deletes its own checkpoints there and keeps other runs'.
+The seed sets the initial weights, the data order and the training noise.
 
 Data parallel: with `train.nproc_per_node: N` (> 1) the stage re-executes itself as
-`python -m torch.distributed.run --standalone --nproc_per_node N -m stages.train <schedule>`
+`python -m torch.distributed.run --standalone --nproc_per_node N -m stages.train <schedule> <seed>`
 (DistributedDataParallel; gloo on the CPU, NCCL on CUDA with rank r on cuda:LOCAL_RANK; the global batch
 stays train.batch_size). Launched by torchrun already, it runs as the rank it is given, e.g. on two
 machines with 8 GPUs each (run on both, NODE_RANK 0 and 1, HOST = node 0's address):
 
     torchrun --nnodes 2 --node_rank NODE_RANK --nproc_per_node 8 --rdzv_backend c10d \
-        --rdzv_endpoint HOST:29500 --rdzv_id ddpm-linear -m stages.train linear
+        --rdzv_endpoint HOST:29500 --rdzv_id ddpm-linear -m stages.train linear 0
 
 Then the launch decides the world size (nnodes x nproc_per_node), not params.yaml. Only rank 0 logs to
 MLflow and writes checkpoints and outputs, which must be on storage that every node sees for a resume.
@@ -20,25 +23,22 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import shutil
 from pathlib import Path
 
 import pandas as pd
 import torch
 
 from ddpm import distributed as dist
+from ddpm.checkpoint import build, latest_valid_checkpoint, remove_run_checkpoints, save_model, spec_from_params
 from ddpm.config import load_params, resolve_device
 from ddpm.data import model_to_uint8
-from ddpm.diffusion import GaussianProcess
 from ddpm.fid import extract_features, feature_statistics, frechet_distance, load_featurizer
 from ddpm.io import atomic_path
-from ddpm.pipeline import CHECKPOINTS, FEATURIZER, PREPARED, load_arrays, model_dir, setup_logging, write_json
+from ddpm.pipeline import FEATURIZER, PREPARED, checkpoint_dir, load_arrays, model_dir, setup_logging, write_json
 from ddpm.samplers import StepRule, sample_images
-from ddpm.schedules import get_beta_schedule
 from ddpm.speed import Speed
-from ddpm.tracking import Tracker
-from ddpm.train import TrainSettings, latest_valid_checkpoint, model_metadata, train
-from ddpm.unet import Unet
+from ddpm.tracking import Tracker, pending_file
+from ddpm.train import TrainResult, TrainSettings, train
 
 # the params a trained model depends on (declared for this stage in dvc.yaml): a checkpoint made with
 # other values of these is never resumed from
@@ -50,23 +50,74 @@ CODE = [Path("stages/train.py"), *Path("ddpm").glob("*.py")]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("schedule")
+    parser.add_argument("seed", type=int)
     args = parser.parse_args()
     log = setup_logging()
     p = load_params()
-    schedule = args.schedule
-    if schedule not in p.diffusion.schedules:
-        raise SystemExit(f"schedule {schedule!r} is not in diffusion.schedules={list(p.diffusion.schedules)}")
+    if args.schedule not in p.diffusion.schedules:
+        raise SystemExit(f"schedule {args.schedule!r} is not in diffusion.schedules={list(p.diffusion.schedules)}")
+    if args.seed not in p.seeds:
+        raise SystemExit(f"seed {args.seed} is not in seeds={list(p.seeds)}")
     if p.train.nproc_per_node > 1 and not dist.launched_by_torchrun():
-        raise SystemExit(dist.relaunch("stages.train", [schedule], p.train.nproc_per_node))
+        raise SystemExit(dist.relaunch("stages.train", [args.schedule, str(args.seed)], p.train.nproc_per_node))
     device = dist.init(resolve_device(p.device))
     try:
-        run(schedule, p, device, log)
+        run(args.schedule, args.seed, p, device, log)
     finally:
         dist.destroy()
 
 
-def run(schedule: str, p, device: torch.device, log) -> None:
-    """One rank's share of training ``schedule``; rank 0 also tracks, evaluates and writes the outputs."""
+class FidCurve:
+    """``on_eval``: FID of the EMA model during training, in the featurizer's space, against the train-split
+    statistics, from ``train.fid_samples`` images; ``floor`` is the real-vs-real FID at that same count."""
+
+    def __init__(self, p, process, shape, device, speed, tracker: Tracker, run_id: str, log) -> None:
+        self.p, self.process, self.shape, self.device, self.speed = p, process, shape, device, speed
+        self.tracker, self.run_id, self.log = tracker, run_id, log
+        self.featurizer = load_featurizer(FEATURIZER / "featurizer.pt", device=str(device))
+        self.ref = load_arrays(FEATURIZER / "reference.npz")
+        n, held = p.train.fid_samples, self.ref["holdout_features"]
+        if p.train.fid_every and len(held) < n:
+            raise SystemExit(f"train.fid_samples: got {n}, but the held-out set has only {len(held)} images and the "
+                             f"curve's floor needs as many; allowed: at most {len(held)}")
+        self.floor = frechet_distance(*feature_statistics(held[:n]), self.ref["mu"], self.ref["sigma"])
+
+    def __call__(self, step: int, ema_model: torch.nn.Module) -> dict[str, float]:
+        t, d = self.p.train, self.p.diffusion
+        x = sample_images(ema_model, self.process, t.fid_samples, self.shape, t.fid_sampling_steps, StepRule("ddim", 0.0),
+                          seed=self.p.seed, batch_size=t.fid_samples, clip_denoised=d.clip_denoised,
+                          device=self.device, autocast_dtype=self.speed.autocast_dtype)
+        feats = extract_features(self.featurizer, model_to_uint8(x), device=self.device)
+        fid = frechet_distance(*feature_statistics(feats), self.ref["mu"], self.ref["sigma"])
+        self.tracker.log_metrics(self.run_id, [{"step": step, "fid_train": fid}])
+        self.log.info("train: step %d, FID %.3f (floor %.3f; %d samples, DDIM %d steps)", step, fid, self.floor,
+                      t.fid_samples, t.fid_sampling_steps)
+        return {"fid": fid, "floor": self.floor}
+
+
+def run_key(schedule: str, seed: int, p) -> str:
+    """Resume only a run interrupted with the same schedule, seed, params and code."""
+    code = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(CODE))).hexdigest()[:16]
+    return f"{schedule}-seed{seed}-{p.params_hash(TRAIN_KEYS)}-{code}"
+
+
+def start_tracking(schedule: str, seed: int, p, key: str) -> tuple[Tracker, str]:
+    """The MLflow run; an interrupted run continues its own, so its loss curve stays in one place."""
+    tracker = Tracker(enabled=p.tracking.enabled, experiment=p.tracking.experiment,
+                      pending_path=pending_file(f"train-{schedule}-seed{seed}"))
+    previous = latest_valid_checkpoint(checkpoint_dir(schedule, seed), key)
+    run_id = previous.get("mlflow_run_id") if previous else None
+    if run_id is None or run_id.startswith("pending-"):
+        run_id = tracker.start_run(
+            f"train-{schedule}-seed{seed}",
+            params={**p.flat(), "schedule": schedule, "train_seed": seed, "world_size": dist.world_size()},
+            tags={"kind": "train", "schedule": schedule, "seed": str(seed)},
+        )
+    return tracker, run_id
+
+
+def run(schedule: str, seed: int, p, device: torch.device, log) -> None:
+    """One rank's share of training ``schedule`` from ``seed``; rank 0 also tracks, evaluates and writes."""
     main, world = dist.is_main(), dist.world_size()
     speed = Speed.resolve(p.fast, device)
     if world != p.train.nproc_per_node and main:
@@ -74,96 +125,61 @@ def run(schedule: str, p, device: torch.device, log) -> None:
                     p.train.nproc_per_node, world)
     images = torch.from_numpy(load_arrays(PREPARED / "train.npz")["images"])
     shape = tuple(images.shape[1:])
-    m, d, t = p.model, p.diffusion, p.train
-    with torch.random.fork_rng(devices=[]):  # initial weights from `seed`, the global RNG untouched
-        torch.manual_seed(p.seed)
-        model = Unet(dim=m.dim, dim_mults=tuple(m.dim_mults), channels=shape[0], dropout=m.dropout,
-                     attn_heads=m.attn_heads, attn_dim_head=m.attn_dim_head)
+    meta = spec_from_params(p, schedule, shape, seed)
+    with torch.random.fork_rng(devices=[]):  # initial weights from the training seed, the global RNG untouched
+        torch.manual_seed(seed)
+        model, process = build(meta)
     model.check_image_size(shape[1:])
-    betas = get_beta_schedule(schedule, p.timesteps, d.zero_terminal_snr)
-    process = GaussianProcess(betas, d.objective, d.min_snr_gamma)
-    params = p.to_dict()
-    meta = model_metadata(model, process, schedule, shape, d.clip_denoised, d.zero_terminal_snr, params)
-    # resume only a run interrupted with the same params and the same code
-    code = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(CODE))).hexdigest()[:16]
-    run_key = f"{schedule}-{p.params_hash(TRAIN_KEYS)}-{code}"
-    settings = TrainSettings(
-        steps=t.steps, batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
-        grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm, ema_decay=t.ema_decay, ema_warmup=t.ema_warmup,
-        ema_every=t.ema_every, amp=t.amp or speed.autocast_dtype is not None, horizontal_flip=t.horizontal_flip,
-        log_every=t.log_every, checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints,
-        eval_every=t.fid_every,
-        channels_last=speed.train_channels_last,
-        compile=speed.compile_training(device, t.steps * t.batch_size),
-    )
-
+    meta["model_config"] = model.config
+    key, t = run_key(schedule, seed, p), p.train
+    settings = TrainSettings.from_config(t, amp=t.amp or speed.autocast_dtype is not None,
+                                         channels_last=speed.train_channels_last,
+                                         compile=speed.compile_training(device, t.steps * t.batch_size))
     tracker = run_id = on_eval = None
     if main:  # the other ranks only train: no FID, no MLflow, no files
-        # FID of the EMA model over training, in the featurizer's space, against the train-split statistics
-        featurizer = load_featurizer(FEATURIZER / "featurizer.pt", device=str(device))
-        ref = load_arrays(FEATURIZER / "reference.npz")
-        fid_rule = StepRule("ddim", 0.0)
-
-        def fid_eval(step: int, ema_model: torch.nn.Module) -> dict[str, float]:
-            x = sample_images(ema_model, process, t.fid_samples, shape, t.fid_sampling_steps, fid_rule, seed=p.seed,
-                              batch_size=t.fid_samples, clip_denoised=d.clip_denoised, device=device,
-                              autocast_dtype=speed.autocast_dtype)
-            feats = extract_features(featurizer, model_to_uint8(x), device=device)
-            fid = frechet_distance(*feature_statistics(feats), ref["mu"], ref["sigma"])
-            tracker.log_metrics(run_id, [{"step": step, "fid_train": fid}])
-            log.info("train %s: step %d, FID %.3f (%d samples, DDIM %d steps)", schedule, step, fid,
-                     t.fid_samples, t.fid_sampling_steps)
-            return {"fid": fid}
-
-        on_eval = fid_eval
-
-        tracker = Tracker(enabled=p.tracking.enabled, experiment=p.tracking.experiment,
-                          pending_path=model_dir(schedule) / "mlflow-pending.jsonl")
-        # an interrupted run continues its MLflow run too, so its loss curve stays in one place
-        previous = latest_valid_checkpoint(CHECKPOINTS / schedule, run_key)
-        run_id = previous.get("mlflow_run_id") if previous else None
-        if run_id is None or run_id.startswith("pending-"):
-            run_id = tracker.start_run(
-                f"train-{schedule}",
-                params={**p.flat(), "schedule": schedule, "world_size": world},
-                tags={"kind": "train", "schedule": schedule},
-            )
+        tracker, run_id = start_tracking(schedule, seed, p, key)
+        on_eval = FidCurve(p, process, shape, device, speed, tracker, run_id, log)
         meta["mlflow_run_id"] = run_id
-        log.info("train %s: %d steps of %d images, T=%d, %s, on %s x %d processes", schedule, t.steps,
-                 t.batch_size, p.timesteps, d.objective, device, world)
+        log.info("train %s seed %d: %d steps of %d images, T=%d, %s, on %s x %d processes", schedule, seed,
+                 t.steps, t.batch_size, p.timesteps, p.diffusion.objective, device, world)
     try:
-        result = train(model, process, images, settings, seed=p.seed, device=device,
-                       checkpoint_dir=CHECKPOINTS / schedule, metadata=meta, run_key=run_key,
+        result = train(model, process, images, settings, seed=seed, device=device,
+                       checkpoint_dir=checkpoint_dir(schedule, seed), metadata=meta, run_key=key,
                        on_log=lambda rows: tracker.log_metrics(run_id, rows), on_eval=on_eval, progress=main)
     except BaseException:
         if main:
             tracker.end_run(run_id, status="FAILED")
         raise
-    if not main:
-        return
+    if main:
+        write_outputs(schedule, seed, result, meta, tracker, run_id, log)
+        remove_run_checkpoints(checkpoint_dir(schedule, seed), key)  # model.pt holds what inference needs
+        folder = checkpoint_dir(schedule, seed).parent
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
-    out = model_dir(schedule)
-    # the final checkpoint, copied from the last one written by the loop (self-describing, with EMA weights)
-    with atomic_path(out / "model.pt") as tmp:
-        shutil.copyfile(CHECKPOINTS / schedule / f"ckpt-{result.step:08d}.pt", tmp)
+
+def write_outputs(schedule: str, seed: int, result: TrainResult, meta: dict, tracker: Tracker, run_id: str,
+                  log) -> None:
+    """model.pt (exported: description + EMA weights), loss.csv, fid_curve.csv, train.json; timings to MLflow."""
+    out = model_dir(schedule, seed)
+    save_model(out / "model.pt", meta, result.ema, result.step)
     losses = pd.DataFrame(result.history)
-    fid_curve = pd.DataFrame(result.extra.get("eval", []), columns=["step", "fid"])
+    fid_curve = pd.DataFrame(result.extra.get("eval", []), columns=["step", "fid", "floor"])
     for name, df in (("loss.csv", losses), ("fid_curve.csv", fid_curve)):
         with atomic_path(out / name) as tmp:
             df.to_csv(tmp, index=False)
         tracker.log_artifact(run_id, out / name)
     tail = losses["loss"].iloc[-max(1, len(losses) // 10):]
-    summary = {"schedule": schedule, "steps": result.step, "final_loss": float(tail.mean()),
-               "seconds": round(result.seconds, 3), "images_per_second": round(result.images_per_second, 1),
+    summary = {"schedule": schedule, "seed": seed, "steps": result.step, "final_loss": float(tail.mean()),
                "resumed_from": result.resumed_from, "mlflow_run_id": run_id,
-               "skipped_steps": result.extra.get("skipped_steps", 0), "world_size": world}
+               "skipped_steps": result.extra.get("skipped_steps", 0), "world_size": dist.world_size()}
     write_json(out / "train.json", summary)
     tracker.log_metrics(run_id, [{"step": result.step, "final_loss": summary["final_loss"],
-                                  "train_seconds": result.seconds, "skipped_steps": summary["skipped_steps"]}])
+                                  "train_seconds": result.seconds, "images_per_second": result.images_per_second,
+                                  "skipped_steps": summary["skipped_steps"]}])
     tracker.end_run(run_id)
-    # finished: models/<schedule>/model.pt holds the final state; the checkpoints served only a resume
-    shutil.rmtree(CHECKPOINTS / schedule, ignore_errors=True)
-    log.info("train %s: final loss %.4f, %.1f img/s", schedule, summary["final_loss"], result.images_per_second)
+    log.info("train %s seed %d: final loss %.4f, %.1f img/s", schedule, seed, summary["final_loss"],
+             result.images_per_second)
 
 
 if __name__ == "__main__":

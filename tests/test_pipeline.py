@@ -19,7 +19,7 @@ from ci_tools import need
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY = {
-    "seed": 0, "timesteps": 20, "device": "cpu", "fast": False,
+    "seed": 0, "seeds": [0], "timesteps": 20, "device": "cpu", "fast": False,
     "data": {"name": "digits", "root": "data/raw", "image_size": None, "channels": None, "holdout_fraction": 0.25},
     "featurizer": {"kind": "classifier", "feature_dim": 8, "epochs": 1, "batch_size": 128, "lr": 0.01,
                    "inception_weights": None},
@@ -77,7 +77,7 @@ def repo(tmp_path_factory):
 
 def test_repro_writes_the_outputs(repo):
     path, env, out = repo
-    assert ran_stages(out) >= {"prepare", "featurizer", "train@linear", "train@cosine", "fid", "report"}
+    assert ran_stages(out) >= {"prepare", "featurizer", "train@linear-0", "train@cosine-0", "fid", "report"}
     fid = pd.read_csv(path / "reports" / "fid.csv")
     assert list(fid.columns) == ["schedule", "sampler", "eta", "steps", "fid", "n_samples", "features", "spacing"]
     assert len(fid) == 2 * 2 * 1 and (fid["n_samples"] == 24).all() and (fid["fid"] >= 0).all()
@@ -86,9 +86,13 @@ def test_repro_writes_the_outputs(repo):
         assert key in metrics, key
     for f in ("report.md", "report.html", "plots/loss.csv", "plots/fid_steps.csv"):
         assert (path / "reports" / f).is_file(), f
-    ckpt = path / "models" / "linear" / "model.pt"
-    assert ckpt.is_file() and len(pd.read_csv(path / "models" / "linear" / "loss.csv")) == 6
-    assert list(pd.read_csv(path / "models" / "cosine" / "fid_curve.csv")["step"]) == [3, 6]
+    ckpt = path / "models" / "linear" / "seed0" / "model.pt"
+    assert ckpt.is_file() and len(pd.read_csv(path / "models" / "linear" / "seed0" / "loss.csv")) == 6
+    curve = pd.read_csv(path / "models" / "cosine" / "seed0" / "fid_curve.csv")
+    assert list(curve.columns) == ["step", "fid", "floor"] and list(curve["step"]) == [3, 6]
+    assert curve["floor"].nunique() == 1 and curve["floor"].iloc[0] > 0  # real vs real at the curve's own count
+    info = json.loads((path / "models" / "linear" / "seed0" / "train.json").read_text())
+    assert not {"seconds", "images_per_second"} & set(info)  # no timings in DVC outputs
 
 
 def test_mlflow_runs_form_the_comparison_table(repo):
@@ -105,11 +109,11 @@ def test_mlflow_runs_form_the_comparison_table(repo):
 
 def test_force_repro_is_reproducible(repo):
     path, env, _ = repo
-    before = {f: (path / f).read_bytes() for f in ("reports/fid.csv", "models/linear/loss.csv", "models/cosine/loss.csv")}
+    before = {f: (path / f).read_bytes() for f in ("reports/fid.csv", "models/linear/seed0/loss.csv", "models/cosine/seed0/loss.csv")}
     samples = sorted((path / "samples").rglob("*.npz"))
     arrays = {f: np.load(f)["images"] for f in samples}
     ran = ran_stages(run(["dvc", "repro", "--force"], path, env))
-    assert {"prepare", "featurizer", "train@linear", "fid"} <= ran
+    assert {"prepare", "featurizer", "train@linear-0", "fid"} <= ran
     for f, data in before.items():
         assert (path / f).read_bytes() == data, f
     for f, a in arrays.items():
@@ -123,10 +127,11 @@ def test_rerun_rules(repo):
     params["sample"]["samplers"] = ["ddpm-eta0.0-3", "dpmpp_2m-eta0.0-5", "ddim-eta0.0-3"]  # a set inserted
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     ran = ran_stages(run(["dvc", "repro"], path, env))
-    assert ran == {"sample@linear-dpmpp_2m-eta0.0-5", "sample@cosine-dpmpp_2m-eta0.0-5", "fid", "report"}, ran
+    assert ran == {"sample@linear-0-dpmpp_2m-eta0.0-5", "sample@cosine-0-dpmpp_2m-eta0.0-5", "fid", "report"}, ran
     fid = pd.read_csv(path / "reports" / "fid.csv")
     assert len(fid) == 6 and set(fid["spacing"]) == {"linspace"}
-    assert json.loads((path / "samples" / "linear" / "dpmpp_2m-eta0.0-5.json").read_text())["spacing"] == "linspace"
+    assert json.loads((path / "samples" / "linear" / "seed0" / "dpmpp_2m-eta0.0-5.json").read_text())["spacing"] == \
+        "linspace"
     params["sample"]["samplers"] = ["dpmpp_2m-eta0.0-5"]  # removing sets leaves no stale rows behind
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     ran = ran_stages(run(["dvc", "repro"], path, env))
@@ -144,7 +149,7 @@ def test_exp_run_timesteps(repo):
     out = run(["dvc", "exp", "run", "-S", "timesteps=30", "-n", "t30"], path, env)
     ran = ran_stages(out)
     assert "prepare" not in ran and "featurizer" not in ran
-    assert {"train@linear", "train@cosine", "fid", "report"} <= ran
+    assert {"train@linear-0", "train@cosine-0", "fid", "report"} <= ran
     show = run(["dvc", "exp", "show", "--no-pager", "--csv"], path, env)
     assert "t30" in show and "best_fid" in show
     table = run([sys.executable, "-m", "ddpm.tracking", "table", "--csv"], path, env)
@@ -165,21 +170,23 @@ def test_sigkill_during_training_resumes_bit_for_bit(tmp_path):
     params["train"].update(steps=500, checkpoint_every=50, log_every=25, fid_every=0, keep_checkpoints=2)
     path, env = make_repo(tmp_path, params)
     run(["dvc", "repro", "featurizer"], path, env)
-    ckpts = path / "checkpoints" / "linear"
-    proc = subprocess.Popen(["dvc", "repro", "train@linear"], cwd=path, env=env, start_new_session=True,
+    ckpts = path / "checkpoints" / "linear" / "seed0"
+    model_dir = path / "models" / "linear" / "seed0"
+    proc = subprocess.Popen(["dvc", "repro", "train@linear-0"], cwd=path, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and not list(ckpts.glob("ckpt-*.pt")) and proc.poll() is None:
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (path / "models" / "linear" / "model.pt").exists(), "training finished before the kill"
+    assert not (model_dir / "model.pt").exists(), "training finished before the kill"
     first = max(int(p.stem.split("-")[1]) for p in ckpts.glob("ckpt-*.pt"))
     assert 0 < first < 500
-    run(["dvc", "repro", "train@linear"], path, env)
-    info = json.loads((path / "models" / "linear" / "train.json").read_text())
+    run(["dvc", "repro", "train@linear-0"], path, env)
+    info = json.loads((model_dir / "train.json").read_text())
     assert info["resumed_from"] is not None and info["resumed_from"] >= first and info["steps"] == 500
-    resumed = torch.load(path / "models" / "linear" / "model.pt", weights_only=False)
+    resumed = torch.load(model_dir / "model.pt", weights_only=True)
+    resumed_loss = (model_dir / "loss.csv").read_bytes()
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{path / 'mlflow.db'}")
@@ -189,14 +196,19 @@ def test_sigkill_during_training_resumes_bit_for_bit(tmp_path):
     assert runs[0].info.status == "FINISHED"
     steps = {m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")}
     assert sorted(steps) == list(range(1, 501))  # steps logged after the last checkpoint may appear twice
-    assert not ckpts.exists()  # a finished run removes its checkpoints: the next run starts from scratch
-    run(["dvc", "repro", "--force", "train@linear"], path, env)
-    fresh = torch.load(path / "models" / "linear" / "model.pt", weights_only=False)
-    assert json.loads((path / "models" / "linear" / "train.json").read_text())["resumed_from"] is None
-    for key in ("model", "ema"):
-        for name, tensor in fresh[key].items():
-            assert torch.equal(tensor, resumed[key][name]), (key, name)
-    assert [r["loss"] for r in fresh["history"]] == [r["loss"] for r in resumed["history"]]
+    assert not ckpts.parent.exists()  # a finished run removes its checkpoints: the next run starts from scratch
+    # issue 13 point 2: other params' checkpoints above this run's last step survive the run and its cleanup
+    ckpts.mkdir(parents=True)
+    for step in (600, 700):
+        torch.save({"format": "ddpm-checkpoint/1", "step": step, "run_key": "other-params"}, ckpts / f"ckpt-{step:08d}.pt")
+    run(["dvc", "repro", "--force", "train@linear-0"], path, env)
+    assert sorted(f.name for f in ckpts.iterdir()) == ["ckpt-00000600.pt", "ckpt-00000700.pt"]
+    fresh = torch.load(model_dir / "model.pt", weights_only=True)
+    assert json.loads((model_dir / "train.json").read_text())["resumed_from"] is None
+    assert fresh["format"] == "ddpm-model/1" and not {"optimizer", "rng", "data_state", "model"} & set(fresh)
+    for name, tensor in fresh["ema"].items():  # the exported model holds the EMA weights only
+        assert torch.equal(tensor, resumed["ema"][name]), name
+    assert (model_dir / "loss.csv").read_bytes() == resumed_loss
 
 
 def test_npz_outputs_are_byte_reproducible(tmp_path):

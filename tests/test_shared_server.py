@@ -65,7 +65,7 @@ def test_pipeline_logs_runs_and_artifacts_to_a_shared_server(tmp_path, server):
     t0 = time.monotonic()
     ran = ran_stages(run(["dvc", "repro"], path, env))
     repro_s = time.monotonic() - t0
-    assert {"train@linear", "train@cosine", "fid", "report"} <= ran
+    assert {"train@linear-0", "train@cosine-0", "fid", "report"} <= ran
     # every stage reached the server: no local store, no pending file
     assert not (path / "mlflow.db").exists() and not (path / "mlruns").exists()
     assert sorted(path.rglob("mlflow-pending.jsonl")) == []
@@ -99,7 +99,7 @@ def test_pipeline_logs_runs_and_artifacts_to_a_shared_server(tmp_path, server):
     # artifacts, byte for byte, in the server's artifact folder
     for r in train:
         stored = _files(_artifact_dir(server, r.info.artifact_uri))
-        model_dir = path / "models" / r.data.params["schedule"]
+        model_dir = path / "models" / r.data.params["schedule"] / "seed0"
         assert stored == {n: (model_dir / n).read_bytes() for n in ("loss.csv", "fid_curve.csv")}
     figures = _files(path / "reports" / "figures")
     for r in samples:

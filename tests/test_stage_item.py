@@ -23,8 +23,8 @@ def test_item_names_match_dvc_stage_names(repo_root):
 def test_resolve_gives_the_stage_module_and_its_validated_arguments(repo_root):
     p = load_params(repo_root / "params.yaml")
     s = p.sample.samplers[1]
-    assert resolve(f"sample@cosine-{s.key}", p) == ("stages.sample", ["cosine", s.key])
-    assert resolve("dvc.yaml:train@linear", p) == ("stages.train", ["linear"])
-    for bad in ("train@cosine;touch x", "sample@cosine-sampler9-10", "prepare", "train@"):
+    assert resolve(f"sample@cosine-0-{s.key}", p) == ("stages.sample", ["cosine", "0", s.key])
+    assert resolve("dvc.yaml:train@linear-0", p) == ("stages.train", ["linear", "0"])
+    for bad in ("train@cosine;touch x", "train@linear", "sample@cosine-0-sampler9-10", "prepare", "train@"):
         with pytest.raises(ConfigError, match="stage: got"):
             resolve(bad, p)
