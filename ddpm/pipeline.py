@@ -52,10 +52,14 @@ def checkpoint_dir(schedule: str, seed: int) -> Path:
     return CHECKPOINTS / schedule / f"seed{int(seed)}"
 
 
-def train_run_id(schedule: str, seed: int) -> str | None:
-    """The MLflow run id of a schedule's training run (from its train.json), None when unknown."""
-    info = model_dir(schedule, seed) / "train.json"
-    return read_json(info).get("mlflow_run_id") if info.is_file() else None
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes (hex): links a model to its MLflow training run without putting run ids
+    into DVC outputs (the train stage tags its run with its model's hash; sample .json files record it)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def sample_key(images: np.ndarray) -> str:

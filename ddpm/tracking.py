@@ -554,6 +554,13 @@ class Tracker:
         self._do("end_run", run_id, rec,
                  lambda: self._get_client().set_terminated(run_id, status, rec["end_time"]))
 
+    def train_run(self, model_sha256: str | None) -> str | None:
+        """The id of the training run that exported the model with this content hash (its tag), or None."""
+        if not model_sha256 or any(c not in "0123456789abcdef" for c in model_sha256):
+            return None
+        found = self.find_runs(f"tags.kind = 'train' and tags.model_sha256 = '{model_sha256}'")
+        return found[0] if found else None
+
     def find_runs(self, filter_string: str = "", parent_run_id: str | None = None) -> list[str]:
         """Ids of this experiment's runs matching an MLflow filter, e.g.
         ``find_runs("tags.sample_key = 'cosine-ddim-50'", parent_run_id=pid)``; [] when

@@ -11,7 +11,7 @@ from ddpm.config import load_params, resolve_device
 from ddpm.fid import extract_features, feature_statistics, frechet_distance, load_featurizer
 from ddpm.io import atomic_path
 from ddpm.pipeline import (FEATURIZER, REPORTS, load_arrays, sample_key, sample_path, sampler_label, setup_logging,
-                           timed, train_run_id, write_json)
+                           read_json, timed, write_json)
 from ddpm.tracking import Tracker, pending_file
 
 COLUMNS = ["schedule", "sampler", "eta", "steps", "fid", "n_samples", "features", "spacing"]
@@ -35,14 +35,15 @@ def main() -> None:
         for schedule, seed in ((sc, k) for sc in p.diffusion.schedules for k in p.seeds):
             for s in p.sample.samplers:
                 for steps in [s.steps]:
-                    images = load_arrays(sample_path(schedule, seed, s.name, s.eta, steps))["images"]
+                    path = sample_path(schedule, seed, s.name, s.eta, steps)
+                    images = load_arrays(path)["images"]
                     if len(images) != n:
                         raise SystemExit(f"{sample_path(schedule, seed, s.name, s.eta, steps)} has {len(images)} images, "
                                          f"expected sample.n_samples={n}")
                     feats = extract_features(featurizer, images, device=device)
                     fid = frechet_distance(*feature_statistics(feats), ref["mu"], ref["sigma"])
                     rows.append([schedule, s.name, s.eta, steps, fid, n, features, p.sample.spacing])
-                    keys.append((sample_key(images), seed))
+                    keys.append((sample_key(images), read_json(path.with_suffix(".json")).get("model_sha256")))
                     log.info("fid %s %s x%d: %.3f (floor %.3f)", schedule, sampler_label(s.name, s.eta), steps, fid,
                              floor)
     table = pd.DataFrame(rows, columns=COLUMNS)
@@ -53,8 +54,8 @@ def main() -> None:
 
     tracker = Tracker(enabled=p.tracking.enabled, experiment=p.tracking.experiment,
                       pending_path=pending_file("fid"))
-    for row, (key, seed) in zip(table.itertuples(index=False), keys):
-        parent = train_run_id(row.schedule, seed)
+    for row, (key, model_sha256) in zip(table.itertuples(index=False), keys):
+        parent = tracker.train_run(model_sha256)
         # a sample set already logged under this parent (same images) needs no new run
         if parent and tracker.find_runs(f"tags.sample_key = '{key}' and tags.mlflow.parentRunId = '{parent}'"):
             continue

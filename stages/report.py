@@ -9,7 +9,7 @@ import pandas as pd
 
 from ddpm.config import load_params
 from ddpm.io import atomic_path, atomic_write_json
-from ddpm.pipeline import FID_CSV, REPORT_METRICS, REPORTS, sample_key, setup_logging, train_run_id
+from ddpm.pipeline import FID_CSV, REPORT_METRICS, REPORTS, file_sha256, model_dir, sample_key, setup_logging
 from ddpm.report import build_report, summary_metrics
 from ddpm.results import Results, load_results
 from ddpm.tracking import Tracker, pending_file
@@ -40,7 +40,7 @@ def log_to_mlflow(p, r: Results, out: dict, metrics: dict) -> None:
     """The report files into a new `report` run; each sample grid (first seed) into its sample set's run."""
     tracker = Tracker(enabled=p.tracking.enabled, experiment=p.tracking.experiment,
                       pending_path=pending_file("report"))
-    parents = {(s, k): train_run_id(s, k) for s in r.schedules for k in r.seeds}
+    parents = {(s, k): tracker.train_run(file_sha256(model_dir(s, k) / "model.pt")) for s in r.schedules for k in r.seeds}
     run = tracker.start_run("report", params=p.flat(), tags={
         "kind": "report", "train_run_ids": ",".join(x for x in parents.values() if x)})
     tracker.log_metrics(run, [{"step": 0, **metrics}])

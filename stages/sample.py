@@ -21,7 +21,7 @@ from ddpm import distributed as dist
 from ddpm.checkpoint import load_model
 from ddpm.config import ConfigError, load_params, resolve_device
 from ddpm.data import model_to_uint8
-from ddpm.pipeline import model_dir, sample_path, save_arrays, setup_logging, timed, write_json
+from ddpm.pipeline import file_sha256, model_dir, sample_path, save_arrays, setup_logging, timed, write_json
 from ddpm.samplers import StepRule
 from ddpm.speed import Speed, sampling_model
 
@@ -70,6 +70,7 @@ def run(args: argparse.Namespace, p, device, log) -> None:
     write_json(out.with_suffix(".json"), {
         "schedule": args.schedule, "seed": args.seed, "sampler": args.sampler, "eta": args.eta, "steps": args.steps,
         "spacing": p.sample.spacing, "n_samples": s.n_samples, "world_size": dist.world_size(),
+        "model_sha256": file_sha256(model_dir(args.schedule, args.seed) / "model.pt"),  # finds the training run
     })
     log.info("sample %s: %s x%d done in %.1f s", args.schedule, rule.label, args.steps, t["seconds"])
 

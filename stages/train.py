@@ -34,7 +34,8 @@ from ddpm.config import load_params, resolve_device
 from ddpm.data import model_to_uint8
 from ddpm.fid import extract_features, feature_statistics, frechet_distance, load_featurizer
 from ddpm.io import atomic_path
-from ddpm.pipeline import FEATURIZER, PREPARED, checkpoint_dir, load_arrays, model_dir, setup_logging, write_json
+from ddpm.pipeline import (FEATURIZER, PREPARED, checkpoint_dir, file_sha256, load_arrays, model_dir, setup_logging,
+                           write_json)
 from ddpm.samplers import StepRule, sample_images
 from ddpm.speed import Speed
 from ddpm.tracking import Tracker, pending_file
@@ -162,7 +163,8 @@ def write_outputs(schedule: str, seed: int, result: TrainResult, meta: dict, tra
                   log) -> None:
     """model.pt (exported: description + EMA weights), loss.csv, fid_curve.csv, train.json; timings to MLflow."""
     out = model_dir(schedule, seed)
-    save_model(out / "model.pt", meta, result.ema, result.step)
+    # the exported model is a DVC output: no run-varying values (the MLflow run id stays in the resume checkpoints)
+    save_model(out / "model.pt", {k: v for k, v in meta.items() if k != "mlflow_run_id"}, result.ema, result.step)
     losses = pd.DataFrame(result.history)
     fid_curve = pd.DataFrame(result.extra.get("eval", []), columns=["step", "fid", "floor"])
     for name, df in (("loss.csv", losses), ("fid_curve.csv", fid_curve)):
@@ -171,9 +173,11 @@ def write_outputs(schedule: str, seed: int, result: TrainResult, meta: dict, tra
         tracker.log_artifact(run_id, out / name)
     tail = losses["loss"].iloc[-max(1, len(losses) // 10):]
     summary = {"schedule": schedule, "seed": seed, "steps": result.step, "final_loss": float(tail.mean()),
-               "resumed_from": result.resumed_from, "mlflow_run_id": run_id,
                "skipped_steps": result.extra.get("skipped_steps", 0), "world_size": dist.world_size()}
-    write_json(out / "train.json", summary)
+    write_json(out / "train.json", summary)  # a pure function of the inputs: run ids and resumes go to MLflow
+    # the fid and report stages find this run by the model's content hash (sample .json files record it)
+    resumed = "none" if result.resumed_from is None else result.resumed_from
+    tracker.set_tags(run_id, {"model_sha256": file_sha256(out / "model.pt"), "resumed_from": resumed})
     tracker.log_metrics(run_id, [{"step": result.step, "final_loss": summary["final_loss"],
                                   "train_seconds": result.seconds, "images_per_second": result.images_per_second,
                                   "skipped_steps": summary["skipped_steps"]}])
