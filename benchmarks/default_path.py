@@ -11,7 +11,8 @@ interleaved (old, new, old, new ...) so that a drift of the machine's speed canc
 - each stage's process start-up: `python -c 'import torch'` and the stage modules' imports.
 The old network is ``ddpm/unet.py`` as of ``--base`` (read with `git show`, run beside the new one);
 both get the same weights. From the rates it predicts the default run's compute time before and after,
-and scales it to another machine by the ratio of float32 matmul rates (``--scale-to``, GFLOP/s).
+and scales it to another machine by the ratio of float32 matmul rates (``--scale-to``, GFLOP/s; the
+137 GFLOP/s machine's rate was taken with 2 threads, so compare at ``--threads 2``).
 """
 from __future__ import annotations
 
@@ -173,7 +174,7 @@ def main() -> None:
     print(f"\nDefault run: {images:,} training images, {image_steps:,} sampling image-steps "
           f"(eval-mode batches taken at the sample batch's rate), {n_proc} stage processes.")
     print(f"Predicted training + sampling time here: {before:.0f} s before, {after:.0f} s after "
-          f"(saving {before - after:.0f} s); process start-ups about {startup:.0f} s either way.")
+          f"(saving {before - after:.0f} s, {1 - after / before:.1%}); process start-ups about {startup:.0f} s either way.")
     print(f"Scaled to a {args.scale_to:.0f} GFLOP/s machine (x{scale:.2f}): {before * scale:.0f} s before, "
           f"{after * scale:.0f} s after, saving {(before - after) * scale:.0f} s; start-ups about {startup * scale:.0f} s.")
 
