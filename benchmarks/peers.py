@@ -4,6 +4,7 @@
     python3 benchmarks/peers.py                              # 2 CPU threads, about 13 minutes
     python3 benchmarks/peers.py --device cuda                # the same table on a GPU
     python3 benchmarks/peers.py --no-sampling                # the training table alone (about 2 minutes)
+    python3 benchmarks/peers.py --runs 3 --no-sampling       # three whole comparisons: each ratio's median, range
 
 Every library trains and samples the same 8x8 grayscale task with its own code, as its README and
 training script use it:
@@ -254,51 +255,18 @@ def interleaved(fns: dict[str, Callable[[], object]], reps: int, device: torch.d
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2: this machine)")
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--batch", type=int, default=128, help="training batch")
-    ap.add_argument("--sample-batch", type=int, nargs="+", default=[64, 400],
-                    help="sampling batches: 64 (the issue's) and 400 (the pipeline's sample.batch_size)")
-    ap.add_argument("--sample-steps", type=int, default=None, help="steps per timed sampling run")
-    ap.add_argument("--quick", action="store_true", help="2 repetitions, short runs: a smoke test")
-    ap.add_argument("--no-sampling", action="store_true", help="the training table only (about 2 minutes on 2 cores)")
-    args = ap.parse_args()
-    device = torch.device(args.device)
-    torch.set_num_threads(args.threads)
-    reps = 2 if args.quick else args.reps
-    cpu = device.type == "cpu"
-    block = (2 if args.quick else 10) if cpu else 20
-    sample_steps = args.sample_steps or ((10 if args.quick else 50) if cpu else 200)
+VARIANTS = {"ours (compiled)": "compiled", "ours (eager, channels_last)": "eager_cl", "ours (eager)": "eager"}
 
-    print(f"# ours vs denoising-diffusion-pytorch {version('denoising-diffusion-pytorch')} "
-          f"and diffusers {diffusers.__version__}; torch {torch.__version__}, {device}"
-          + (f", {args.threads} threads" if cpu else f" ({torch.cuda.get_device_name(device)})"))
-    mm = matmul_gflops(device, reps)
-    print(f"float32 2048x2048 matmul: {mm:.1f} GFLOP/s (median of {reps})\n")
 
-    # FLOPs per image, counted
-    ours_m, lucid_d, diff_m = ours_model(device), lucid_setup(device), diffusers_model(device)
-    nets = {"ours": ours_m, "denoising-diffusion-pytorch": lucid_d.model,
-            "diffusers": lambda x, t: diff_m(x, t).sample}
-    fwd = {k: forward_flops(f, device) for k, f in nets.items()}
-    trn = {k: train_flops(f, device) for k, f in nets.items()}
-    params = {"ours": ours_m, "denoising-diffusion-pytorch": lucid_d.model, "diffusers": diff_m}
-    print("| model | params | forward MFLOP/img | train (fwd+bwd) MFLOP/img |\n|---|---|---|---|")
-    for k in nets:
-        n = sum(p.numel() for p in params[k].parameters())
-        print(f"| {k} | {n / 1e6:.3f}M | {fwd[k] / 1e6:.1f} | {trn[k] / 1e6:.1f} |")
-
-    # training, batch `args.batch`: each of ours' blocks is followed by one block of each peer, and
-    # ratios are taken block by block (ours against the peer blocks right after it), so a drift of
-    # the machine's speed between blocks or between ours' variants cancels out
+def training_run(args, device: torch.device, block: int, reps: int, trn: dict, mm: float,
+                 variants: dict[str, str]) -> dict[str, float]:
+    """One interleaved training comparison, printed; returns {"training / <peer>, <variant>": ratio}."""
+    # each of ours' blocks is followed by one block of each peer, and ratios are taken block by block
+    # (ours against the peer blocks right after it), so a drift of the machine's speed cancels out
     peers = {"denoising-diffusion-pytorch": lucid_train_step(device, args.batch),
              "diffusers": diffusers_train_step(device, args.batch)}
     for step in peers.values():
         step()
-    variants = {"ours (compiled)": "compiled", "ours (eager, channels_last)": "eager_cl", "ours (eager)": "eager"}
     ours_times: dict[str, list[float]] = {}
     paired: dict[str, dict[str, list[float]]] = {}  # variant -> peer -> block seconds, aligned with ours
     for name, mode in variants.items():
@@ -324,26 +292,32 @@ def main() -> None:
         rate[k] = gflops(k, statistics.median(ts))
         print(f"| {k} | {args.batch * block / statistics.median(ts):.0f} | {rate[k]:.1f} | {rate[k] / mm:.0%} |")
     best_peer = max(peers, key=lambda k: rate[k])
-    print(f"\nPer FLOP, ours / peer, median over blocks of the ratio to the peer blocks timed right after:\n")
+    print("\nPer FLOP, ours / peer, median over blocks of the ratio to the peer blocks timed right after:\n")
     print("| ours | " + " | ".join(f"/ {k}" for k in peers) + " |\n|---|" + "---|" * len(peers))
+    ratios = {}
     for name in variants:
         cells = []
         for k in peers:
             r = statistics.median(gflops(name, a) / gflops(k, b) for a, b in zip(ours_times[name], paired[name][k]))
+            ratios[f"training, batch {args.batch}: {name} / {k}"] = r
             cells.append(f"**{r:.2f}x**" if k == best_peer else f"{r:.2f}x")
         print(f"| {name} | " + " | ".join(cells) + " |")
     print(f"\n({best_peer} is the faster peer.)")
+    return ratios
 
-    # sampling
+
+def sampling_run(args, device: torch.device, reps: int, sample_steps: int, fwd: dict, mm: float,
+                 variants: dict[str, str]) -> dict[str, float]:
+    """One interleaved sampling comparison per batch and sampler, printed; returns their ratios to the
+    faster peer of each row."""
+    ratios = {}
     for batch in [] if args.no_sampling else args.sample_batch:
         for sampler in ("ddpm", "ddim"):
             ddim = sampler == "ddim"
             rule = StepRule("ddim", 0.0) if ddim else StepRule("ddpm")
-            fns = {"ours (compiled)": ours_sampler(device, batch, sample_steps, rule, "compiled"),
-                   "ours (eager, channels_last)": ours_sampler(device, batch, sample_steps, rule, "eager_cl"),
-                   "ours (eager)": ours_sampler(device, batch, sample_steps, rule, "eager"),
-                   "denoising-diffusion-pytorch": lucid_sampler(device, batch, sample_steps, ddim),
-                   "diffusers": diffusers_sampler(device, batch, sample_steps, ddim)}
+            fns = {name: ours_sampler(device, batch, sample_steps, rule, mode) for name, mode in variants.items()}
+            fns["denoising-diffusion-pytorch"] = lucid_sampler(device, batch, sample_steps, ddim)
+            fns["diffusers"] = diffusers_sampler(device, batch, sample_steps, ddim)
             ts = interleaved(fns, reps, device)
             print(f"\n## Sampling {sampler.upper()}, batch {batch}, {sample_steps} steps per run "
                   f"(median of {reps}, timed in turn)\n")
@@ -356,7 +330,79 @@ def main() -> None:
             best = max(("denoising-diffusion-pytorch", "diffusers"), key=lambda k: srate[k])
             print(f"\nper FLOP, against {best} (the faster peer): " + "; ".join(
                 f"{k}: **{srate[k] / srate[best]:.2f}x**" for k in srate if k.startswith("ours")))
+            for k in srate:
+                if k.startswith("ours"):
+                    ratios[f"{sampler.upper()} sampling, batch {batch}: {k} / faster peer"] = srate[k] / srate[best]
             sys.stdout.flush()
+    return ratios
+
+
+def summary(runs: list[dict[str, float]], rates: list[float]) -> None:
+    """Each ratio's median and range over the repeated interleaved comparisons (the benchmark's noise)."""
+    print(f"\n# Over {len(runs)} runs: median (min-max) of each ratio, per FLOP\n")
+    print(f"float32 2048x2048 matmul: {statistics.median(rates):.1f} GFLOP/s (runs: "
+          + ", ".join(f"{r:.0f}" for r in rates) + ")\n")
+    print("| ratio | median | range | runs |\n|---|---|---|---|")
+    for k in runs[0]:
+        v = [r[k] for r in runs]
+        print(f"| {k} | **{statistics.median(v):.2f}x** | {min(v):.2f}-{max(v):.2f}x | "
+              + ", ".join(f"{x:.2f}" for x in v) + " |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2: this machine)")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=1,
+                    help="repeat the whole interleaved comparison N times and print each ratio's median and range")
+    ap.add_argument("--ours", nargs="+", choices=sorted(VARIANTS.values()), default=list(VARIANTS.values()),
+                    help="which of our variants to time (default all three)")
+    ap.add_argument("--batch", type=int, default=128, help="training batch")
+    ap.add_argument("--sample-batch", type=int, nargs="+", default=[64, 400],
+                    help="sampling batches: 64 (the issue's) and 400 (the pipeline's sample.batch_size)")
+    ap.add_argument("--sample-steps", type=int, default=None, help="steps per timed sampling run")
+    ap.add_argument("--quick", action="store_true", help="2 repetitions, short runs: a smoke test")
+    ap.add_argument("--no-training", action="store_true", help="the sampling tables only")
+    ap.add_argument("--no-sampling", action="store_true", help="the training table only (about 2 minutes on 2 cores)")
+    args = ap.parse_args()
+    if args.runs < 1:
+        ap.error(f"--runs must be at least 1, got {args.runs}")
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    reps = 2 if args.quick else args.reps
+    cpu = device.type == "cpu"
+    block = (2 if args.quick else 10) if cpu else 20
+    sample_steps = args.sample_steps or ((10 if args.quick else 50) if cpu else 200)
+    variants = {name: mode for name, mode in VARIANTS.items() if mode in args.ours}
+
+    print(f"# ours vs denoising-diffusion-pytorch {version('denoising-diffusion-pytorch')} "
+          f"and diffusers {diffusers.__version__}; torch {torch.__version__}, {device}"
+          + (f", {args.threads} threads" if cpu else f" ({torch.cuda.get_device_name(device)})"))
+
+    # FLOPs per image, counted
+    ours_m, lucid_d, diff_m = ours_model(device), lucid_setup(device), diffusers_model(device)
+    nets = {"ours": ours_m, "denoising-diffusion-pytorch": lucid_d.model,
+            "diffusers": lambda x, t: diff_m(x, t).sample}
+    fwd = {k: forward_flops(f, device) for k, f in nets.items()}
+    trn = {k: train_flops(f, device) for k, f in nets.items()}
+    params = {"ours": ours_m, "denoising-diffusion-pytorch": lucid_d.model, "diffusers": diff_m}
+    print("\n| model | params | forward MFLOP/img | train (fwd+bwd) MFLOP/img |\n|---|---|---|---|")
+    for k in nets:
+        n = sum(p.numel() for p in params[k].parameters())
+        print(f"| {k} | {n / 1e6:.3f}M | {fwd[k] / 1e6:.1f} | {trn[k] / 1e6:.1f} |")
+
+    runs, rates = [], []
+    for run in range(args.runs):
+        if args.runs > 1:
+            print(f"\n# Run {run + 1} of {args.runs}")
+        rates.append(matmul_gflops(device, reps))
+        print(f"\nfloat32 2048x2048 matmul: {rates[-1]:.1f} GFLOP/s (median of {reps})")
+        ratios = {} if args.no_training else training_run(args, device, block, reps, trn, rates[-1], variants)
+        ratios.update(sampling_run(args, device, reps, sample_steps, fwd, rates[-1], variants))
+        runs.append(ratios)
+    if args.runs > 1:
+        summary(runs, rates)
 
 
 if __name__ == "__main__":

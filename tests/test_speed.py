@@ -11,7 +11,8 @@ from ddpm.diffusion import GaussianProcess
 from ddpm.samplers import StepRule, sample_images
 from ddpm.schedules import get_beta_schedule
 from ddpm.speed import (CPU_SAMPLING_COMPILE_MIN, CPU_TRAINING_COMPILE_MIN, CompiledOrEager, Speed, compile_pays,
-                        compile_training_pays, sampling_model)
+                        compile_training_pays, sampling_model,
+                        use_project_compile_cache)
 from ddpm.train import TrainSettings, train
 from ddpm.unet import Unet
 
@@ -62,6 +63,22 @@ def test_no_compile_env_runs_eagerly(monkeypatch):
     monkeypatch.setenv("DDPM_NO_COMPILE", "1")
     f = CompiledOrEager(lambda x: x + 1, "f")
     assert f.compiled is None and torch.equal(f(torch.zeros(2)), torch.ones(2))
+
+
+def test_compile_cache_in_the_project_under_dvc(monkeypatch, tmp_path):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    assert use_project_compile_cache() is None  # outside DVC: inductor's own default
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "project"))
+    assert use_project_compile_cache() == tmp_path / "mine"  # an explicit folder wins
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    assert use_project_compile_cache() == tmp_path / "project" / ".cache" / "torchinductor"
+    torch._dynamo.reset()
+    f = CompiledOrEager(lambda x: torch.sin(x) * 3 + 1, "a cached function")
+    x = torch.arange(5.0)
+    assert torch.allclose(f(x), torch.sin(x) * 3 + 1) and not f.failed
+    assert any(p.is_file() for p in (tmp_path / "project" / ".cache" / "torchinductor").rglob("*"))
 
 
 def _digits(n=256):

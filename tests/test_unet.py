@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from ddpm.unet import Unet
+from ddpm.unet import Unet, dropout
 
 
 @pytest.fixture(autouse=True)
@@ -104,6 +104,47 @@ def test_dropout_only_in_train_mode():
         assert not torch.equal(m.train()(x, t), m(x, t))
         m.eval()
         torch.testing.assert_close(m(x, t), m(x, t), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_no_grad_path_computes_the_same_bits(channels_last):
+    """Without grads the residual blocks work in place (sampling): bit for bit the autograd path's result,
+    and the input is left alone."""
+    torch.manual_seed(0)
+    m = Unet(dim=8, dim_mults=(1, 2), channels=1, attn_heads=2, attn_dim_head=8).eval()
+    x, t = torch.randn(3, 1, 8, 8), _t(3)
+    if channels_last:
+        m, x = m.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    x_before = x.clone()
+    with_grad = m(x, t)
+    with torch.no_grad():
+        without = m(x, t)
+    with torch.inference_mode():
+        inference = m(x, t)
+    assert with_grad.requires_grad and torch.equal(without, inference) and torch.equal(x, x_before)
+    # the residual blocks give the same bits; attention at <= 64 positions is written out on a CPU (its
+    # rounding differs from SDPA's flash kernel)
+    torch.testing.assert_close(without, with_grad.detach(), rtol=1e-5, atol=1e-6)
+    block, temb = m.downs[0][0], torch.randn(3, m.time_mlp[-1].out_features)
+    h = m.init_conv(x).detach()
+    with torch.no_grad():
+        in_place = block(h, temb)
+    assert torch.equal(in_place, block(h, temb).detach())
+
+
+def test_dropout_zeroes_a_fraction_p_and_keeps_the_mean():
+    x = torch.ones(200_000, requires_grad=True)
+    torch.manual_seed(0)
+    y = dropout(x, 0.1, training=True)
+    zero = (y == 0).float().mean().item()
+    assert abs(zero - 0.1) < 0.005  # binomial sd 0.0007
+    assert torch.allclose(y[y != 0], torch.tensor(1 / 0.9))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # d(x * mask)/dx = mask
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x, 0.1, training=True), y)  # the global generator decides the mask
+    assert dropout(x, 0.1, training=False) is x and dropout(x, 0.0, training=True) is x
+    assert torch.equal(dropout(x, 1.0, training=True), torch.zeros_like(x))
 
 
 def test_channels_last():
