@@ -128,6 +128,7 @@ class TrackingConfig:
 @dataclass(frozen=True)
 class Params:
     seed: int = 0
+    seeds: tuple[int, ...] = (0,)  # training seeds (contract 1; trust-branch shim, struct-train's version wins)
     timesteps: int = 1000
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     fast: bool = True  # channels_last + torch.compile (+ bf16 autocast on CUDA): see ddpm/speed.py

@@ -32,8 +32,12 @@ def sampler_label(name: str, eta: float) -> str:
     return f"ddim-eta{eta:g}" if name == "ddim" else name
 
 
-def sample_path(schedule: str, name: str, eta: float, steps: int) -> Path:
-    """samples/<schedule>/<name>-eta<eta>-<steps>.npz, spelt as dvc.yaml's matrix interpolates it."""
+def sample_path(schedule: str, *args: Any) -> Path:
+    """samples/<schedule>/<name>-eta<eta>-<steps>.npz, spelt as dvc.yaml's matrix interpolates it.
+
+    SHIM (trust branch only, drop at merge for struct-train's contract-1 version): also accepts
+    (schedule, seed, name, eta, steps); with one training seed the files stay where they were."""
+    name, eta, steps = args[-3:]
     return SAMPLES / schedule / f"{name}-eta{float(eta)!r}-{steps}.npz"
 
 
@@ -41,7 +45,7 @@ def model_dir(schedule: str) -> Path:
     return MODELS / schedule
 
 
-def train_run_id(schedule: str) -> str | None:
+def train_run_id(schedule: str, seed: int | None = None) -> str | None:  # seed: contract-1 shim
     """The MLflow run id of a schedule's training run (from its train.json), None when unknown."""
     info = model_dir(schedule) / "train.json"
     return read_json(info).get("mlflow_run_id") if info.is_file() else None
