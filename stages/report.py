@@ -54,8 +54,8 @@ def main() -> None:
     p = load_params()
     fid = pd.read_csv(REPORTS / "fid.csv")
     summary = read_json(REPORTS / "fid_summary.json")
-    timings = [("prepare", "", read_json(PREPARED / "meta.json")["seconds"]),
-               ("featurizer", p.featurizer.kind, read_json(FEATURIZER / "metrics.json")["seconds"])]
+    timings = [("prepare", "", read_json(PREPARED / "meta.json").get("seconds", float("nan"))),
+               ("featurizer", p.featurizer.kind, read_json(FEATURIZER / "metrics.json").get("seconds", float("nan")))]
     losses, fid_curves, samples = {}, {}, {}
     for schedule in p.diffusion.schedules:
         losses[schedule] = pd.read_csv(model_dir(schedule) / "loss.csv")
@@ -67,7 +67,7 @@ def main() -> None:
                 samples[(schedule, sampler_label(s.name, s.eta), steps)] = load_arrays(path)["images"]
                 timings.append(("sample", f"{schedule} {sampler_label(s.name, s.eta)} x{steps}",
                                 read_json(path.with_suffix(".json"))["seconds"]))
-    timings.append(("fid", "", summary["seconds"]))
+    timings.append(("fid", "", summary.get("seconds", float("nan"))))
     featurizer = read_json(FEATURIZER / "metrics.json")
     real = load_arrays(PREPARED / "holdout.npz")["images"][: p.report.forward_images]
     out = build_report(
