@@ -18,7 +18,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY = {
-    "seed": 0, "timesteps": 20, "device": "cpu", "fast": False,
+    "seed": 0, "seeds": [0], "timesteps": 20, "device": "cpu", "fast": False,
     "data": {"name": "digits", "root": "data/raw", "image_size": None, "channels": None, "holdout_fraction": 0.25},
     "featurizer": {"kind": "classifier", "feature_dim": 8, "epochs": 1, "batch_size": 128, "lr": 0.01,
                    "inception_weights": None},
@@ -79,7 +79,9 @@ def test_repro_writes_the_outputs(repo):
     path, env, out = repo
     assert ran_stages(out) >= {"prepare", "featurizer", "train@linear", "train@cosine", "fid", "report"}
     fid = pd.read_csv(path / "reports" / "fid.csv")
-    assert list(fid.columns) == ["schedule", "sampler", "eta", "steps", "fid", "n_samples", "features"]
+    assert list(fid.columns) == ["schedule", "sampler", "eta", "steps", "fid", "n_samples", "features", "seed", "spacing",
+                                 "fid_lo", "fid_hi", "kid", "kid_std"]
+    assert (fid["fid_lo"] < fid["fid_hi"]).all() and (fid["kid_std"] > 0).all() and fid["features"].str.fullmatch(r"classifier-8d-[0-9a-f]{8}").all()
     assert len(fid) == 2 * 2 * 1 and (fid["n_samples"] == 24).all() and (fid["fid"] >= 0).all()
     metrics = json.loads((path / "reports" / "metrics.json").read_text())
     for key in ("fid_floor", "best_fid", "featurizer_val_accuracy", "final_loss_linear", "final_loss_cosine"):
