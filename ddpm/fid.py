@@ -47,13 +47,14 @@ that re-running the sampler and re-drawing the real reference set would give on 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Iterator, Union
 from unittest import mock
 
 import numpy as np
@@ -652,6 +653,22 @@ def fid_from_images(featurizer: nn.Module, images_uint8: ImageBatch, reference_m
     return frechet_distance(*feature_statistics(feats), reference_mu, reference_sigma)
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run small batched numpy/torch maths on one thread: on the shared 2-core machine the
+    interval and KID took 3.2 s and 0.6 s a cell with the default threads, 0.06 s and 0.11 s with
+    one (measured side by side); one thread also makes the values independent of the thread count."""
+    from threadpoolctl import threadpool_limits  # comes with scikit-learn
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1):
+            yield
+    finally:
+        torch.set_num_threads(prev)
+
+
 def _weighted_statistics(x: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Means [B, D] and unbiased covariances [B, D, D] of B resamples of ``x`` [N, D] given as
     multinomial counts [B, N] (each row sums to N): no resampled copy of ``x`` is built."""
@@ -698,7 +715,7 @@ def fid_interval(feats: Any, ref_feats: Any, *, level: float = 0.95, n_boot: int
     D = 4); at D = 32, N = 400, M = 1347: 96% at FID ~ 10 with the true spread's width, and
     conservative near the floor, 99-100% with intervals 1.4-2x wider than needed
     (benchmarks/interval_coverage.py). Cost: n_boot batched D x D
-    eigendecompositions, about 0.3 s at those sizes.
+    eigendecompositions, about 0.06 s at those sizes (one thread).
     """
     a, b = np.asarray(feats, dtype=np.float64), np.asarray(ref_feats, dtype=np.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
@@ -708,8 +725,9 @@ def fid_interval(feats: Any, ref_feats: Any, *, level: float = 0.95, n_boot: int
     rng = np.random.default_rng(seed)
     ca = rng.multinomial(len(a), np.full(len(a), 1.0 / len(a)), size=n_boot).astype(np.float64)
     cb = rng.multinomial(len(b), np.full(len(b), 1.0 / len(b)), size=n_boot).astype(np.float64)
-    boot = _frechet_batch(*_weighted_statistics(a, ca), *_weighted_statistics(b, cb))
-    theta = fid_from_features(a, b)
+    with _one_thread():
+        boot = _frechet_batch(*_weighted_statistics(a, ca), *_weighted_statistics(b, cb))
+        theta = fid_from_features(a, b)
     alpha = (1.0 - level) / 2.0
     q_lo, q_hi = np.quantile(boot - boot.mean(), [alpha, 1.0 - alpha])
     return max(theta - float(q_hi), 0.0), theta - float(q_lo)
@@ -723,7 +741,7 @@ def kid(feats: Any, ref_feats: Any, *, n_subsets: int = 100, subset_size: int = 
     replacement from a seeded generator); returns (mean, std over subsets), as the paper and
     torchmetrics' ``KernelInceptionDistance`` report them. The MMD itself is torchmetrics'
     ``maximum_mean_discrepancy`` and ``poly_kernel`` (run in float64), so only the subset draw is ours.
-    About 0.5 s at N = 400, M = 1348, D = 32 on one core."""
+    About 0.1 s at N = 400, M = 1348, D = 32 (one thread)."""
     from torchmetrics.image.kid import maximum_mean_discrepancy, poly_kernel
 
     a, b = np.asarray(feats, dtype=np.float64), np.asarray(ref_feats, dtype=np.float64)
@@ -735,11 +753,12 @@ def kid(feats: Any, ref_feats: Any, *, n_subsets: int = 100, subset_size: int = 
     rng = np.random.default_rng(seed)
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
     values = []
-    for _ in range(n_subsets):
-        ib = torch.from_numpy(rng.choice(len(b), size, replace=False))
-        ia = torch.from_numpy(rng.choice(len(a), size, replace=False))
-        kernels = poly_kernel(tb[ib], tb[ib]), poly_kernel(tb[ib], ta[ia]), poly_kernel(ta[ia], ta[ia])
-        values.append(float(maximum_mean_discrepancy(*kernels)))
+    with _one_thread():
+        for _ in range(n_subsets):
+            ib = torch.from_numpy(rng.choice(len(b), size, replace=False))
+            ia = torch.from_numpy(rng.choice(len(a), size, replace=False))
+            kernels = poly_kernel(tb[ib], tb[ib]), poly_kernel(tb[ib], ta[ia]), poly_kernel(ta[ia], ta[ia])
+            values.append(float(maximum_mean_discrepancy(*kernels)))
     return float(np.mean(values)), float(np.std(values))
 
 
