@@ -246,15 +246,13 @@ class Trainer:
                         nrow=int(math.sqrt(self.num_samples)) or 1, scale=max(1, 64 // d.image_size[0]))
         row: dict[str, float] = {}
         if self._fid is not None:
-            from .fid import extract_features, feature_statistics, frechet_distance
+            from .fid import fid_from_images
 
             featurizer, (mu, sigma) = self._fid
             x = sample_images(ema_model, d._process(), self.num_fid_samples, (d.channels, *d.image_size),
                               d.sampling_timesteps, d.rule, seed=self.seed + step, batch_size=256,
                               clip_denoised=d.clip_denoised, device=d.device)
-            feats = extract_features(featurizer, model_to_uint8(x), device=d.device)
-            m2, s2 = feature_statistics(feats)
-            row["fid"] = frechet_distance(m2, s2, mu, sigma)
+            row["fid"] = fid_from_images(featurizer, model_to_uint8(x), mu, sigma, device=str(d.device))
             log.info("step %d: FID %.3f", step, row["fid"])
         return row
 

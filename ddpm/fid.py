@@ -48,7 +48,6 @@ that re-running the sampler and re-drawing the real reference set would give on 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -62,7 +61,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ddpm.io import atomic_torch_save
+from ddpm.io import atomic_torch_save, file_sha256  # noqa: F401  (file_sha256: part of this API)
 
 __all__ = [
     "FEATURIZER_KINDS",
@@ -774,14 +773,6 @@ SHIPPED_RULERS: dict[str, dict[str, Any]] = {
                "recipe": {"kind": "classifier", "feature_dim": 32, "epochs": 15, "batch_size": 64, "lr": 0.01,
                           "image_size": None, "channels": None}},
 }
-
-
-def file_sha256(path: PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def feature_space_id(kind: str, dim: int, sha256: str) -> str:

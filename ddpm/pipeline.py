@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .io import atomic_save_npz, atomic_write_json
+from .io import atomic_save_npz, atomic_write_json, file_sha256  # noqa: F401  (re-exported for the stages)
 from .names import sampler_label  # noqa: F401  (re-exported: the one spelling, see ddpm/names.py)
 
 PREPARED = Path("data/prepared")
@@ -50,16 +50,6 @@ def model_dir(schedule: str, seed: int) -> Path:
 def checkpoint_dir(schedule: str, seed: int) -> Path:
     """checkpoints/<schedule>/seed<k>/: resume checkpoints (not a DVC output)."""
     return CHECKPOINTS / schedule / f"seed{int(seed)}"
-
-
-def file_sha256(path: Path) -> str:
-    """The sha256 of a file's bytes (hex): links a model to its MLflow training run without putting run ids
-    into DVC outputs (the train stage tags its run with its model's hash; sample .json files record it)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def sample_key(images: np.ndarray) -> str:

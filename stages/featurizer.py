@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from ddpm.config import load_params, resolve_device
-from ddpm.fid import (InceptionFeaturizer, extract_features, feature_space_id, feature_statistics, file_sha256,
-                      frechet_distance, load_ruler, resolve_inception_weights, save_featurizer, shipped_ruler,
+from ddpm.fid import (InceptionFeaturizer, extract_features, feature_space_id, feature_statistics, fid_from_images,
+                      file_sha256, load_ruler, resolve_inception_weights, save_featurizer, shipped_ruler,
                       train_classifier)
 from ddpm.io import atomic_path
 from ddpm.pipeline import FEATURIZER, PREPARED, load_arrays, read_json, save_arrays, setup_logging, write_json
@@ -28,7 +28,7 @@ def _train(p, train, holdout, seed, device):
 
 def _floor(net, train, holdout, device) -> float:
     ref = feature_statistics(extract_features(net, train["images"], device=device))
-    return frechet_distance(*feature_statistics(extract_features(net, holdout["images"], device=device)), *ref)
+    return fid_from_images(net, holdout["images"], *ref, device=str(device))
 
 
 def _trained_classifier(p, train, holdout, device, log):

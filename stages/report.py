@@ -40,7 +40,8 @@ def log_to_mlflow(p, r: Results, out: dict, metrics: dict) -> None:
     """The report files into a new `report` run; each sample grid (first seed) into its sample set's run."""
     tracker = Tracker(enabled=p.tracking.enabled, experiment=p.tracking.experiment,
                       pending_path=pending_file("report"))
-    parents = {(s, k): tracker.train_run(file_sha256(model_dir(s, k) / "model.pt")) for s in r.schedules for k in r.seeds}
+    models = {(s, k): model_dir(s, k) / "model.pt" for s in r.schedules for k in r.seeds}
+    parents = {key: tracker.train_run(file_sha256(path)) if path.is_file() else None for key, path in models.items()}
     run = tracker.start_run("report", params=p.flat(), tags={
         "kind": "report", "train_run_ids": ",".join(x for x in parents.values() if x)})
     tracker.log_metrics(run, [{"step": 0, **metrics}])

@@ -32,7 +32,7 @@ from ddpm import distributed as dist
 from ddpm.checkpoint import build, latest_valid_checkpoint, remove_run_checkpoints, save_model, spec_from_params
 from ddpm.config import load_params, resolve_device
 from ddpm.data import model_to_uint8
-from ddpm.fid import extract_features, feature_statistics, frechet_distance, load_featurizer
+from ddpm.fid import feature_statistics, fid_from_images, frechet_distance, load_featurizer
 from ddpm.io import atomic_path
 from ddpm.pipeline import (FEATURIZER, PREPARED, checkpoint_dir, file_sha256, load_arrays, model_dir, setup_logging,
                            write_json)
@@ -88,8 +88,8 @@ class FidCurve:
         x = sample_images(ema_model, self.process, t.fid_samples, self.shape, t.fid_sampling_steps, StepRule("ddim", 0.0),
                           seed=self.p.seed, batch_size=t.fid_samples, clip_denoised=d.clip_denoised,
                           device=self.device, autocast_dtype=self.speed.autocast_dtype)
-        feats = extract_features(self.featurizer, model_to_uint8(x), device=self.device)
-        fid = frechet_distance(*feature_statistics(feats), self.ref["mu"], self.ref["sigma"])
+        fid = fid_from_images(self.featurizer, model_to_uint8(x), self.ref["mu"], self.ref["sigma"],
+                              device=str(self.device))
         self.tracker.log_metrics(self.run_id, [{"step": step, "fid_train": fid}])
         self.log.info("train: step %d, FID %.3f (floor %.3f; %d samples, DDIM %d steps)", step, fid, self.floor,
                       t.fid_samples, t.fid_sampling_steps)
