@@ -99,6 +99,16 @@ def test_repro_writes_the_outputs(repo):
     assert not {"seconds", "images_per_second"} & set(info)  # no timings in DVC outputs
 
 
+def test_forced_rerun_of_every_stage_keeps_dvc_lock(repo):
+    """Issue 12 point 5: every DVC output (models, samples, fid, report) is a pure function of its inputs, MLflow
+    tracking on: `dvc repro --force` gives the same dvc.lock (no timings, run ids or resume steps in outputs)."""
+    path, env, _ = repo
+    first = (path / "dvc.lock").read_text()
+    out = run(["dvc", "repro", "--force"], path, env)
+    assert {"train@linear-0", "sample@linear-0-ddpm-eta0.0-3", "fid", "report"} <= ran_stages(out)
+    assert (path / "dvc.lock").read_text() == first
+
+
 def test_mlflow_runs_form_the_comparison_table(repo):
     path, env, _ = repo
     r = subprocess.run([sys.executable, "-m", "ddpm.tracking", "table", "--csv"], cwd=path, env=env,
@@ -234,8 +244,8 @@ def test_npz_outputs_are_byte_reproducible(tmp_path):
 def test_hostile_names_in_params_never_reach_a_shell(tmp_path):
     """A schedule or sampler name with shell syntax fails validation in Python; nothing runs in the shell.
 
-    Valid params first (prepare, featurizer and train@linear), then hostile names: prepare, featurizer
-    and train@linear stay up to date, so DVC goes straight to the new stages' commands."""
+    Valid params first (prepare, featurizer and train@linear-0), then hostile names: prepare, featurizer
+    and train@linear-0 stay up to date, so DVC goes straight to the new stages' commands."""
     import copy
 
     params = copy.deepcopy(TINY)
@@ -243,14 +253,15 @@ def test_hostile_names_in_params_never_reach_a_shell(tmp_path):
     params["train"].update(steps=2, fid_every=0, checkpoint_every=2, log_every=2)
     params["tracking"]["enabled"] = False
     path, env = make_repo(tmp_path, params)
-    run(["dvc", "repro", "train@linear"], path, env)
+    run(["dvc", "repro", "train@linear-0"], path, env)
     params["diffusion"]["schedules"] = ["linear", "cosine;touch marker1;true"]
-    params["sample"]["samplers"] = [{"name": "ddpm", "eta": 0.0}, {"name": "ddim$(touch marker2)", "eta": 0.0}]
+    params["sample"]["samplers"] = ["ddpm-eta0.0-3", "ddim$(touch marker2)-eta0.0-3"]
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     r = subprocess.run(["dvc", "repro", "--keep-going"], cwd=path, env=env, capture_output=True, text=True,
                        timeout=600)
     out = r.stdout + r.stderr
     assert r.returncode != 0
-    assert ran_stages(out) >= {"train@cosine;touch marker1;true", "sample@linear-sampler1-3"}, out[-3000:]
+    assert ran_stages(out) >= {"train@cosine;touch marker1;true-0", "sample@linear-0-ddim$(touch marker2)-eta0.0-3"}, \
+        out[-3000:]
     assert "diffusion.schedules[1]: got 'cosine;touch marker1;true'" in out
     assert not list(path.rglob("marker*")), out[-3000:]

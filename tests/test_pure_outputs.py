@@ -1,8 +1,8 @@
 """DVC outputs are pure functions of their inputs: `dvc repro --force` twice leaves dvc.lock unchanged.
 
 Runs the stages up to the featurizer (prepare, then the shipped ruler or a trained featurizer with its
-seed-stability retrain) on the tiny config of test_pipeline.py; the train and sample stages are not
-covered here (their timings belong to their owners' branches).
+seed-stability retrain) on the tiny config of test_pipeline.py; the whole pipeline, train, sample, fid
+and report included, is checked by test_pipeline.py::test_forced_rerun_of_every_stage_keeps_dvc_lock.
 """
 from __future__ import annotations
 
