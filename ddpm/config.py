@@ -80,7 +80,7 @@ class DiffusionConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 1300
+    steps: int = 1500
     batch_size: int = 128  # global batch per optimizer step (split over grad_accum micro-batches)
     lr: float = 1e-3
     weight_decay: float = 0.0
