@@ -2,7 +2,7 @@
 
 Runs the stages up to the featurizer (prepare, then the shipped ruler or a trained featurizer with its
 seed-stability retrain) on the tiny config of test_pipeline.py; the whole pipeline, train, sample, fid
-and report included, is checked by test_pipeline.py::test_forced_rerun_of_every_stage_keeps_dvc_lock.
+and report included, is checked by test_pipeline.py::test_force_repro_is_reproducible.
 """
 from __future__ import annotations
 

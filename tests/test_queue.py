@@ -65,7 +65,7 @@ def test_two_queued_experiments_log_to_one_store(tmp_path):
 
     params = copy.deepcopy(TINY)
     params["diffusion"]["schedules"] = ["linear"]
-    params["sample"]["samplers"] = [{"name": "ddpm", "eta": 0.0}]
+    params["sample"]["samplers"] = ["ddpm-eta0.0-3"]
     params["tracking"]["experiment"] = "queued"
     train_steps = params["train"]["steps"]
     path, env = make_repo(tmp_path, params)

@@ -22,7 +22,7 @@ def _files(root, folders) -> dict[str, bytes]:
 def test_push_clone_pull_is_up_to_date(tmp_path):
     params = copy.deepcopy(TINY)
     params["diffusion"]["schedules"] = ["linear"]
-    params["sample"]["samplers"] = [{"name": "ddpm", "eta": 0.0}]
+    params["sample"]["samplers"] = ["ddpm-eta0.0-3"]
     src, env = make_repo(tmp_path / "src", params)
     ran = ran_stages(run(["dvc", "repro"], src, env))
     assert {"prepare", "featurizer", "train@linear-0", "sample@linear-0-sampler0-3", "fid", "report"} == ran, ran

@@ -71,7 +71,8 @@ def test_pipeline_logs_runs_and_artifacts_to_a_shared_server(tmp_path, server):
     assert sorted(path.rglob("mlflow-pending.jsonl")) == []
 
     fid_csv = pd.read_csv(path / "reports" / "fid.csv")
-    schedules, samplers, steps = params["diffusion"]["schedules"], ["ddpm", "ddim"], params["sample"]["steps"]
+    schedules, samplers = params["diffusion"]["schedules"], ["ddpm", "ddim"]
+    steps = sorted({int(key.rsplit("-", 1)[1]) for key in params["sample"]["samplers"]})  # sets: <rule>-eta<eta>-<steps>
     with _tracking_uri(server.uri) as mlflow:
         table = mlflow.search_runs(experiment_names=["shared"], filter_string="tags.kind = 'sample'")
         train = mlflow.search_runs(experiment_names=["shared"], filter_string="tags.kind = 'train'",
