@@ -5,7 +5,7 @@ line as it is: a schedule named `cosine;touch x;true` ran `touch x` before any P
 (DVC shell-quotes the values, but not the keys, of a whole mapping `${item}`: a sampler written
 `{name: ddpm, "eta 0;touch x;echo": 0.0}` still reaches the shell.) So these stages interpolate
 nothing into `cmd`: it is `python -m stages.item`. DVC passes the stage's name in $DVC_STAGE, e.g.
-`sample@cosine-sampler0-10`; this module validates params.yaml, spells every stage name the way DVC
+`sample@cosine-0-ddim-eta0.0-10`; this module validates params.yaml, spells every stage name the way DVC
 3 does from the validated values (a scalar as written, a list or mapping as `<key><index>`, joined by
 `-`), finds $DVC_STAGE among them, and calls the stage with those values.
 
@@ -45,7 +45,7 @@ def _fragment(key: str, index: int, value: Any) -> str:
 
 
 def items(stage: str, p: Params) -> dict[str, dict[str, Any]]:
-    """``{"sample@cosine-sampler0-10": {"schedule": "cosine", "sampler": ..., "steps": 10}, ...}``."""
+    """``{"sample@cosine-0-ddim-eta0.0-10": {"schedule": "cosine", "sampler": ..., "steps": 10}, ...}``."""
     grid = GRIDS[stage](p)
     out = {}
     for combo in itertools.product(*[list(enumerate(values)) for _, values in grid]):
@@ -55,7 +55,7 @@ def items(stage: str, p: Params) -> dict[str, dict[str, Any]]:
 
 
 def resolve(name: str, p: Params) -> tuple[str, list[str]]:
-    """``"sample@cosine-sampler0-10"`` -> (``"stages.sample"``, its validated arguments)."""
+    """``"sample@cosine-0-ddim-eta0.0-10"`` -> (``"stages.sample"``, its validated arguments)."""
     name = name.rsplit("dvc.yaml:", 1)[-1]  # `sub/dvc.yaml:train@x` when run from elsewhere
     stage = name.split("@", 1)[0]
     if stage not in GRIDS:

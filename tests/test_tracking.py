@@ -453,8 +453,8 @@ def test_credentials_never_reach_logs_stderr_or_files(tmp_path, monkeypatch, cap
 
 def test_pending_file_lives_outside_dvc_outputs(tmp_path, monkeypatch):
     monkeypatch.setenv("DVC_ROOT", str(tmp_path / "repo"))
-    monkeypatch.setenv("DVC_STAGE", "sample@cosine-sampler0-10")
-    assert tr.pending_file() == tmp_path / "repo" / "mlflow-pending" / "sample@cosine-sampler0-10.jsonl"
+    monkeypatch.setenv("DVC_STAGE", "sample@cosine-0-ddim-eta0.0-10")
+    assert tr.pending_file() == tmp_path / "repo" / "mlflow-pending" / "sample@cosine-0-ddim-eta0.0-10.jsonl"
     assert tr.pending_file("../../evil name").parent == tmp_path / "repo" / "mlflow-pending"
     ignored = [line.strip() for f in (".gitignore", ".dvcignore") for line in (ROOT / f).read_text().splitlines()]
     assert ignored.count("/mlflow-pending/") == 2
