@@ -18,7 +18,7 @@ import re
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import yaml
 
@@ -31,6 +31,9 @@ DATASET_SIZES = {"digits": 1797, "mnist": 60000, "fashion_mnist": 60000, "cifar1
 MAX_INT = 2**63 - 1  # int64: beyond it numpy and torch overflow deep inside
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding and torch.manual_seed both accept [0, 2**32)
 DEVICE_RE = re.compile(r"auto|cpu|cuda(:[0-9]{1,2})?")
+
+
+Need = Callable[[bool, str, Any, str], None]  # need(cond, key, value, allowed): records a problem
 
 
 class ConfigError(ValueError):
@@ -284,16 +287,26 @@ def _join(prefix: str, key: Any) -> str:
 
 
 def _check(p: Params, problems: list[str]) -> None:
+    """Every range and combination check, one line per problem (key, value given, what is allowed)."""
     def need(cond: bool, key: str, value: Any, allowed: str) -> None:
         if not cond:
             problems.append(f"{key}: got {value!r}; allowed: {allowed}")
 
+    for check in (_check_top, _check_data_and_model, _check_diffusion, _check_train, _check_sample,
+                  _check_report_and_tracking):
+        check(p, need, problems)
+
+
+def _check_top(p: Params, need: Need, problems: list[str]) -> None:
     need(0 <= p.seed <= MAX_SEED, "seed", p.seed, f"an integer in [0, {MAX_SEED}]")
     need(p.timesteps >= 1, "timesteps", p.timesteps, "an integer >= 1")
     need(len(p.seeds) >= 1 and len(set(p.seeds)) == len(p.seeds) and all(0 <= k <= MAX_SEED for k in p.seeds),
          "seeds", list(p.seeds), f"a non-empty list of distinct integers in [0, {MAX_SEED}]")
     need(p.timesteps <= 100_000, "timesteps", p.timesteps, "an integer in [1, 100000]")
     need(DEVICE_RE.fullmatch(p.device) is not None, "device", p.device, "auto, cpu, cuda or cuda:N")
+
+
+def _check_data_and_model(p: Params, need: Need, problems: list[str]) -> None:
     d = p.data
     need(d.name in DATASETS, "data.name", d.name, ", ".join(DATASETS))
     need(d.image_size is None or 4 <= d.image_size <= 1024, "data.image_size", d.image_size,
@@ -320,6 +333,9 @@ def _check(p: Params, problems: list[str]) -> None:
         need(size % div == 0, "data.image_size", given,
              f"a multiple of {div} for model.dim_mults={list(m.dim_mults)} ({len(m.dim_mults) - 1} downsamplings); "
              "set data.image_size or use fewer dim_mults")
+
+
+def _check_diffusion(p: Params, need: Need, problems: list[str]) -> None:
     df = p.diffusion
     need(len(df.schedules) >= 1, "diffusion.schedules", list(df.schedules), "a non-empty list")
     for i, s in enumerate(df.schedules):
@@ -330,6 +346,9 @@ def _check(p: Params, problems: list[str]) -> None:
          "null or a number > 0")
     need(not (df.zero_terminal_snr and df.objective == "pred_noise"), "diffusion.zero_terminal_snr",
          df.zero_terminal_snr, "true only with objective pred_v or pred_x0 (x0 is undefined from noise at SNR 0)")
+
+
+def _check_train(p: Params, need: Need, problems: list[str]) -> None:
     t = p.train
     need(t.steps >= 1, "train.steps", t.steps, "an integer >= 1")
     need(t.batch_size >= 1, "train.batch_size", t.batch_size, "an integer >= 1")
@@ -355,6 +374,10 @@ def _check(p: Params, problems: list[str]) -> None:
     need(t.fid_samples >= 2, "train.fid_samples", t.fid_samples, "an integer >= 2")
     need(1 <= t.fid_sampling_steps <= p.timesteps, "train.fid_sampling_steps", t.fid_sampling_steps,
          f"an integer in [1, timesteps={p.timesteps}]")
+
+
+def _check_sample(p: Params, need: Need, problems: list[str]) -> None:
+    d = p.data
     s = p.sample
     need(len(s.samplers) >= 1, "sample.samplers", list(s.samplers), "a non-empty list")
     need(s.spacing in SPACINGS, "sample.spacing", s.spacing, ", ".join(SPACINGS))
@@ -382,6 +405,9 @@ def _check(p: Params, problems: list[str]) -> None:
     need(s.batch_size >= 1, "sample.batch_size", s.batch_size, "an integer >= 1")
     need(s.nproc_per_node >= 1, "sample.nproc_per_node", s.nproc_per_node,
          "an integer >= 1 (processes on this machine)")
+
+
+def _check_report_and_tracking(p: Params, need: Need, problems: list[str]) -> None:
     r = p.report
     need(r.grid_images >= 1, "report.grid_images", r.grid_images, "an integer >= 1")
     need(1 <= r.grid_scale <= 32, "report.grid_scale", r.grid_scale, "an integer in [1, 32]")
