@@ -770,7 +770,6 @@ def seed_summary(df):
     training seeds: ``n_seeds``, ``fid_mean``, ``fid_sd`` (sample sd; empty for one seed), ``kid_mean``,
     ``kid_sd``, sorted by ``fid_mean``. With one seed per configuration, differences between rows
     have not been tested against training noise."""
-    import pandas as pd
     keys = [c for c in SEED_GROUP if c in df.columns]
     g = df.groupby(keys, dropna=False, sort=False)
     out = g.agg(n_seeds=("seed", "nunique"), fid_mean=("fid", "mean"), fid_sd=("fid", "std"),

@@ -10,7 +10,6 @@ and artifact root under tmp_path; it is always SIGKILLed (whole group) in teardo
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
