@@ -2,15 +2,12 @@
 
     python3 benchmarks/default_path.py                  # this tree against `main`, 2 threads
     python3 benchmarks/default_path.py --base HEAD~3    # against any git revision
-    python3 benchmarks/default_path.py --base-shards 2  # old network with today's batch shards
 
 A full default run on a shared machine is too noisy to compare, so this times its components instead,
 interleaved (old, new, old, new ...) so that a drift of the machine's speed cancels in each pair:
 - training at the default config (params.yaml: model, train.batch_size, dropout), eager channels_last as
   `fast: true` runs it on a CPU: forward, loss, backward and a fused AdamW step, in images/s;
 - sampling at the pipeline's batch (sample.batch_size) with the DDPM rule, in image-steps/s;
-- the new side in batch shards on parallel threads where `fast: true` uses them (``ddpm.parallel``), the
-  old side in one batch (``--base-shards``);
 - each stage's process start-up: `python -c 'import torch'` and the stage modules' imports.
 The old network is ``ddpm/unet.py`` as of ``--base`` (read with `git show`, run beside the new one);
 both get the same weights. From the rates it predicts the default run's compute time before and after,
@@ -26,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -36,7 +32,6 @@ sys.path.insert(0, str(ROOT))
 
 from ddpm.config import load_params  # noqa: E402
 from ddpm.diffusion import GaussianProcess  # noqa: E402
-from ddpm.parallel import sharded_backward  # noqa: E402
 from ddpm.samplers import StepRule, sample_loop  # noqa: E402
 from ddpm.schedules import get_beta_schedule  # noqa: E402
 from ddpm.speed import Speed, sampling_model, to_channels_last  # noqa: E402
@@ -83,10 +78,9 @@ def paired(fns: dict[str, callable], blocks: int) -> dict[str, list[float]]:
     return out
 
 
-def train_block(model: torch.nn.Module, process: GaussianProcess, batch: int, steps: int, shards: int):
-    """``steps`` optimizer steps on random data: loss, backward (in ``shards`` parallel batch shards, as
-    ``ddpm.train`` runs them), fused AdamW (the loop's EMA and bookkeeping are the same code for old and
-    new, so they are left out)."""
+def train_block(model: torch.nn.Module, process: GaussianProcess, batch: int, steps: int):
+    """``steps`` optimizer steps on random data: loss, backward, fused AdamW (the loop's EMA and
+    bookkeeping are the same code for old and new, so they are left out)."""
     model = to_channels_last(model).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     g = torch.Generator().manual_seed(0)
@@ -96,18 +90,14 @@ def train_block(model: torch.nn.Module, process: GaussianProcess, batch: int, st
         for _ in range(steps):
             t = process.sample_timesteps(batch, g, torch.device("cpu"))
             noise = torch.randn(x0.shape, generator=g).contiguous(memory_format=torch.channels_last)
-            if shards > 1:
-                sharded_backward(lambda *a: process.losses(model, *a), x0, t, noise, 1 / batch, shards)
-            else:
-                process.losses(model, x0, t, noise).mean().backward()
+            process.losses(model, x0, t, noise).mean().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
     return run
 
 
-def sample_block(model: torch.nn.Module, process: GaussianProcess, batch: int, steps: int, shards: int):
-    speed = replace(Speed.resolve(True, "cpu"), cpu_shards=shards)
-    net = sampling_model(model.eval(), speed, batch * steps, "cpu")  # eager at this size
+def sample_block(model: torch.nn.Module, process: GaussianProcess, batch: int, steps: int):
+    net = sampling_model(model.eval(), Speed.resolve(True, "cpu"), batch * steps, "cpu")  # eager at this size
     g = torch.Generator()
 
     def run() -> None:
@@ -136,16 +126,16 @@ def ratio_line(name: str, unit: str, work: float, times: dict[str, list[float]])
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default="main", help="git revision of the old ddpm/unet.py")
-    ap.add_argument("--base-shards", type=int, default=1,
-                    help="batch shards of the old side (1: one batch on all threads, as before ddpm.parallel)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dim", type=int, default=None,
+                    help="model width (default: params.yaml's model.dim; 32 is benchmarks/peers.py's model)")
     ap.add_argument("--blocks", type=int, default=8, help="timed blocks per side")
     ap.add_argument("--scale-to", type=float, default=137.0, help="matmul GFLOP/s of the machine to predict for")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     p = load_params(ROOT / "params.yaml")
     m, t, s = p.model, p.train, p.sample
-    kw = dict(dim=m.dim, dim_mults=tuple(m.dim_mults), channels=1, dropout=m.dropout,
+    kw = dict(dim=args.dim or m.dim, dim_mults=tuple(m.dim_mults), channels=1, dropout=m.dropout,
               attn_heads=m.attn_heads, attn_dim_head=m.attn_dim_head)
     models = {"old": unet_at(args.base), "new": Unet}
     process = GaussianProcess(get_beta_schedule("linear", p.timesteps), p.diffusion.objective)
@@ -160,14 +150,10 @@ def main() -> None:
     print(f"| component (median of {args.blocks} blocks, in turn) | old | new | new / old speed (range) |")
     print("|---|---|---|---|")
     steps = 10
-    shards = {"old": args.base_shards, "new": Speed.resolve(True, "cpu").cpu_shards}
-    print(f"(batch shards in parallel threads: old {shards['old']}, new {shards['new']})\n")
-    train_t = paired({k: train_block(build(c), process, t.batch_size, steps, shards[k]) for k, c in models.items()},
-                     args.blocks)
-    train_rate = ratio_line(f"training img/s (dim {m.dim}, batch {t.batch_size}, dropout {m.dropout})", "img/s",
+    train_t = paired({k: train_block(build(c), process, t.batch_size, steps) for k, c in models.items()}, args.blocks)
+    train_rate = ratio_line(f"training img/s (dim {kw['dim']}, batch {t.batch_size}, dropout {m.dropout})", "img/s",
                             t.batch_size * steps, train_t)
-    sample_t = paired({k: sample_block(build(c), process, s.batch_size, steps, shards[k]) for k, c in models.items()},
-                      args.blocks)
+    sample_t = paired({k: sample_block(build(c), process, s.batch_size, steps) for k, c in models.items()}, args.blocks)
     sample_rate = ratio_line(f"DDPM sampling image-steps/s (batch {s.batch_size})", "image-steps/s",
                              s.batch_size * steps, sample_t)
     start = {"import torch": startup_seconds("import torch", 3),

@@ -183,8 +183,7 @@ def ours_training(device: torch.device, batch: int, mode: str, block: int, block
     settings = TrainSettings(steps=block * (blocks + 2), batch_size=batch, lr=1e-3, warmup_steps=10,
                              ema_decay=0.999, log_every=block, checkpoint_every=10**9,
                              amp=speed.autocast_dtype is not None,
-                             channels_last=speed.train_channels_last, cpu_shards=speed.cpu_shards,
-                             compile=speed.compile)
+                             channels_last=speed.train_channels_last, compile=speed.compile)
     times: list[float] = []
     mark: list[float] = []
 

@@ -26,8 +26,6 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .parallel import ShardedModel, cpu_workers
-
 log = logging.getLogger(__name__)
 
 # Work below which compiling does not pay on a CPU (2 cores, measured). Sampling, in image-steps:
@@ -51,7 +49,6 @@ class Speed:
     sample_channels_last: bool = False
     compile: bool = False
     autocast_dtype: torch.dtype | None = None
-    cpu_shards: int = 1  # batch shards run in parallel CPU threads (ddpm.parallel) where not compiled
 
     @staticmethod
     def resolve(fast: bool, device: torch.device | str) -> "Speed":
@@ -68,8 +65,7 @@ class Speed:
         # CPU has AMX (the casts around small convolutions cost more than they save); nor oneDNN's
         # bf16 arithmetic for float32 convolutions (torch.backends.mkldnn.conv.fp32_precision = "bf16"):
         # dim 32 trains at 602 img/s with it against 1,129 without.
-        # Batch shards in parallel threads (ddpm.parallel): 2 where torch has at least 2 intra-op threads.
-        return Speed(True, True, True, None, cpu_workers(device))
+        return Speed(True, True, True, None)
 
     def compile_training(self, device: torch.device | str, images: int) -> bool:
         """Whether to compile the training loss of a run of ``images`` (steps x batch size)."""
@@ -147,12 +143,9 @@ def compile_training_pays(device: torch.device | str, images: int) -> bool:
 
 
 def sampling_model(model: nn.Module, speed: Speed, image_steps: int, device: torch.device | str):
-    """The callable to sample with (eval mode): channels_last; compiled where that pays, else on batch
-    shards in parallel CPU threads where ``speed`` has them (``ddpm.parallel.ShardedModel``)."""
+    """The callable to sample with: channels_last and, where it pays, compiled (eval mode, no grads)."""
     if speed.sample_channels_last:
         model = to_channels_last(model)
     if speed.compile and compile_pays(device, image_steps):
         return CompiledOrEager(model.eval(), f"{type(model).__name__} for sampling", dynamic=False)
-    if speed.cpu_shards > 1 and torch.device(device).type == "cpu":
-        return ShardedModel(model.eval(), speed.cpu_shards)
     return model

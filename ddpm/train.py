@@ -4,9 +4,8 @@
 attributes and does one job per method; :func:`train` runs it. It knows nothing of files other than its
 checkpoint folder, nor of MLflow: it reports through callbacks (``on_log`` with the per-step losses,
 ``on_eval`` with the EMA model). Every random draw comes from generators it owns and checkpoints (data
-order, timesteps and noise), plus torch's global RNG for dropout (with ``cpu_shards``: the seeds of each
-shard's dropout generator), which is seeded here and saved too, so a resumed run continues bit for bit on
-the CPU. The file formats live in ``ddpm.checkpoint``; flat
+order, timesteps and noise), plus torch's global RNG for dropout, which is seeded here and saved too, so a
+resumed run continues bit for bit on the CPU. The file formats live in ``ddpm.checkpoint``; flat
 parameters, EMA, warm-up and AMP in ``ddpm.optim``.
 
 Under torchrun (``ddpm.distributed.init`` called first) the model trains in DistributedDataParallel:
@@ -33,7 +32,6 @@ from .config import TrainConfig
 from .diffusion import GaussianProcess
 from .io import atomic_torch_save
 from .optim import EMA, FlatParams, amp_settings, flat_optimizer_state, make_optimizer, warmup_lr  # noqa: F401
-from .parallel import MIN_SHARD, sharded_backward
 from .speed import CompiledOrEager, compile_options, to_channels_last
 
 log = logging.getLogger(__name__)
@@ -53,7 +51,6 @@ class TrainSettings(TrainConfig):
     eval_every: int = 0  # calls on_eval every N steps (and at the end); 0: never
     channels_last: bool = False  # NHWC weights and activations (ddpm.speed)
     compile: bool = False        # torch.compile the loss (forward and backward), eager if that fails
-    cpu_shards: int = 1          # > 1: each micro-batch in that many shards, in parallel CPU threads (ddpm.parallel)
 
     @classmethod
     def from_config(cls, config: TrainConfig, **loop: Any) -> "TrainSettings":
@@ -142,7 +139,6 @@ class TrainLoop:
         if self.ckpt_dir is not None:
             self.resume()
         self.loss_fn = self._make_loss_fn()
-        self.shards = self._shards()
         self.losses = LossLog(settings.log_every, self.device, self.process.num_timesteps)
         self.pbar = None
 
@@ -186,13 +182,6 @@ class TrainLoop:
         if self.s.compile:
             return CompiledOrEager(loss_fn, "the training loss", **compile_options(self.device))
         return loss_fn
-
-    def _shards(self) -> int:
-        """Batch shards per micro-batch: ``cpu_shards`` for one eager CPU process (no DDP, no compile, no
-        grad scaler) with at least ``MIN_SHARD`` images per shard; else 1."""
-        s = self.s
-        alone = self.world == 1 and self.device.type == "cpu" and not s.compile and not self.use_scaler
-        return s.cpu_shards if s.cpu_shards > 1 and alone and self.micro >= s.cpu_shards * MIN_SHARD else 1
 
     # --- checkpoints --------------------------------------------------------------------------------------
     def resume(self) -> None:
@@ -285,13 +274,9 @@ class TrainLoop:
         x0 = self.next_batch()
         t = self.process.sample_timesteps(len(x0), self.g_noise, self.device)
         noise = torch.randn(x0.shape, generator=self.g_noise, device=self.device)
-        if self.shards > 1:  # the same sum of per-sample gradients, shard by shard in parallel threads
-            per_sample = sharded_backward(self.loss_fn, x0, t, noise, 1 / (len(x0) * self.s.grad_accum), self.shards)
-            loss = per_sample.mean() / self.s.grad_accum
-        else:
-            per_sample = self.loss_fn(x0, t, noise)
-            loss = per_sample.mean() / self.s.grad_accum
-            self.scaler.scale(loss).backward()
+        per_sample = self.loss_fn(x0, t, noise)
+        loss = per_sample.mean() / self.s.grad_accum
+        self.scaler.scale(loss).backward()
         self.losses.add(loss, per_sample, t)
 
     def optimizer_step(self) -> None:

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import math
 import numbers
-import threading
-from contextlib import contextmanager
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,31 +37,16 @@ def _groups(channels: int, groups: int) -> int:
     return math.gcd(channels, groups)
 
 
-_rng = threading.local()  # the dropout generator of this thread (ddpm.parallel: one per batch shard)
-
-
-@contextmanager
-def dropout_generator(generator: Optional[torch.Generator]) -> Iterator[None]:
-    """Draw this thread's dropout masks from ``generator`` (None: torch's global RNG) inside the block."""
-    before = getattr(_rng, "generator", None)
-    _rng.generator = generator
-    try:
-        yield
-    finally:
-        _rng.generator = before
-
-
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Inverted dropout (Srivastava et al. 2014): zero each element with probability p, scale the rest by
     1 / (1 - p). The mask comes from one uniform draw compared in place, which on a CPU costs less than
-    ``F.dropout``'s Bernoulli sampling (measured: see ``benchmarks/README``/README "Performance"); it is
-    drawn from :func:`dropout_generator`'s generator where one is set."""
+    ``F.dropout``'s Bernoulli sampling (measured: see ``benchmarks/README``/README "Performance")."""
     if not training or p == 0:
         return x
     if p == 1:
         return x * 0
-    keep = torch.empty_like(x).uniform_(generator=getattr(_rng, "generator", None))
-    return x * keep.ge_(p).div_(1 - p)  # U >= p with probability 1 - p
+    keep = torch.rand_like(x).ge_(p).div_(1 - p)  # U >= p with probability 1 - p
+    return x * keep
 
 
 class SinusoidalPosEmb(nn.Module):
@@ -282,8 +265,6 @@ class Unet(nn.Module):
         elif t.shape != (x.shape[0],):
             raise ValueError(f"expected t of shape [{x.shape[0]}], got {tuple(t.shape)}")
 
-        if t.shape[0] > 1 and t.stride(0) == 0:  # one t for the batch (a 0-d or expanded t, as samplers pass):
-            t = t[:1]  # its embedding once, [1, time_dim]; every block broadcasts its scale and shift
         temb = self.time_mlp(self.time_pos_emb(t).to(self.time_mlp[0].weight.dtype))
         x = self.init_conv(x)
         r = x

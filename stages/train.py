@@ -37,7 +37,7 @@ from ddpm.io import atomic_path
 from ddpm.pipeline import (FEATURIZER, PREPARED, checkpoint_dir, file_sha256, load_arrays, model_dir, setup_logging,
                            write_json)
 from ddpm.samplers import StepRule, sample_images
-from ddpm.speed import Speed, sampling_model
+from ddpm.speed import Speed
 from ddpm.tracking import Tracker, pending_file
 from ddpm.train import TrainResult, TrainSettings, train
 
@@ -85,8 +85,7 @@ class FidCurve:
 
     def __call__(self, step: int, ema_model: torch.nn.Module) -> dict[str, float]:
         t, d = self.p.train, self.p.diffusion
-        net = sampling_model(ema_model, self.speed, t.fid_samples * t.fid_sampling_steps, self.device)
-        x = sample_images(net, self.process, t.fid_samples, self.shape, t.fid_sampling_steps, StepRule("ddim", 0.0),
+        x = sample_images(ema_model, self.process, t.fid_samples, self.shape, t.fid_sampling_steps, StepRule("ddim", 0.0),
                           seed=self.p.seed, batch_size=t.fid_samples, clip_denoised=d.clip_denoised,
                           device=self.device, autocast_dtype=self.speed.autocast_dtype)
         fid = fid_from_images(self.featurizer, model_to_uint8(x), self.ref["mu"], self.ref["sigma"],
@@ -135,7 +134,7 @@ def run(schedule: str, seed: int, p, device: torch.device, log) -> None:
     meta["model_config"] = model.config
     key, t = run_key(schedule, seed, p), p.train
     settings = TrainSettings.from_config(t, amp=t.amp or speed.autocast_dtype is not None,
-                                         channels_last=speed.train_channels_last, cpu_shards=speed.cpu_shards,
+                                         channels_last=speed.train_channels_last,
                                          compile=speed.compile_training(device, t.steps * t.batch_size))
     tracker = run_id = on_eval = None
     if main:  # the other ranks only train: no FID, no MLflow, no files
