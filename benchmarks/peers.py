@@ -5,6 +5,7 @@
     python3 benchmarks/peers.py --device cuda                # the same table on a GPU
     python3 benchmarks/peers.py --no-sampling                # the training table alone (about 2 minutes)
     python3 benchmarks/peers.py --runs 3 --no-sampling       # three whole comparisons: each ratio's median, range
+    python3 benchmarks/peers.py --malloc default             # glibc's default allocator instead of the stages' tuning
 
 Every library trains and samples the same 8x8 grayscale task with its own code, as its README and
 training script use it:
@@ -45,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 from ddpm.diffusion import GaussianProcess  # noqa: E402
 from ddpm.samplers import StepRule, sample_loop  # noqa: E402
 from ddpm.schedules import get_beta_schedule  # noqa: E402
-from ddpm.speed import CPU_SAMPLING_COMPILE_MIN, Speed, sampling_model  # noqa: E402
+from ddpm.speed import CPU_SAMPLING_COMPILE_MIN, Speed, sampling_model, tune_allocator  # noqa: E402
 from ddpm.train import TrainSettings, train  # noqa: E402
 from ddpm.unet import Unet  # noqa: E402
 
@@ -362,6 +363,9 @@ def main() -> None:
     ap.add_argument("--sample-batch", type=int, nargs="+", default=[64, 400],
                     help="sampling batches: 64 (the issue's) and 400 (the pipeline's sample.batch_size)")
     ap.add_argument("--sample-steps", type=int, default=None, help="steps per timed sampling run")
+    ap.add_argument("--malloc", choices=("pipeline", "default"), default="pipeline",
+                    help="pipeline: glibc's malloc keeps freed memory, as the train and sample stages set it "
+                         "(ddpm.speed.tune_allocator; process-wide, so for every library); default: glibc's defaults")
     ap.add_argument("--quick", action="store_true", help="2 repetitions, short runs: a smoke test")
     ap.add_argument("--no-training", action="store_true", help="the sampling tables only")
     ap.add_argument("--no-sampling", action="store_true", help="the training table only (about 2 minutes on 2 cores)")
@@ -370,6 +374,7 @@ def main() -> None:
         ap.error(f"--runs must be at least 1, got {args.runs}")
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
+    tuned = args.malloc == "pipeline" and tune_allocator()
     reps = 2 if args.quick else args.reps
     cpu = device.type == "cpu"
     block = (2 if args.quick else 10) if cpu else 20
@@ -378,7 +383,8 @@ def main() -> None:
 
     print(f"# ours vs denoising-diffusion-pytorch {version('denoising-diffusion-pytorch')} "
           f"and diffusers {diffusers.__version__}; torch {torch.__version__}, {device}"
-          + (f", {args.threads} threads" if cpu else f" ({torch.cuda.get_device_name(device)})"))
+          + (f", {args.threads} threads" if cpu else f" ({torch.cuda.get_device_name(device)})")
+          + ("; malloc tuned as the pipeline's stages (every library)" if tuned else "; glibc's default malloc"))
 
     # FLOPs per image, counted
     ours_m, lucid_d, diff_m = ours_model(device), lucid_setup(device), diffusers_model(device)

@@ -23,7 +23,7 @@ from ddpm.config import ConfigError, load_params, resolve_device
 from ddpm.data import model_to_uint8
 from ddpm.pipeline import file_sha256, model_dir, sample_path, save_arrays, setup_logging, timed, write_json
 from ddpm.samplers import StepRule
-from ddpm.speed import Speed, sampling_model
+from ddpm.speed import Speed, sampling_model, tune_allocator
 
 
 def main() -> None:
@@ -55,6 +55,8 @@ def run(args: argparse.Namespace, p, device, log) -> None:
     shape = tuple(ckpt["image_shape"])
     s = p.sample
     speed = Speed.resolve(p.fast, device)
+    if p.fast:
+        tune_allocator()  # fewer page faults: freed tensors' memory is reused (ddpm.speed)
     net = sampling_model(model, speed, s.n_samples * args.steps, device)
     log.info("sample %s: %d images, %s, %d steps, on %s x %d processes", args.schedule, s.n_samples, rule.label,
              args.steps, device, dist.world_size())
