@@ -14,6 +14,7 @@ What each part buys was measured side by side (``python benchmarks/peers.py``, R
   (:func:`compile_pays`); on CUDA always. It falls back to eager, with one warning, wherever compiling
   fails (no C++ compiler, an unsupported op).
 - bf16 autocast on CUDA (fp16 with a grad scaler where bf16 is missing; see ``train.amp_settings``).
+- the process's allocator keeps freed memory (:func:`tune_allocator`; the train and sample stages call it).
 """
 from __future__ import annotations
 
