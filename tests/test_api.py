@@ -7,7 +7,6 @@ folder of 6 images, and a randomly initialised InceptionV3 state dict standing i
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from ddpm import GaussianDiffusion, Trainer, Unet
 
@@ -69,13 +68,8 @@ def test_any_module_with_forward_x_t_and_channels():
 
 
 @pytest.fixture
-def image_folder(tmp_path):
-    rng = np.random.default_rng(0)
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return folder
+def image_folder(png_folder):
+    return png_folder(6, (16, 16, 3))
 
 
 @pytest.fixture

@@ -11,10 +11,8 @@ import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from ddpm import GaussianDiffusion, Trainer, Unet
 from ddpm.checkpoint import (CHECKPOINT_FORMAT, MODEL_FORMAT, UnsafeFileError, checkpoint_path, latest_valid_checkpoint,
@@ -77,13 +75,8 @@ def test_load_model_and_load_checkpoint_refuse(tmp_path, make, fmt):
 
 
 @pytest.fixture
-def image_folder(tmp_path):
-    rng = np.random.default_rng(0)
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(folder / f"{i}.png")
-    return folder
+def image_folder(png_folder):
+    return png_folder(4, (8, 8))
 
 
 def tiny_diffusion():
