@@ -4,7 +4,9 @@ import json
 import pytest
 import torch
 
-from ddpm.unet import Unet, dropout
+import torch.nn.functional as F
+
+from ddpm.unet import ONEDNN_LINEAR_MIN_MACS, Linear, Unet, dropout, linear
 
 
 @pytest.fixture(autouse=True)
@@ -163,3 +165,33 @@ def test_constructor_validation():
         Unet(dim=8, dim_mults=(1, 2), full_attn=(True,))
     assert Unet(dim=8, dim_mults=(1, 2), full_attn=False).config["full_attn"] == [False, False]
     assert Unet(dim=8, dim_mults=(1, 2, 4)).config["full_attn"] == [False, False, True]
+
+
+@pytest.mark.parametrize("rows", [3, 2 * ONEDNN_LINEAR_MIN_MACS // (64 * 96)])  # below and above the switch
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_matches_f_linear_values_and_gradients(rows, bias):
+    torch.manual_seed(0)
+    x = torch.randn(2, rows // 2, 64, requires_grad=True)  # leading dims are kept, as in F.linear
+    w = torch.randn(96, 64, requires_grad=True)
+    b = torch.randn(96, requires_grad=True) if bias else None
+    g = torch.randn(2, rows // 2, 96)
+    ref = F.linear(x, w, b)
+    grads_ref = torch.autograd.grad(ref, [x, w] + ([b] if bias else []), g)
+    out = linear(x, w, b)
+    grads = torch.autograd.grad(out, [x, w] + ([b] if bias else []), g)
+    assert out.shape == ref.shape == (2, rows // 2, 96) and out.is_contiguous()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-3)
+    with torch.no_grad():  # a non-contiguous input (a transposed view) is read correctly too
+        xt = torch.randn(64, rows).t()
+        torch.testing.assert_close(linear(xt, w, b), F.linear(xt, w, b), rtol=1e-5, atol=1e-4)
+
+
+def test_linear_module_keeps_nn_linear_parameters_and_state_dict():
+    m = Unet(dim=16, dim_mults=(1, 2), channels=1)
+    linears = [n for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear)]
+    assert linears and all(isinstance(m.get_submodule(n), Linear) for n in linears)
+    plain = torch.nn.Linear(32, 384, bias=False)
+    assert set(Linear(32, 384, bias=False).state_dict()) == set(plain.state_dict()) == {"weight"}
+    assert "mid_attn.to_qkv.weight" in m.state_dict() and "time_mlp.0.bias" in m.state_dict()
