@@ -141,10 +141,11 @@ class Attention(nn.Module):
         # end to end, eager training ran about 1% faster, compiled within noise)
         q, k, v = (u.unflatten(-1, (self.heads, self.dim_head)).transpose(1, 2)
                    for u in self.to_qkv(tokens).chunk(3, dim=-1))
-        if torch.is_grad_enabled() or x.device.type != "cpu" or h * w > 64:
+        if x.device.type != "cpu" or h * w > 64:
             out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, HW, dim_head]
-        else:  # CPU sampling at a few positions: softmax(q k^T / sqrt(d)) v (Vaswani et al. eq. 1) written
-            # out runs 1.6x faster than SDPA's flash kernel (16 positions, batch 400: 2.0 vs 3.2 ms a call)
+        else:  # a CPU at a few positions: softmax(q k^T / sqrt(d)) v (Vaswani et al. eq. 1) written out beats
+            # SDPA's flash kernel, which slows down with a second thread (2 threads, 16 positions: training
+            # batch 128 0.99 vs 2.81 ms forward and backward, sampling batch 400 2.0 vs 3.2 ms; 1 thread: even)
             out = torch.softmax((q @ k.transpose(-2, -1)).mul_(self.dim_head ** -0.5), dim=-1) @ v
         out = self.to_out(out.transpose(1, 2).flatten(2))  # [B, HW, C]
         return x + out.transpose(1, 2).unflatten(2, (h, w))  # channels_last-strided view

@@ -195,3 +195,28 @@ def test_linear_module_keeps_nn_linear_parameters_and_state_dict():
     plain = torch.nn.Linear(32, 384, bias=False)
     assert set(Linear(32, 384, bias=False).state_dict()) == set(plain.state_dict()) == {"weight"}
     assert "mid_attn.to_qkv.weight" in m.state_dict() and "time_mlp.0.bias" in m.state_dict()
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_attention_at_few_positions_matches_sdpa(grad):
+    """On a CPU at <= 64 positions the attention is written out; it must give SDPA's values and gradients."""
+    from ddpm.unet import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(16, heads=2, dim_head=8)
+    x = torch.randn(3, 16, 4, 4, requires_grad=grad)
+
+    def reference(x):
+        tokens = attn.norm(x).flatten(2).transpose(1, 2)
+        q, k, v = (u.unflatten(-1, (2, 8)).transpose(1, 2) for u in F.linear(tokens, attn.to_qkv.weight).chunk(3, -1))
+        out = F.linear(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2), attn.to_out.weight, attn.to_out.bias)
+        return x + out.transpose(1, 2).unflatten(2, (4, 4))
+
+    with torch.set_grad_enabled(grad):
+        got, want = attn(x), reference(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if grad:
+        g = torch.randn_like(got)
+        params = [x, *attn.parameters()]
+        for a, b in zip(torch.autograd.grad(got, params, g), torch.autograd.grad(want, params, g)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
