@@ -179,7 +179,8 @@ def sample_loop(
             last = i == len(grid) - 1
             ab_t, ab_prev = ab[t], (1.0 if last else ab[grid[i + 1]])
             c = rule.coefficients(ab_t, ab_prev, last, ab_hist)
-            t_batch = torch.full((shape[0],), t, device=device, dtype=torch.long)
+            # [B] as a stride-0 view of one t: any model gets a t per image, ours embeds it once
+            t_batch = torch.full((), t, device=device, dtype=torch.long).expand(shape[0])
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 out = model(x, t_batch)
             x0, eps = predict_x0_eps(out.float(), x, process.objective, math.sqrt(ab_t), math.sqrt(1 - ab_t), clip_denoised)

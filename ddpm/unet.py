@@ -285,7 +285,7 @@ class Unet(nn.Module):
             )
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | int | float) -> torch.Tensor:
-        """x [B, channels, H, W], t [B] timesteps (int or float) -> [B, out_dim, H, W]."""
+        """x [B, channels, H, W], t [B] timesteps (int or float; one number for all) -> [B, out_dim, H, W]."""
         if x.ndim != 4 or x.shape[1] != self.channels:
             raise ValueError(f"expected x of shape [B, {self.channels}, H, W], got {tuple(x.shape)}")
         self.check_image_size((x.shape[-2], x.shape[-1]))
@@ -295,6 +295,10 @@ class Unet(nn.Module):
         elif t.shape != (x.shape[0],):
             raise ValueError(f"expected t of shape [{x.shape[0]}], got {tuple(t.shape)}")
 
+        # one t for the whole batch (a 0-d t, or a stride-0 view of one, as the samplers pass it): embed it once
+        # and let the blocks' scale-shift broadcast it (at batch 400 the time projections cost 2 ms a forward)
+        if t.shape[0] > 1 and t.stride(0) == 0:
+            t = t[:1]
         temb = self.time_mlp(self.time_pos_emb(t).to(self.time_mlp[0].weight.dtype))
         x = self.init_conv(x)
         r = x

@@ -220,3 +220,21 @@ def test_attention_at_few_positions_matches_sdpa(grad):
         params = [x, *attn.parameters()]
         for a, b in zip(torch.autograd.grad(got, params, g), torch.autograd.grad(want, params, g)):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_one_t_for_the_batch_is_embedded_once_with_the_same_result():
+    torch.manual_seed(0)
+    m = Unet(dim=16, dim_mults=(1, 2), channels=1).eval()
+    x = torch.randn(5, 1, 8, 8)
+    rows = []
+    m.time_mlp.register_forward_hook(lambda mod, inp, out: rows.append(out.shape[0]))
+    with torch.no_grad():
+        per_image = m(x, torch.full((5,), 321))
+        shared = m(x, torch.full((), 321).expand(5))  # what the samplers pass
+        scalar = m(x, 321)
+    assert rows == [5, 1, 1]
+    torch.testing.assert_close(shared, per_image, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(scalar, shared, rtol=0, atol=0)
+    xg = x.clone().requires_grad_()
+    m(xg, torch.full((), 321).expand(5)).sum().backward()  # broadcasting's backward sums over the batch
+    assert xg.grad.shape == x.shape and all(p.grad is not None for p in m.time_mlp.parameters())
