@@ -97,7 +97,7 @@ def train_block(model: torch.nn.Module, process: GaussianProcess, batch: int, st
 
 
 def sample_block(model: torch.nn.Module, process: GaussianProcess, batch: int, steps: int):
-    net = sampling_model(model.eval(), Speed.resolve(True, "cpu"), batch * steps, "cpu")  # eager at this size
+    net = sampling_model(model.eval(), Speed.resolve(True, "cpu"))  # eager channels_last
     g = torch.Generator()
 
     def run() -> None:

@@ -123,7 +123,7 @@ def main() -> None:
     settings = TrainSettings(steps=steps, batch_size=BATCH, lr=LR, warmup_steps=WARMUP, max_grad_norm=1.0,
                              ema_decay=0.999, ema_warmup=10, log_every=args.block, checkpoint_every=10**9,
                              channels_last=speed.train_channels_last,
-                             compile=speed.compile_training("cpu", steps * BATCH))
+                             compile=speed.compile)
     clock = {"ours": 0.0, "mark": time.perf_counter()}
 
     def on_log(rows: list[dict]) -> None:  # ours just trained a block: the peers catch up to its clock

@@ -6,13 +6,10 @@ What each part buys was measured side by side (``python benchmarks/peers.py``, R
   eager training runs 5-10% faster in it, inductor's graphs are even).
 - flat parameters (``ddpm.train.FlatParams``, always on): the optimizer, clipping and EMA each run one
   kernel over one buffer.
-- torch.compile (inductor): fuses GroupNorm, SiLU, scale-shift and residual adds into few kernels.
-  On a CPU the graph is compiled with inductor's C++ wrapper (``cpp_wrapper``: the kernels are called
-  from C++, not Python; 3-5% faster training steps). It costs a compile (30-70 s for the training graph
-  on a 2-core CPU the first time, a few seconds from inductor's on-disk cache), so on a CPU it is used
-  only where the saving outweighs that
-  (:func:`compile_pays`); on CUDA always. It falls back to eager, with one warning, wherever compiling
-  fails (no C++ compiler, an unsupported op).
+- torch.compile (inductor), on CUDA: fuses GroupNorm, SiLU, scale-shift and residual adds into few kernels.
+  Not on a CPU: there eager channels_last, with the Unet's linear layers on oneDNN and its attention
+  written out, beats inductor's graphs at every size measured (see ``Speed.resolve``). It falls back to
+  eager, with one warning, wherever compiling fails (no C++ compiler, an unsupported op).
 - bf16 autocast on CUDA (fp16 with a grad scaler where bf16 is missing; see ``train.amp_settings``).
 - the process's allocator keeps freed memory (:func:`tune_allocator`; the train and sample stages call it).
 """
@@ -28,18 +25,6 @@ import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
-
-# Work below which compiling does not pay on a CPU (2 cores, measured). Sampling, in image-steps:
-# compiling costs 10-50 s; eager channels_last sampling runs 3,000-12,000 image-steps/s and compiled
-# about 1.3x that, so it pays above ~2M image-steps (a 400-image set at 100 steps is 40k). Training, in
-# images: the graph compiles in 30-70 s cold and then trained 4-7% faster than eager channels_last
-# (train() with dropout 0.1, one run: dim 16 1,925 vs 1,792 img/s; dim 32 1,027 vs 987), so it pays
-# above ~1.5M images (the default run: 166k per schedule). Since eager dropout draws its mask cheaply
-# (ddpm.unet.dropout), the default model's compiled step is level with eager (1 thread, CPU time per
-# step in three processes: 92.1, 86.1, 83.8 ms compiled vs 90.1, 86.0, 92.1 eager), so even a warm
-# compile cache (2.5-8.5 s of CPU per process instead of 67.5 s cold) does not pay at that size.
-CPU_SAMPLING_COMPILE_MIN = 2_000_000
-CPU_TRAINING_COMPILE_MIN = 1_500_000
 
 
 @dataclass(frozen=True)
@@ -60,17 +45,18 @@ class Speed:
             bf16 = torch.cuda.is_bf16_supported()
             return Speed(True, True, True, torch.bfloat16 if bf16 else torch.float16)
         # CPU, measured on 2 cores: NHWC speeds eager training (dim 16: 1,877 vs 1,791 img/s; dim 32: 1,192
-        # vs 1,081) and eager sampling (dim 32: +10% at batch 64, +27% at 400; dim 16: even); inductor's
-        # training graph runs as fast either way (dim 32: 1,002 vs 981 img/s, dim 16: 1,907 vs 1,945).
+        # vs 1,081) and eager sampling (dim 32: +10% at batch 64, +27% at 400; dim 16: even).
+        # No torch.compile: since the Unet runs its linear layers on oneDNN and writes attention out on a CPU,
+        # eager beats inductor's graphs at every size measured (2 threads, cpp_wrapper, warm cache; training
+        # dim 16 batch 128 32.9 vs 37.8 ms a step, dim 32 63 vs 78, 32x32 RGB dim 32 (1, 2, 2) batch 64 390 vs
+        # 571; a sampling forward at batch 400 26.3 vs 33.4 ms (dim 16) and 45.3 vs 57.8 (dim 32), 32x32 RGB
+        # batch 64 104 vs 130), before paying 15-55 s to compile. Regional compilation (each residual and
+        # attention block compiled on its own) was slower still: 47 ms a step at dim 16.
         # No bf16 autocast: dim 16 trains at 583-639 img/s with it against 1,182-1,188 without, though this
         # CPU has AMX (the casts around small convolutions cost more than they save); nor oneDNN's
         # bf16 arithmetic for float32 convolutions (torch.backends.mkldnn.conv.fp32_precision = "bf16"):
         # dim 32 trains at 602 img/s with it against 1,129 without.
-        return Speed(True, True, True, None)
-
-    def compile_training(self, device: torch.device | str, images: int) -> bool:
-        """Whether to compile the training loss of a run of ``images`` (steps x batch size)."""
-        return self.compile and compile_training_pays(device, images)
+        return Speed(True, True, False, None)
 
 
 # glibc malloc: serve allocations below this from the heap, never from fresh mmap()s, and never hand
@@ -163,20 +149,10 @@ def compile_options(device: torch.device | str) -> dict[str, Any]:
     return {"dynamic": False, **({"options": {"cpp_wrapper": True}} if torch.device(device).type == "cpu" else {})}
 
 
-def compile_pays(device: torch.device | str, image_steps: int) -> bool:
-    """Whether compiling a sampling model pays for ``image_steps`` model evaluations of one image."""
-    return torch.device(device).type == "cuda" or image_steps >= CPU_SAMPLING_COMPILE_MIN
-
-
-def compile_training_pays(device: torch.device | str, images: int) -> bool:
-    """Whether compiling the training loss pays for a run of ``images`` (steps x batch size)."""
-    return torch.device(device).type == "cuda" or images >= CPU_TRAINING_COMPILE_MIN
-
-
-def sampling_model(model: nn.Module, speed: Speed, image_steps: int, device: torch.device | str):
-    """The callable to sample with: channels_last and, where it pays, compiled (eval mode, no grads)."""
+def sampling_model(model: nn.Module, speed: Speed):
+    """The callable to sample with: channels_last and, where ``speed`` says so (CUDA), compiled (eval mode)."""
     if speed.sample_channels_last:
         model = to_channels_last(model)
-    if speed.compile and compile_pays(device, image_steps):
+    if speed.compile:
         return CompiledOrEager(model.eval(), f"{type(model).__name__} for sampling", dynamic=False)
     return model

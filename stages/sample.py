@@ -57,7 +57,7 @@ def run(args: argparse.Namespace, p, device, log) -> None:
     speed = Speed.resolve(p.fast, device)
     if p.fast:
         tune_allocator()  # fewer page faults: freed tensors' memory is reused (ddpm.speed)
-    net = sampling_model(model, speed, s.n_samples * args.steps, device)
+    net = sampling_model(model, speed)
     log.info("sample %s: %d images, %s, %d steps, on %s x %d processes", args.schedule, s.n_samples, rule.label,
              args.steps, device, dist.world_size())
     with timed() as t:

@@ -137,7 +137,7 @@ def run(schedule: str, seed: int, p, device: torch.device, log) -> None:
     key, t = run_key(schedule, seed, p), p.train
     settings = TrainSettings.from_config(t, amp=t.amp or speed.autocast_dtype is not None,
                                          channels_last=speed.train_channels_last,
-                                         compile=speed.compile_training(device, t.steps * t.batch_size))
+                                         compile=speed.compile)
     tracker = run_id = on_eval = None
     if main:  # the other ranks only train: no FID, no MLflow, no files
         tracker, run_id = start_tracking(schedule, seed, p, key)
