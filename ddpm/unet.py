@@ -93,6 +93,32 @@ class SinusoidalPosEmb(nn.Module):
         return torch.cat((args.sin(), args.cos()), dim=-1)
 
 
+def norm_scale_shift(norm: nn.GroupNorm, x: torch.Tensor, scale: torch.Tensor | None = None,
+                     shift: torch.Tensor | None = None) -> torch.Tensor:
+    """``norm(x) * (1 + scale) + shift`` (the scale-shift optional), for sampling: no grads, a new tensor.
+
+    For a channels_last CPU map with <= 4 channels per group, PyTorch's NHWC GroupNorm kernel runs at a
+    third to half the speed of its NCHW one (batch 400 at 8x8: 294 vs 82 us at 16 channels); there the
+    statistics come from per-channel sums and the normalisation, affine and scale-shift are one addcmul
+    (136 us at 16 channels, 187 vs 294 at 32). The variance is E[x^2] - E[x]^2, as the NHWC kernel
+    computes it too. Elsewhere the module itself, then the scale-shift in place."""
+    b, c = x.shape[:2]
+    if x.device.type != "cpu" or x.ndim != 4 or c // norm.num_groups > 4 \
+            or not x.is_contiguous(memory_format=torch.channels_last):
+        h = norm(x)
+        return h if scale is None else h.mul_(1 + scale).add_(shift)
+    g, n = norm.num_groups, x[0].numel() // norm.num_groups  # elements per group
+    mean = x.sum(dim=(2, 3)).view(b, g, -1).sum(-1).div_(n)  # [B, G]
+    var = (x * x).sum(dim=(2, 3)).view(b, g, -1).sum(-1).div_(n).sub_(mean * mean).clamp_min_(0)
+    rstd = var.add_(norm.eps).rsqrt_()
+    a = rstd.repeat_interleave(c // g, dim=1) * norm.weight  # [B, C]: y = a x + (bias - mean a)
+    bias = norm.bias - mean.repeat_interleave(c // g, dim=1) * a
+    a, bias = a[:, :, None, None], bias[:, :, None, None]
+    if scale is not None:  # (a x + bias) (1 + scale) + shift
+        a, bias = a * (1 + scale), torch.addcmul(shift, bias, 1 + scale)
+    return torch.addcmul(bias, x, a)
+
+
 class ResnetBlock(nn.Module):
     """GN -> SiLU -> conv3x3 -> GN * (1 + scale) + shift -> SiLU -> dropout -> conv3x3, + (1x1) skip."""
 
@@ -113,9 +139,9 @@ class ResnetBlock(nn.Module):
             h = self.norm2(h) * (1 + scale) + shift
             h = self.conv2(dropout(F.silu(h), self.dropout.p, self.training))
             return h + self.res_conv(x)
-        # sampling: the same ops in the same order (the same bits), each elementwise pass in place
-        h = self.conv1(F.silu(self.norm1(x), inplace=True))
-        h = F.silu(self.norm2(h).mul_(1 + scale).add_(shift), inplace=True)
+        # sampling: the same maths, each elementwise pass in place or folded into the norm's (norm_scale_shift)
+        h = self.conv1(F.silu(norm_scale_shift(self.norm1, x), inplace=True))
+        h = F.silu(norm_scale_shift(self.norm2, h, scale, shift), inplace=True)
         return self.conv2(dropout(h, self.dropout.p, self.training)).add_(self.res_conv(x))
 
 

@@ -110,8 +110,9 @@ def test_dropout_only_in_train_mode():
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_no_grad_path_computes_the_same_bits(channels_last):
-    """Without grads the residual blocks work in place (sampling): bit for bit the autograd path's result,
-    and the input is left alone."""
+    """Without grads the residual blocks work in place (sampling): the autograd path's result (bit for bit
+    in NCHW; in channels_last the norms of few channels per group take per-channel sums), and the input is
+    left alone."""
     torch.manual_seed(0)
     m = Unet(dim=8, dim_mults=(1, 2), channels=1, attn_heads=2, attn_dim_head=8).eval()
     x, t = torch.randn(3, 1, 8, 8), _t(3)
@@ -131,7 +132,31 @@ def test_no_grad_path_computes_the_same_bits(channels_last):
     h = m.init_conv(x).detach()
     with torch.no_grad():
         in_place = block(h, temb)
-    assert torch.equal(in_place, block(h, temb).detach())
+    if channels_last:
+        torch.testing.assert_close(in_place, block(h, temb).detach(), rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(in_place, block(h, temb).detach())
+
+
+@pytest.mark.parametrize("channels, size", [(16, 8), (32, 4), (64, 8)])  # 2, 4, 8 channels per group
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_norm_scale_shift_matches_group_norm(channels, size, channels_last):
+    from ddpm.unet import norm_scale_shift
+
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(8, channels)
+    torch.nn.init.normal_(norm.weight), torch.nn.init.normal_(norm.bias)
+    x = torch.randn(5, channels, size, size) * 3 + 1
+    scale, shift = torch.randn(5, channels, 1, 1), torch.randn(5, channels, 1, 1)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want_plain = norm(x)
+        want = want_plain * (1 + scale) + shift
+        got_plain, got = norm_scale_shift(norm, x), norm_scale_shift(norm, x, scale, shift)
+    torch.testing.assert_close(got_plain, want_plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert got.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
 def test_dropout_zeroes_a_fraction_p_and_keeps_the_mean():
