@@ -40,7 +40,7 @@ def _groups(channels: int, groups: int) -> int:
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Inverted dropout (Srivastava et al. 2014): zero each element with probability p, scale the rest by
     1 / (1 - p). The mask comes from one uniform draw compared in place, which on a CPU costs less than
-    ``F.dropout``'s Bernoulli sampling (measured: see ``benchmarks/README``/README "Performance")."""
+    ``F.dropout``'s Bernoulli sampling (measured: see README "Performance")."""
     if not training or p == 0:
         return x
     if p == 1:
@@ -103,7 +103,7 @@ def norm_scale_shift(norm: nn.GroupNorm, x: torch.Tensor, scale: torch.Tensor | 
     (136 us at 16 channels, 187 vs 294 at 32). The variance is E[x^2] - E[x]^2, as the NHWC kernel
     computes it too. Elsewhere the module itself, then the scale-shift in place."""
     b, c = x.shape[:2]
-    if x.device.type != "cpu" or x.ndim != 4 or c // norm.num_groups > 4 \
+    if x.device.type != "cpu" or x.ndim != 4 or c // norm.num_groups > 4 or norm.weight is None \
             or not x.is_contiguous(memory_format=torch.channels_last):
         h = norm(x)
         return h if scale is None else h.mul_(1 + scale).add_(shift)

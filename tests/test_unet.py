@@ -263,3 +263,12 @@ def test_one_t_for_the_batch_is_embedded_once_with_the_same_result():
     xg = x.clone().requires_grad_()
     m(xg, torch.full((), 321).expand(5)).sum().backward()  # broadcasting's backward sums over the batch
     assert xg.grad.shape == x.shape and all(p.grad is not None for p in m.time_mlp.parameters())
+
+
+def test_norm_scale_shift_without_affine_falls_back_to_the_module():
+    from ddpm.unet import norm_scale_shift
+
+    norm = torch.nn.GroupNorm(8, 16, affine=False)
+    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(norm_scale_shift(norm, x), norm(x))
