@@ -11,15 +11,16 @@ Every library trains and samples the same 8x8 grayscale task with its own code, 
 training script use it:
 - ours: ``ddpm.train.train`` (the loop the pipeline runs: fused AdamW on flat parameters, EMA every step,
   clipping, per-step loss bookkeeping) and ``ddpm.samplers.sample_loop``, three ways: compiled in
-  channels_last (what ``fast: true`` does on CUDA, and on a CPU for long runs: ``ddpm.speed``), eager in
-  channels_last (``fast: true`` on a short CPU run: the default pipeline) and eager (``fast: false``);
+  channels_last (what ``fast: true`` does on CUDA; on a CPU only on request, where eager beats it:
+  ``ddpm.speed``), eager in channels_last (``fast: true`` on a CPU: the default pipeline) and eager
+  (``fast: false``);
 - denoising-diffusion-pytorch 2.3.4: ``GaussianDiffusion(Unet(dim=32, dim_mults=(1, 2)))``, its Trainer's
   step (Adam betas (0.9, 0.99), clipping at 1, ``ema_pytorch.EMA`` every 10 steps), and its samplers
   (``p_sample_loop`` for DDPM, ``ddim_sample``);
 - diffusers 0.42.1: ``UNet2DModel`` with block_out_channels (32, 64), 2 layers per block, attention at
   4x4 (``AttnDownBlock2D``), its ``train_unconditional.py`` step (AdamW, clipping at 1, ``EMAModel.step`` every step) and the
   ``DDPMScheduler`` / ``DDIMScheduler`` loops of its pipelines.
-Models are matched in FLOPs per image (counted with ``torch.utils.flop_counter``) and timed in turn
+Models are matched in FLOPs per image (counted with ``torch.utils.flop_counter`` on the meta device) and timed in turn
 (A B C A B C...) because this machine's speed drifts by about 30% over minutes; the table gives medians,
 throughput per FLOP (GFLOP/s) and its share of a float32 matmul rate measured in the same run.
 """
