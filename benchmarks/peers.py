@@ -391,13 +391,11 @@ def main() -> None:
     # (ours 107.0 vs 108.2 MFLOP/img, diffusers 136.5 vs 137.7), and ours writes attention out on a CPU, so
     # counting there would credit one library's kernel choice as FLOPs
     meta = torch.device("meta")
-    ours_m, lucid_d, diff_m = ours_model(device), lucid_setup(device), diffusers_model(device)
-    lucid_meta, diff_meta = lucid_setup(meta).model, diffusers_model(meta)
-    nets = {"ours": ours_model(meta), "denoising-diffusion-pytorch": lucid_meta,
-            "diffusers": lambda x, t: diff_meta(x, t).sample}
+    params = {"ours": ours_model(meta), "denoising-diffusion-pytorch": lucid_setup(meta).model,
+              "diffusers": diffusers_model(meta)}  # meta modules: shapes and FLOPs, no memory
+    nets = {**params, "diffusers": lambda x, t: params["diffusers"](x, t).sample}
     fwd = {k: forward_flops(f, meta) for k, f in nets.items()}
     trn = {k: train_flops(f, meta) for k, f in nets.items()}
-    params = {"ours": ours_m, "denoising-diffusion-pytorch": lucid_d.model, "diffusers": diff_m}
     print("\n| model | params | forward MFLOP/img | train (fwd+bwd) MFLOP/img |\n|---|---|---|---|")
     for k in nets:
         n = sum(p.numel() for p in params[k].parameters())
