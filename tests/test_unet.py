@@ -224,7 +224,8 @@ def test_linear_module_keeps_nn_linear_parameters_and_state_dict():
 
 @pytest.mark.parametrize("grad", [True, False])
 def test_attention_at_few_positions_matches_sdpa(grad):
-    """On a CPU at <= 64 positions the attention is written out; it must give SDPA's values and gradients."""
+    """On a CPU at <= 64 positions the attention is written out (without grads one head at a time, the scale
+    folded into q's weights); it must give SDPA's values and gradients."""
     from ddpm.unet import Attention
 
     torch.manual_seed(0)
