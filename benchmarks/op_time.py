@@ -1,6 +1,6 @@
-"""Where a forward or a training step spends its time, per aten op, on the default CPU path.
+"""Where a sampling step or a training step spends its time, per aten op, on the default CPU path.
 
-    python3 benchmarks/op_time.py                          # sampling forward, dim 32 (the peers' model), batch 400
+    python3 benchmarks/op_time.py                          # a DDPM sampling step, dim 32 (the peers' model), batch 400
     python3 benchmarks/op_time.py --dim 16                 # the default model
     python3 benchmarks/op_time.py --train --dropout 0.1    # a training step (forward, backward, fused AdamW), batch 128
 
@@ -25,8 +25,9 @@ sys.path.insert(0, str(ROOT))
 
 from ddpm.diffusion import GaussianProcess  # noqa: E402
 from ddpm.schedules import get_beta_schedule  # noqa: E402
-from ddpm.speed import to_channels_last, tune_allocator  # noqa: E402
+from ddpm.speed import tune_allocator  # noqa: E402
 from ddpm.unet import Unet  # noqa: E402
+from default_path import sample_block, train_block  # noqa: E402  (benchmarks/, this script's folder)
 
 
 class OpTimer(TorchDispatchMode):
@@ -47,36 +48,18 @@ class OpTimer(TorchDispatchMode):
 
 
 def workload(args: argparse.Namespace):
-    """A no-argument callable: one sampling forward (no grads) or one training step."""
+    """A no-argument callable: one DDPM step of ``sample_loop`` or one training step (forward, loss, backward,
+    fused AdamW), the blocks ``default_path.py`` times, on the default CPU path (eager, channels_last)."""
     torch.manual_seed(0)
-    model = to_channels_last(Unet(dim=args.dim, dim_mults=(1, 2), channels=1, dropout=args.dropout))
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch, 1, 8, 8, generator=g).contiguous(memory_format=torch.channels_last)
-    if not args.train:
-        model.eval()
-        t = torch.full((), 500).expand(args.batch)  # one t for the batch, as the samplers pass it
-
-        def forward() -> None:
-            with torch.no_grad():
-                model(x, t)
-        return forward
-    model.train()
+    model = Unet(dim=args.dim, dim_mults=(1, 2), channels=1, dropout=args.dropout)
     process = GaussianProcess(get_beta_schedule("linear", 1000), "pred_noise")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-
-    def step() -> None:
-        t = process.sample_timesteps(args.batch, g, torch.device("cpu"))
-        noise = torch.randn(x.shape, generator=g).contiguous(memory_format=torch.channels_last)
-        process.losses(model, x, t, noise).mean().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
+    return (train_block if args.train else sample_block)(model, process, args.batch, 1)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dim", type=int, default=32)
-    ap.add_argument("--train", action="store_true", help="a training step instead of a sampling forward")
+    ap.add_argument("--train", action="store_true", help="a training step instead of a sampling step")
     ap.add_argument("--batch", type=int, default=None, help="default: 400 sampling, 128 training")
     ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--threads", type=int, default=2)
@@ -102,7 +85,7 @@ def main() -> None:
         for _ in range(args.reps):
             fn()
     total = sum(timer.seconds.values()) / args.reps
-    what = f"training step, batch {args.batch}, dropout {args.dropout}" if args.train else f"sampling forward, batch {args.batch}"
+    what = f"training step, batch {args.batch}, dropout {args.dropout}" if args.train else f"DDPM sampling step, batch {args.batch}"
     print(f"# dim {args.dim}, {what}; torch {torch.__version__}, {args.threads} threads")
     print(f"wall {wall * 1e3:.2f} ms without the timer; the ops' sum {total * 1e3:.2f} ms with it\n")
     print("| aten op | ms | calls | share of the ops' sum |\n|---|---|---|---|")

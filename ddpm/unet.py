@@ -162,15 +162,16 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # [B, HW, C]
-        if x.device.type == "cpu" and h * w <= 64 and not torch.is_grad_enabled():
-            out = self.to_out(self._heads_in_turn(tokens))  # sampling on a CPU at a few positions
+        written_out = x.device.type == "cpu" and h * w <= 64  # a CPU at a few positions: no SDPA (below)
+        if written_out and not torch.is_grad_enabled():  # sampling
+            out = self.to_out(self._heads_in_turn(tokens))
             return x + out.transpose(1, 2).unflatten(2, (h, w))
         # chunk, not unflatten + permute + select: the backward is then one concatenation instead of a
         # scatter into a zero tensor (that scatter kernel was 1.4 ms of a ~100 ms compiled CPU step;
         # end to end, eager training ran about 1% faster, compiled within noise)
         q, k, v = (u.unflatten(-1, (self.heads, self.dim_head)).transpose(1, 2)
                    for u in self.to_qkv(tokens).chunk(3, dim=-1))
-        if x.device.type != "cpu" or h * w > 64:
+        if not written_out:
             out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, HW, dim_head]
         else:  # a CPU at a few positions: softmax(q k^T / sqrt(d)) v (Vaswani et al. eq. 1) written out beats
             # SDPA's flash kernel, which slows down with a second thread (2 threads, 16 positions: training
