@@ -1,0 +1,207 @@
+/* Fused CPU kernels for sampling (no autograd), float32, built once per machine and loaded by ddpm/kernels.py.
+   Each image (and head) is computed by one thread in a fixed order: the result does not depend on the
+   thread count. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+typedef float v16 __attribute__((vector_size(64), aligned(4))); /* 16 floats, loaded and stored unaligned */
+
+typedef int32_t vi16 __attribute__((vector_size(64), aligned(4)));
+
+/* e^x on 16 floats at once: Cephes' expf (x = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-7 polynomial;
+   relative error below 2e-7), the argument clamped to [-87.3, 88.3]; NaN stays NaN. */
+static inline v16 expv(v16 x)
+{
+    vi16 m = x < -87.3f; /* lanes of -1 where true */
+    x = (v16)(((vi16)x & ~m) | ((vi16)((v16){0} - 87.3f) & m));
+    m = x > 88.3f;
+    x = (v16)(((vi16)x & ~m) | ((vi16)((v16){0} + 88.3f) & m));
+    const vi16 ni = __builtin_convertvector(x * 1.44269504f + 128.5f, vi16) - 128; /* round(x / ln2) */
+    const v16 n = __builtin_convertvector(ni, v16);
+    const v16 r = x - n * 0.693359375f + n * 2.12194440e-4f; /* Cody-Waite: ln2 in two parts */
+    const v16 p = (((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r
+                    + 1.6666665459e-1f) * r + 5.0000001201e-1f) * r * r + r + 1.f;
+    return p * (v16)((ni + 127) << 23); /* times 2^n, built in the exponent bits */
+}
+
+/* Per-channel sums of x and x^2 over positions [p0, p1) of one channels_last image with c = 16 nv channels,
+   added to s and q: two positions at a time in vector registers (nv <= 4), else one. */
+static inline __attribute__((always_inline)) void sums16(const float *xb, int64_t p0, int64_t p1, const int64_t nv,
+                                                          double *s, double *q)
+{
+    const int64_t c = 16 * nv, lanes = nv <= 4 ? 2 : 1;
+    v16 as[2][8], aq[2][8];
+    for (int64_t l = 0; l < lanes; ++l)
+        for (int64_t u = 0; u < nv; ++u) as[l][u] = aq[l][u] = (v16){0};
+    int64_t p = p0;
+    for (; p + lanes <= p1; p += lanes)
+        for (int64_t l = 0; l < lanes; ++l)
+            for (int64_t u = 0; u < nv; ++u) {
+                const v16 v = *(const v16 *)(xb + (p + l) * c + 16 * u);
+                as[l][u] += v;
+                aq[l][u] += v * v;
+            }
+    for (; p < p1; ++p)
+        for (int64_t u = 0; u < nv; ++u) {
+            const v16 v = *(const v16 *)(xb + p * c + 16 * u);
+            as[0][u] += v;
+            aq[0][u] += v * v;
+        }
+    for (int64_t l = 0; l < lanes; ++l)
+        for (int64_t u = 0; u < nv; ++u)
+            for (int64_t k = 0; k < 16; ++k) {
+                s[16 * u + k] += as[l][u][k];
+                q[16 * u + k] += aq[l][u][k];
+            }
+}
+
+#define BLOCK 64 /* positions summed in float before the partial sums move to double */
+
+/* y = act(GroupNorm(x) * (1 + scale) + shift) on a channels_last map x [n, hw, c]: GroupNorm after Wu & He
+   2018 eq. 1-3 (the variance E[x^2] - E[x]^2 from double sums), the time scale-shift of improved-diffusion.
+   scale and shift: NULL, or rows of c floats `ss_stride` apart (0: one row for every image). act 1: SiLU.
+   Returns 0, or -1 when it could not allocate its scratch. */
+int ddpm_group_norm_act(const float *x, float *y, int64_t n, int64_t hw, int64_t c, int64_t groups,
+                        const float *weight, const float *bias, const float *scale, const float *shift,
+                        int64_t ss_stride, float eps, int act, int threads)
+{
+    const int64_t cg = c / groups;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(|:failed)
+    {
+        float *fs = malloc(sizeof(float) * 4 * c);
+        double *s = malloc(sizeof(double) * 2 * c);
+        failed = !fs || !s;
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < n; ++b) {
+            if (failed) continue;
+            float *fq = fs + c, *a = fs + 2 * c, *o = fs + 3 * c;
+            double *q = s + c;
+            const float *xb = x + b * hw * c;
+            float *yb = y + b * hw * c;
+            for (int64_t k = 0; k < c; ++k) s[k] = q[k] = 0.0;
+            for (int64_t p0 = 0; p0 < hw; p0 += BLOCK) {
+                const int64_t p1 = p0 + BLOCK < hw ? p0 + BLOCK : hw;
+                switch (c) { /* a constant channel count: the sums stay in vector registers */
+                case 16: sums16(xb, p0, p1, 1, s, q); continue;
+                case 32: sums16(xb, p0, p1, 2, s, q); continue;
+                case 48: sums16(xb, p0, p1, 3, s, q); continue;
+                case 64: sums16(xb, p0, p1, 4, s, q); continue;
+                case 96: sums16(xb, p0, p1, 6, s, q); continue;
+                case 128: sums16(xb, p0, p1, 8, s, q); continue;
+                }
+                for (int64_t k = 0; k < c; ++k) fs[k] = fq[k] = 0.f;
+                for (int64_t p = p0; p < p1; ++p) {
+                    const float *xr = xb + p * c;
+#pragma omp simd
+                    for (int64_t k = 0; k < c; ++k) { fs[k] += xr[k]; fq[k] += xr[k] * xr[k]; }
+                }
+                for (int64_t k = 0; k < c; ++k) { s[k] += fs[k]; q[k] += fq[k]; }
+            }
+            for (int64_t g = 0; g < groups; ++g) { /* y = a x + o per channel */
+                double ss = 0.0, qq = 0.0;
+                for (int64_t k = g * cg; k < (g + 1) * cg; ++k) { ss += s[k]; qq += q[k]; }
+                const double count = (double)(hw * cg), mean = ss / count, var = qq / count - mean * mean;
+                const float rstd = (float)(1.0 / sqrt((var > 0.0 ? var : 0.0) + eps));
+                for (int64_t k = g * cg; k < (g + 1) * cg; ++k) {
+                    float ak = rstd * weight[k], ok = bias[k] - (float)mean * ak;
+                    if (scale) {
+                        const float m = 1.f + scale[b * ss_stride + k];
+                        ak *= m;
+                        ok = ok * m + shift[b * ss_stride + k];
+                    }
+                    a[k] = ak;
+                    o[k] = ok;
+                }
+            }
+            if (act && c % 16 == 0) { /* SiLU(v) = v / (1 + e^-v), 16 channels at a time */
+                for (int64_t p = 0; p < hw; ++p)
+                    for (int64_t k = 0; k < c; k += 16) {
+                        const v16 v = *(const v16 *)(a + k) * *(const v16 *)(xb + p * c + k) + *(const v16 *)(o + k);
+                        *(v16 *)(yb + p * c + k) = v / (1.f + expv(-v));
+                    }
+                continue;
+            }
+            for (int64_t p = 0; p < hw; ++p) {
+                const float *xr = xb + p * c;
+                float *yr = yb + p * c;
+                if (act) {
+                    for (int64_t k = 0; k < c; ++k) { const float v = a[k] * xr[k] + o[k]; yr[k] = v / (1.f + expf(-v)); }
+                } else {
+#pragma omp simd
+                    for (int64_t k = 0; k < c; ++k) yr[k] = a[k] * xr[k] + o[k];
+                }
+            }
+        }
+        free(fs);
+        free(s);
+    }
+    return failed ? -1 : 0;
+}
+
+/* softmax(q k^T) v for one head at 16 positions (Vaswani et al. 2017 eq. 1; q already carries 1/sqrt(d)),
+   d a multiple of 16 up to 64. q, k, v: 16 rows of d floats, `row` apart; out: 16 rows `ostride` apart.
+   The scores of 8 rows and the outputs of 4 rows at a time accumulate in vector registers.
+   kt [d, 16] and sc [16, 16] are scratch. */
+static inline __attribute__((always_inline)) void one_head16(const float *q, const float *k, const float *v,
+        float *out, int64_t row, int64_t ostride, const int64_t d, float *kt, float *sc)
+{
+    for (int64_t j = 0; j < 16; ++j)
+        for (int64_t e = 0; e < d; ++e) kt[e * 16 + j] = k[j * row + e];
+    for (int64_t r0 = 0; r0 < 16; r0 += 8) {
+        v16 acc[8] = {0};
+        for (int64_t e = 0; e < d; ++e) {
+            const v16 ke = *(const v16 *)(kt + e * 16);
+            for (int64_t i = 0; i < 8; ++i) acc[i] += q[(r0 + i) * row + e] * ke;
+        }
+        for (int64_t i = 0; i < 8; ++i) *(v16 *)(sc + (r0 + i) * 16) = acc[i];
+    }
+    for (int64_t r = 0; r < 16; ++r) { /* softmax of each row */
+        float *sr = sc + r * 16, mx = sr[0], sum = 0.f;
+        for (int64_t j = 1; j < 16; ++j) mx = sr[j] > mx ? sr[j] : mx;
+        const v16 e = expv(*(v16 *)sr - mx);
+        for (int64_t j = 0; j < 16; ++j) sum += e[j];
+        *(v16 *)sr = e * (1.f / sum);
+    }
+    const int64_t nv = d / 16;
+    for (int64_t r0 = 0; r0 < 16; r0 += 4) {
+        v16 acc[4][4];
+        for (int64_t i = 0; i < 16; ++i) acc[i / 4][i % 4] = (v16){0};
+        for (int64_t j = 0; j < 16; ++j) {
+            const float *vj = v + j * row;
+            for (int64_t u = 0; u < nv; ++u) {
+                const v16 vv = *(const v16 *)(vj + 16 * u);
+                for (int64_t i = 0; i < 4; ++i) acc[i][u] += sc[(r0 + i) * 16 + j] * vv;
+            }
+        }
+        for (int64_t i = 0; i < 4; ++i)
+            for (int64_t u = 0; u < nv; ++u) *(v16 *)(out + (r0 + i) * ostride + 16 * u) = acc[i][u];
+    }
+}
+
+/* Multi-head attention of n images at 16 positions: qkv [n, 16, 3 heads d] (the q, k and v blocks, each
+   head-major) -> out [n, 16, heads d]. d: 16, 32 or 64. Returns 0, -1 for another d. */
+int ddpm_attention16(const float *qkv, float *out, int64_t n, int64_t heads, int64_t d, int threads)
+{
+    const int64_t inner = heads * d, row = 3 * inner;
+    if (d != 16 && d != 32 && d != 64)
+        return -1;
+#pragma omp parallel num_threads(threads)
+    {
+        float kt[64 * 16], sc[16 * 16];
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < n * heads; ++i) {
+            const int64_t b = i / heads, h = i % heads;
+            const float *q = qkv + b * 16 * row + h * d;
+            float *o = out + b * 16 * inner + h * d;
+            if (d == 32) /* constant d: the loops unroll */
+                one_head16(q, q + inner, q + 2 * inner, o, row, inner, 32, kt, sc);
+            else if (d == 64)
+                one_head16(q, q + inner, q + 2 * inner, o, row, inner, 64, kt, sc);
+            else
+                one_head16(q, q + inner, q + 2 * inner, o, row, inner, 16, kt, sc);
+        }
+    }
+    return 0;
+}

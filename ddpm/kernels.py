@@ -1,0 +1,150 @@
+"""Fused CPU kernels for sampling: GroupNorm + scale-shift + SiLU in one pass, and attention at 16 positions.
+
+On a CPU a sampling forward spends about a third of its time outside the convolutions, in chains of small
+memory-bound passes (GroupNorm's statistics, the normalisation, the scale-shift, SiLU, attention's tiny
+batched products) that eager PyTorch cannot fuse and inductor fuses into slower code here (README
+"Performance"). ``kernels.c`` does each chain in one pass per image. It is built once per machine with the
+system C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``; with OpenMP, ``-O3 -march=native``) into a
+cache folder (``$DDPM_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/ddpm/kernels`` or ``~/.cache/ddpm/kernels``)
+under a name that hashes the source, the compiler and the CPU, and loaded with ``ctypes``.
+
+Where it cannot be built (no compiler, no OpenMP) or ``DDPM_CPU_KERNELS=0``, :func:`library` returns None
+once, with one warning, and every caller keeps its PyTorch path: the same maths, rounded differently in the
+last bits. Training never uses these kernels (they have no backward).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+__all__ = ["available", "group_norm_act", "attention16", "library"]
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("kernels.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC"]
+_state: dict[str, object] = {}  # "lib": the loaded library or None, once tried
+
+
+def _compiler() -> str | None:
+    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if cc and shutil.which(cc):
+            return shutil.which(cc)
+    return None
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the CPU's feature flags where Linux lists them."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), platform.processor())
+    except OSError:
+        return platform.processor()
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("DDPM_KERNEL_CACHE"):
+        return Path(os.environ["DDPM_KERNEL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ddpm" / "kernels"
+
+
+def _build(cc: str, target: Path) -> None:
+    """Compile into a temporary file beside ``target``, renamed into place only when complete."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        lib = Path(tmp) / "kernels.so"
+        cmd = [cc, *FLAGS, "-shared", str(SOURCE), "-o", str(lib), "-lm"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if done.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-600:]}")
+        os.replace(lib, target)
+
+
+def _load() -> ctypes.CDLL | None:
+    if os.environ.get("DDPM_CPU_KERNELS", "1") == "0":
+        return None
+    cc = _compiler()
+    if cc is None:
+        log.warning("ddpm.kernels: no C compiler ($CC, cc, gcc or clang) found; sampling keeps its PyTorch path")
+        return None
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+        key = hashlib.sha256("\0".join([SOURCE.read_text(encoding="utf-8"), version, " ".join(FLAGS), platform.machine(),
+                                        _cpu_id()]).encode()).hexdigest()[:16]
+        target = _cache_dir() / f"kernels-{key}.so"
+        if not target.is_file():
+            _build(cc, target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        log.warning("ddpm.kernels: could not build the CPU kernels (%s); sampling keeps its PyTorch path", e)
+        return None
+    i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.ddpm_group_norm_act.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, ctypes.c_float, c_int, c_int]
+    lib.ddpm_attention16.argtypes = [ptr, ptr, i64, i64, i64, c_int]
+    lib.ddpm_group_norm_act.restype = lib.ddpm_attention16.restype = c_int
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The kernels, built on first use; None where they cannot be (said once, as a warning)."""
+    if "lib" not in _state:
+        _state["lib"] = _load()
+    return _state["lib"]  # type: ignore[return-value]
+
+
+def _cpu_f32(*ts: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in ts)
+
+
+def available(x: torch.Tensor) -> bool:
+    """Whether the kernels can take ``x``: a float32 CPU tensor outside autograd, with the library built."""
+    return _cpu_f32(x) and not torch.is_grad_enabled() and library() is not None
+
+
+def group_norm_act(x: torch.Tensor, norm: torch.nn.GroupNorm, scale_shift: torch.Tensor | None = None,
+                   silu: bool = True) -> torch.Tensor | None:
+    """``act(norm(x) * (1 + scale) + shift)`` for a channels_last ``x`` [B, C, H, W], where ``scale_shift`` is
+    None or [1 or B, 2C] (scale, then shift: the time projection's output). None where the kernel does not
+    apply (another layout or dtype, a GroupNorm without affine, grads, no library): the caller computes it."""
+    b, c = x.shape[:2]
+    if (x.ndim != 4 or not x.is_contiguous(memory_format=torch.channels_last) or norm.weight is None
+            or not available(x) or not _cpu_f32(norm.weight, norm.bias)):
+        return None
+    stride = 0
+    if scale_shift is not None:
+        if scale_shift.shape not in ((1, 2 * c), (b, 2 * c)) or not _cpu_f32(scale_shift):
+            return None
+        scale_shift = scale_shift.contiguous()
+        stride = 0 if scale_shift.shape[0] == 1 else 2 * c
+    y = torch.empty_like(x)
+    ss = scale_shift.data_ptr() if scale_shift is not None else None
+    rc = library().ddpm_group_norm_act(
+        x.data_ptr(), y.data_ptr(), b, x.shape[2] * x.shape[3], c, norm.num_groups, norm.weight.data_ptr(),
+        norm.bias.data_ptr(), ss, None if ss is None else ss + 4 * c, stride, norm.eps, int(silu),
+        torch.get_num_threads())
+    if rc:
+        raise MemoryError("ddpm.kernels.group_norm_act could not allocate its scratch")
+    return y
+
+
+def attention16(qkv: torch.Tensor, heads: int, dim_head: int) -> torch.Tensor | None:
+    """softmax(q k^T) v per image and head at 16 positions: ``qkv`` [B, 16, 3 * heads * dim_head] (q scaled by
+    1/sqrt(d) already) -> [B, 16, heads * dim_head]. None where the kernel does not apply (another position
+    count, a dim_head other than 16, 32 or 64, grads, no library)."""
+    if (qkv.ndim != 3 or qkv.shape[1] != 16 or dim_head not in (16, 32, 64) or qkv.shape[2] != 3 * heads * dim_head
+            or not available(qkv)):
+        return None
+    qkv = qkv.contiguous()
+    out = qkv.new_empty(qkv.shape[0], 16, heads * dim_head)
+    if library().ddpm_attention16(qkv.data_ptr(), out.data_ptr(), qkv.shape[0], heads, dim_head, torch.get_num_threads()):
+        return None
+    return out

@@ -1,0 +1,175 @@
+"""ddpm.kernels: the fused CPU sampling kernels against PyTorch's maths, where they decline, and the fallback."""
+import logging
+import os
+import stat
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ddpm import kernels
+from ddpm.unet import Unet
+
+needs_library = pytest.mark.skipif(kernels.library() is None, reason="no C compiler with OpenMP on this machine")
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """Forget the loaded library and build into an empty cache, restored afterwards."""
+    saved = dict(kernels._state)
+    kernels._state.clear()
+    monkeypatch.setenv("DDPM_KERNEL_CACHE", str(tmp_path / "cache"))
+    yield tmp_path / "cache"
+    kernels._state.clear()
+    kernels._state.update(saved)
+
+
+def _cl(*shape, scale=1.0):
+    return (torch.randn(*shape) * scale).contiguous(memory_format=torch.channels_last)
+
+
+def _norm(c, groups):
+    norm = torch.nn.GroupNorm(groups, c)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    return norm
+
+
+@needs_library
+@pytest.mark.parametrize("c, groups, size", [(16, 8, 8), (32, 8, 8), (64, 8, 4), (96, 8, 4), (128, 8, 4),
+                                             (24, 8, 3), (48, 4, 9), (32, 8, 16)])
+@pytest.mark.parametrize("rows", [None, 1, "batch"])
+@pytest.mark.parametrize("silu", [True, False])
+def test_group_norm_act_matches_pytorch(c, groups, size, rows, silu):
+    """Vector paths (c a multiple of 16, up to 128), the scalar one (24), a sum over several 64-position
+    blocks (16x16), an odd map (3x3, 9x9), scale-shift shared by the batch or per image."""
+    torch.manual_seed(0)
+    b, norm = 5, _norm(c, groups)
+    x = _cl(b, c, size, size, scale=3.0) + 2.0  # a mean far from 0: E[x^2] - E[x]^2 must not cancel badly
+    ss = None if rows is None else torch.randn(1 if rows == 1 else b, 2 * c) * 0.5
+    with torch.no_grad():
+        ref = norm(x)
+        if ss is not None:
+            scale, shift = ss[:, :, None, None].chunk(2, dim=1)
+            ref = ref * (1 + scale) + shift
+        ref = F.silu(ref) if silu else ref
+        got = kernels.group_norm_act(x, norm, ss, silu)
+    assert got is not None and got.shape == x.shape and got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=2e-5)
+
+
+@needs_library
+def test_silu_at_extremes_and_nan():
+    """The inline e^x is clamped at +-88: SiLU of large inputs stays finite and right; NaN stays NaN."""
+    norm = torch.nn.GroupNorm(1, 16)  # weight 1, bias 0: the output is SiLU of the normalised input
+    x = torch.zeros(1, 16, 4, 4).contiguous(memory_format=torch.channels_last)
+    x[0, :, 0, 0] = 1e4  # normalised to about +3.9
+    x[0, 0, 1, 1] = -1e6  # about -3.9 after normalising; now scale it further with a huge scale-shift:
+    ss = torch.cat([torch.full((1, 16), 99.0), torch.zeros(1, 16)], dim=1)  # (1 + scale) = 100
+    with torch.no_grad():
+        got = kernels.group_norm_act(x, norm, ss)
+        ref = F.silu(norm(x) * 100)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    x[0, 3, 2, 2] = float("nan")
+    with torch.no_grad():
+        assert torch.isnan(kernels.group_norm_act(x, norm)).all()  # NaN poisons its group's statistics
+
+
+@needs_library
+@pytest.mark.parametrize("heads, d", [(1, 16), (4, 32), (2, 64)])
+def test_attention16_matches_softmax(heads, d):
+    torch.manual_seed(0)
+    b, inner = 6, heads * d
+    qkv = torch.randn(b, 16, 3 * inner) * 3  # large scores: the softmax must subtract its row's maximum
+    q, k, v = (u.unflatten(-1, (heads, d)).transpose(1, 2) for u in qkv.chunk(3, dim=-1))
+    ref = (torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v).transpose(1, 2).flatten(2)
+    with torch.no_grad():
+        got = kernels.attention16(qkv, heads, d)
+    assert got.shape == (b, 16, inner)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_library
+def test_the_thread_count_does_not_change_a_bit():
+    torch.manual_seed(0)
+    x, norm, qkv = _cl(9, 32, 8, 8), _norm(32, 8), torch.randn(9, 16, 3 * 128)
+    n = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                outs.append((kernels.group_norm_act(x, norm), kernels.attention16(qkv, 4, 32)))
+    finally:
+        torch.set_num_threads(n)
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+def test_kernels_decline_what_they_do_not_compute():
+    """None (the caller's PyTorch path) for grads, another layout or dtype, a GroupNorm without affine, other
+    shapes; never an error."""
+    x, norm, qkv = _cl(2, 32, 8, 8), _norm(32, 8), torch.randn(2, 16, 3 * 128)
+    assert kernels.group_norm_act(x.requires_grad_(), norm) is None  # grad mode is on here
+    with torch.no_grad():
+        assert kernels.group_norm_act(x.contiguous(), norm) is None  # NCHW
+        assert kernels.group_norm_act(x.double(), norm.double()) is None
+        assert kernels.group_norm_act(x, torch.nn.GroupNorm(8, 32, affine=False)) is None
+        assert kernels.group_norm_act(x, norm, torch.randn(3, 64)) is None  # neither 1 nor B rows
+        assert kernels.attention16(torch.randn(2, 64, 3 * 128), 4, 32) is None  # 64 positions
+        assert kernels.attention16(torch.randn(2, 16, 3 * 32), 4, 8) is None  # dim_head 8
+        assert kernels.attention16(torch.randn(2, 16, 3 * 128), 4, 16) is None  # width != 3 heads d
+    assert kernels.attention16(qkv, 4, 32) is None  # grads
+
+
+@needs_library
+def test_sampling_forward_with_and_without_kernels(monkeypatch):
+    """The Unet's sampling forward uses both kernels at the default attention shape and agrees with its
+    PyTorch path (DDPM_CPU_KERNELS=0) to float rounding."""
+    torch.manual_seed(0)
+    m = Unet(dim=16, dim_mults=(1, 2), channels=1).eval().to(memory_format=torch.channels_last)
+    x, t = _cl(4, 1, 8, 8), torch.tensor(500).expand(4)
+    calls = []
+    for name in ("group_norm_act", "attention16"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _f=real, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    with torch.inference_mode():
+        fused = m(x, t)
+        assert calls.count("group_norm_act") == 25 and calls.count("attention16") == 3
+        monkeypatch.setitem(kernels._state, "lib", None)
+        plain = m(x, t)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_switched_off_by_the_environment(fresh, monkeypatch):
+    monkeypatch.setenv("DDPM_CPU_KERNELS", "0")
+    with torch.no_grad():
+        assert kernels.library() is None and kernels.group_norm_act(_cl(2, 16, 4, 4), _norm(16, 8)) is None
+    assert not fresh.exists()
+
+
+def test_a_failing_compiler_means_the_pytorch_path_and_one_warning(fresh, monkeypatch, tmp_path, caplog):
+    cc = tmp_path / "broken-cc"
+    cc.write_text("#!/bin/sh\necho 'broken-cc: cannot compile' >&2\nexit 1\n")
+    cc.chmod(cc.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("CC", str(cc))
+    with caplog.at_level(logging.WARNING, logger="ddpm.kernels"), torch.no_grad():
+        assert kernels.library() is None and kernels.library() is None
+        m = Unet(dim=16, dim_mults=(1, 2), channels=1).eval().to(memory_format=torch.channels_last)
+        assert m(_cl(2, 1, 8, 8), 3).shape == (2, 1, 8, 8)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "ddpm.kernels"]
+    assert len(warnings) == 1 and "broken-cc: cannot compile" in warnings[0]
+    assert not any(fresh.glob("*.so")) and not any(p.is_dir() for p in fresh.iterdir())  # no partial files
+
+
+@pytest.mark.skipif(kernels._compiler() is None, reason="no C compiler on this machine")
+def test_built_once_into_the_cache_under_a_hashed_name(fresh):
+    lib = kernels.library()
+    if lib is None:
+        pytest.skip("the compiler cannot build with OpenMP here")
+    built = list(fresh.iterdir())
+    assert len(built) == 1 and built[0].name.startswith("kernels-") and built[0].suffix == ".so"
+    mtime = built[0].stat().st_mtime_ns
+    kernels._state.clear()
+    assert kernels.library() is not None and os.stat(built[0]).st_mtime_ns == mtime  # loaded, not rebuilt
