@@ -54,15 +54,19 @@ def matmul_gflops(reps: int = 5) -> float:
 
 
 def unet_at(rev: str):
-    """The ``Unet`` class of ``ddpm/unet.py`` at git revision ``rev``."""
-    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:ddpm/unet.py"], check=True,
-                         capture_output=True, text=True).stdout
-    path = Path(tempfile.mkdtemp()) / "unet_base.py"
-    path.write_text(src)
-    spec = importlib.util.spec_from_file_location("unet_base", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.Unet
+    """The ``Unet`` class of ``ddpm/unet.py`` at git revision ``rev``, with the modules it imports from its
+    package at that revision (``ddpm/kernels.py`` and the C it compiles), as a package of their own."""
+    pkg = Path(tempfile.mkdtemp()) / "ddpm_base"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    for name in ("unet.py", "kernels.py", "kernels.c"):
+        shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:ddpm/{name}"], capture_output=True, text=True)
+        if shown.returncode == 0:
+            (pkg / name).write_text(shown.stdout)
+        elif name == "unet.py":
+            raise SystemExit(f"git show {rev}:ddpm/unet.py failed: {shown.stderr.strip()}")
+    sys.path.insert(0, str(pkg.parent))
+    return importlib.import_module("ddpm_base.unet").Unet
 
 
 def paired(fns: dict[str, callable], blocks: int) -> dict[str, list[float]]:

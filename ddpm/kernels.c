@@ -1,4 +1,5 @@
-/* Fused CPU kernels for sampling (no autograd), float32, built once per machine and loaded by ddpm/kernels.py.
+/* Fused CPU kernels, float32, built once per machine and loaded by ddpm/kernels.py (which holds the autograd
+   wrapper of the GroupNorm backward).
    Each image (and head) is computed by one thread in a fixed order: the result does not depend on the
    thread count. */
 #include <math.h>
@@ -61,10 +62,11 @@ static inline __attribute__((always_inline)) void sums16(const float *xb, int64_
 /* y = act(GroupNorm(x) * (1 + scale) + shift) on a channels_last map x [n, hw, c]: GroupNorm after Wu & He
    2018 eq. 1-3 (the variance E[x^2] - E[x]^2 from double sums), the time scale-shift of improved-diffusion.
    scale and shift: NULL, or rows of c floats `ss_stride` apart (0: one row for every image). act 1: SiLU.
+   mean_out and rstd_out: NULL, or [n, groups] to keep the statistics for the backward.
    Returns 0, or -1 when it could not allocate its scratch. */
 int ddpm_group_norm_act(const float *x, float *y, int64_t n, int64_t hw, int64_t c, int64_t groups,
                         const float *weight, const float *bias, const float *scale, const float *shift,
-                        int64_t ss_stride, float eps, int act, int threads)
+                        int64_t ss_stride, float eps, int act, float *mean_out, float *rstd_out, int threads)
 {
     const int64_t cg = c / groups;
     int failed = 0;
@@ -104,6 +106,10 @@ int ddpm_group_norm_act(const float *x, float *y, int64_t n, int64_t hw, int64_t
                 for (int64_t k = g * cg; k < (g + 1) * cg; ++k) { ss += s[k]; qq += q[k]; }
                 const double count = (double)(hw * cg), mean = ss / count, var = qq / count - mean * mean;
                 const float rstd = (float)(1.0 / sqrt((var > 0.0 ? var : 0.0) + eps));
+                if (mean_out) {
+                    mean_out[b * groups + g] = (float)mean;
+                    rstd_out[b * groups + g] = rstd;
+                }
                 for (int64_t k = g * cg; k < (g + 1) * cg; ++k) {
                     float ak = rstd * weight[k], ok = bias[k] - (float)mean * ak;
                     if (scale) {
@@ -136,6 +142,110 @@ int ddpm_group_norm_act(const float *x, float *y, int64_t n, int64_t hw, int64_t
         }
         free(fs);
         free(s);
+    }
+    return failed ? -1 : 0;
+}
+
+/* The backward of ddpm_group_norm_act, given the forward's input x, statistics and the output's gradient dy
+   (all [n, hw, c] channels_last, the statistics [n, groups]). With u = a x + o the pre-activation and
+   xhat = (x - mean) rstd: du = dy SiLU'(u) (SiLU'(u) = s (1 + u (1 - s)), s the logistic of u), and
+   dx = rstd (g - mean_group(g) - xhat mean_group(g xhat)) with g = du (1 + scale) weight (the GroupNorm
+   backward), computed as dx = P du + Q x + R per channel. With A and B the sums over positions of du and
+   du xhat, per image and channel, it also writes the parameters' gradients per image, for the caller to sum
+   over the batch: d_weight_part = (1 + scale) B, d_bias_part = (1 + scale) A, and where scale is given,
+   d_ss [n, 2c] = (weight B + bias A, A) (u = z (1 + scale) + shift with z = xhat weight + bias).
+   Returns 0, or -1 when it could not allocate its scratch. */
+int ddpm_group_norm_act_backward(const float *x, const float *dy, float *dx, const float *mean, const float *rstd,
+                                 int64_t n, int64_t hw, int64_t c, int64_t groups, const float *weight,
+                                 const float *bias, const float *scale, const float *shift, int64_t ss_stride,
+                                 int act, float *d_weight_part, float *d_bias_part, float *d_ss, int threads)
+{
+    const int64_t cg = c / groups;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(|:failed)
+    {
+        float *buf = malloc(sizeof(float) * 9 * c);
+        double *acc = malloc(sizeof(double) * 2 * c);
+        failed = !buf || !acc;
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < n; ++b) {
+            if (failed) continue;
+            float *a = buf, *o = buf + c, *mk = buf + 2 * c, *rk = buf + 3 * c, *fa = buf + 4 * c,
+                  *fb = buf + 5 * c, *pk = buf + 6 * c, *qk = buf + 7 * c, *ck = buf + 8 * c;
+            double *sa = acc, *sb = acc + c;
+            const float *xb = x + b * hw * c, *gb = dy + b * hw * c;
+            float *db = dx + b * hw * c;
+            for (int64_t k = 0; k < c; ++k) {
+                const int64_t g = k / cg;
+                const float m = scale ? 1.f + scale[b * ss_stride + k] : 1.f;
+                mk[k] = mean[b * groups + g];
+                rk[k] = rstd[b * groups + g];
+                a[k] = rk[k] * weight[k] * m;
+                o[k] = (bias[k] - mk[k] * rk[k] * weight[k]) * m + (scale ? shift[b * ss_stride + k] : 0.f);
+                sa[k] = sb[k] = 0.0;
+            }
+            for (int64_t p0 = 0; p0 < hw; p0 += BLOCK) { /* du into dx, and its sums */
+                const int64_t p1 = p0 + BLOCK < hw ? p0 + BLOCK : hw;
+                for (int64_t k = 0; k < c; ++k) fa[k] = fb[k] = 0.f;
+                for (int64_t p = p0; p < p1; ++p) {
+                    const float *xr = xb + p * c, *gr = gb + p * c;
+                    float *dr = db + p * c;
+                    if (act && c % 16 == 0) {
+                        for (int64_t k = 0; k < c; k += 16) {
+                            const v16 xv = *(const v16 *)(xr + k), u = *(const v16 *)(a + k) * xv + *(const v16 *)(o + k);
+                            const v16 sg = 1.f / (1.f + expv(-u));
+                            const v16 du = *(const v16 *)(gr + k) * sg * (1.f + u * (1.f - sg));
+                            *(v16 *)(dr + k) = du;
+                            *(v16 *)(fa + k) += du;
+                            *(v16 *)(fb + k) += du * (xv - *(const v16 *)(mk + k)) * *(const v16 *)(rk + k);
+                        }
+                        continue;
+                    }
+                    for (int64_t k = 0; k < c; ++k) {
+                        float du = gr[k];
+                        if (act) {
+                            const float u = a[k] * xr[k] + o[k], sg = 1.f / (1.f + expf(-u));
+                            du *= sg * (1.f + u * (1.f - sg));
+                        }
+                        dr[k] = du;
+                        fa[k] += du;
+                        fb[k] += du * (xr[k] - mk[k]) * rk[k];
+                    }
+                }
+                for (int64_t k = 0; k < c; ++k) { sa[k] += fa[k]; sb[k] += fb[k]; }
+            }
+            for (int64_t g = 0; g < groups; ++g) { /* dx = P du + Q x + R */
+                double m1 = 0.0, m2 = 0.0;
+                for (int64_t k = g * cg; k < (g + 1) * cg; ++k) {
+                    const double w = (double)weight[k] * (scale ? 1.0 + scale[b * ss_stride + k] : 1.0);
+                    m1 += w * sa[k];
+                    m2 += w * sb[k];
+                }
+                m1 /= (double)(hw * cg);
+                m2 /= (double)(hw * cg);
+                const double r = rstd[b * groups + g], mu = mean[b * groups + g];
+                for (int64_t k = g * cg; k < (g + 1) * cg; ++k) {
+                    pk[k] = (float)(r * weight[k] * (scale ? 1.0 + scale[b * ss_stride + k] : 1.0));
+                    qk[k] = (float)(-r * r * m2);
+                    ck[k] = (float)(r * (r * m2 * mu - m1));
+                    const double m = scale ? 1.0 + scale[b * ss_stride + k] : 1.0;
+                    d_weight_part[b * c + k] = (float)(m * sb[k]);
+                    d_bias_part[b * c + k] = (float)(m * sa[k]);
+                    if (d_ss) {
+                        d_ss[b * 2 * c + k] = (float)(weight[k] * sb[k] + bias[k] * sa[k]);
+                        d_ss[b * 2 * c + c + k] = (float)sa[k];
+                    }
+                }
+            }
+            for (int64_t p = 0; p < hw; ++p) {
+                const float *xr = xb + p * c;
+                float *dr = db + p * c;
+#pragma omp simd
+                for (int64_t k = 0; k < c; ++k) dr[k] = pk[k] * dr[k] + qk[k] * xr[k] + ck[k];
+            }
+        }
+        free(buf);
+        free(acc);
     }
     return failed ? -1 : 0;
 }

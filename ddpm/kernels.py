@@ -1,16 +1,19 @@
-"""Fused CPU kernels for sampling: GroupNorm + scale-shift + SiLU in one pass, and attention at 16 positions.
+"""Fused CPU kernels: GroupNorm + scale-shift + SiLU in one pass (forward, and backward for training), and
+attention at 16 positions (sampling).
 
-On a CPU a sampling forward spends about a third of its time outside the convolutions, in chains of small
-memory-bound passes (GroupNorm's statistics, the normalisation, the scale-shift, SiLU, attention's tiny
-batched products) that eager PyTorch cannot fuse and inductor fuses into slower code here (README
-"Performance"). ``kernels.c`` does each chain in one pass per image. It is built once per machine with the
-system C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``; with OpenMP, ``-O3 -march=native``) into a
-cache folder (``$DDPM_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/ddpm/kernels`` or ``~/.cache/ddpm/kernels``)
-under a name that hashes the source, the compiler and the CPU, and loaded with ``ctypes``.
+On a CPU a sampling forward spends about a third of its time outside the convolutions, and a training step
+about a quarter, in chains of small memory-bound passes (GroupNorm's statistics, the normalisation, the
+scale-shift, SiLU, their backwards, attention's tiny batched products) that eager PyTorch cannot fuse and
+inductor fuses into slower code here (README "Performance"). ``kernels.c`` does each chain in one pass per
+image. It is built once per machine with the system C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``;
+with OpenMP, ``-O3 -march=native``) into a cache folder (``$DDPM_KERNEL_CACHE``, else
+``$XDG_CACHE_HOME/ddpm/kernels`` or ``~/.cache/ddpm/kernels``) under a name that hashes the source, the
+compiler and the CPU, and loaded with ``ctypes``.
 
 Where it cannot be built (no compiler, no OpenMP) or ``DDPM_CPU_KERNELS=0``, :func:`library` returns None
 once, with one warning, and every caller keeps its PyTorch path: the same maths, rounded differently in the
-last bits. Training never uses these kernels (they have no backward).
+last bits. The kernels take float32 channels_last maps on a CPU outside ``torch.compile``; anything else
+(CUDA, bf16 autocast, NCHW) keeps PyTorch's ops.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "group_norm_act", "attention16", "library"]
+__all__ = ["available", "group_norm_act", "group_norm_act_train", "attention16", "library"]
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("kernels.c")
@@ -88,9 +91,13 @@ def _load() -> ctypes.CDLL | None:
         log.warning("ddpm.kernels: could not build the CPU kernels (%s); sampling keeps its PyTorch path", e)
         return None
     i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.ddpm_group_norm_act.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, ctypes.c_float, c_int, c_int]
+    lib.ddpm_group_norm_act.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, ctypes.c_float, c_int,
+                                        ptr, ptr, c_int]
+    lib.ddpm_group_norm_act_backward.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64,
+                                                 c_int, ptr, ptr, ptr, c_int]
     lib.ddpm_attention16.argtypes = [ptr, ptr, i64, i64, i64, c_int]
-    lib.ddpm_group_norm_act.restype = lib.ddpm_attention16.restype = c_int
+    for f in (lib.ddpm_group_norm_act, lib.ddpm_group_norm_act_backward, lib.ddpm_attention16):
+        f.restype = c_int
     return lib
 
 
@@ -110,30 +117,82 @@ def available(x: torch.Tensor) -> bool:
     return _cpu_f32(x) and not torch.is_grad_enabled() and library() is not None
 
 
+def _applies(x: torch.Tensor, norm: torch.nn.GroupNorm, scale_shift: torch.Tensor | None) -> bool:
+    """The shapes, layout and dtypes the GroupNorm kernels take (not the grad mode)."""
+    if (x.ndim != 4 or not x.is_contiguous(memory_format=torch.channels_last) or norm.weight is None
+            or norm.bias is None or not _cpu_f32(x, norm.weight, norm.bias) or torch.compiler.is_compiling()):
+        return False
+    b, c = x.shape[:2]
+    return scale_shift is None or (scale_shift.shape in ((1, 2 * c), (b, 2 * c)) and _cpu_f32(scale_shift))
+
+
+def _gn_forward(x, weight, bias, scale_shift, groups, eps, silu, stats: bool):
+    b, c, h, w = x.shape
+    y = torch.empty_like(x)
+    mean, rstd = (x.new_empty(b, groups), x.new_empty(b, groups)) if stats else (None, None)
+    ss = scale_shift.data_ptr() if scale_shift is not None else None
+    stride = 0 if scale_shift is None or scale_shift.shape[0] == 1 else 2 * c
+    rc = library().ddpm_group_norm_act(
+        x.data_ptr(), y.data_ptr(), b, h * w, c, groups, weight.data_ptr(), bias.data_ptr(), ss,
+        None if ss is None else ss + 4 * c, stride, eps, int(silu), None if mean is None else mean.data_ptr(),
+        None if rstd is None else rstd.data_ptr(), torch.get_num_threads())
+    if rc:
+        raise MemoryError("ddpm.kernels: the GroupNorm kernel could not allocate its scratch")
+    return y, mean, rstd
+
+
 def group_norm_act(x: torch.Tensor, norm: torch.nn.GroupNorm, scale_shift: torch.Tensor | None = None,
                    silu: bool = True) -> torch.Tensor | None:
     """``act(norm(x) * (1 + scale) + shift)`` for a channels_last ``x`` [B, C, H, W], where ``scale_shift`` is
-    None or [1 or B, 2C] (scale, then shift: the time projection's output). None where the kernel does not
-    apply (another layout or dtype, a GroupNorm without affine, grads, no library): the caller computes it."""
-    b, c = x.shape[:2]
-    if (x.ndim != 4 or not x.is_contiguous(memory_format=torch.channels_last) or norm.weight is None
-            or not available(x) or not _cpu_f32(norm.weight, norm.bias)):
+    None or [1 or B, 2C] (scale, then shift: the time projection's output), without grads (sampling). None
+    where the kernel does not apply (another layout or dtype, a GroupNorm without affine, grads, no
+    library): the caller computes it."""
+    if not available(x) or not _applies(x, norm, scale_shift):
         return None
-    stride = 0
-    if scale_shift is not None:
-        if scale_shift.shape not in ((1, 2 * c), (b, 2 * c)) or not _cpu_f32(scale_shift):
-            return None
-        scale_shift = scale_shift.contiguous()
-        stride = 0 if scale_shift.shape[0] == 1 else 2 * c
-    y = torch.empty_like(x)
-    ss = scale_shift.data_ptr() if scale_shift is not None else None
-    rc = library().ddpm_group_norm_act(
-        x.data_ptr(), y.data_ptr(), b, x.shape[2] * x.shape[3], c, norm.num_groups, norm.weight.data_ptr(),
-        norm.bias.data_ptr(), ss, None if ss is None else ss + 4 * c, stride, norm.eps, int(silu),
-        torch.get_num_threads())
-    if rc:
-        raise MemoryError("ddpm.kernels.group_norm_act could not allocate its scratch")
-    return y
+    ss = scale_shift.contiguous() if scale_shift is not None else None
+    return _gn_forward(x, norm.weight, norm.bias, ss, norm.num_groups, norm.eps, silu, stats=False)[0]
+
+
+class _GroupNormAct(torch.autograd.Function):
+    """y = act(GroupNorm(x) * (1 + scale) + shift) with the kernels' forward and backward. Saves x and the
+    per-group statistics (not the normalised map): the backward recomputes the pre-activation."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale_shift, groups: int, eps: float, silu: bool):
+        y, mean, rstd = _gn_forward(x, weight, bias, scale_shift, groups, eps, silu, stats=True)
+        ctx.save_for_backward(x, weight, bias, scale_shift, mean, rstd)
+        ctx.groups, ctx.silu = groups, silu
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, weight, bias, scale_shift, mean, rstd = ctx.saved_tensors
+        b, c, h, w = x.shape
+        dy = dy.contiguous(memory_format=torch.channels_last)
+        dx, dw, db = torch.empty_like(x), x.new_empty(b, c), x.new_empty(b, c)
+        d_ss = x.new_empty(b, 2 * c) if scale_shift is not None else None
+        ss = scale_shift.data_ptr() if scale_shift is not None else None
+        stride = 0 if scale_shift is None or scale_shift.shape[0] == 1 else 2 * c
+        rc = library().ddpm_group_norm_act_backward(
+            x.data_ptr(), dy.data_ptr(), dx.data_ptr(), mean.data_ptr(), rstd.data_ptr(), b, h * w, c, ctx.groups,
+            weight.data_ptr(), bias.data_ptr(), ss, None if ss is None else ss + 4 * c, stride, int(ctx.silu),
+            dw.data_ptr(), db.data_ptr(), None if d_ss is None else d_ss.data_ptr(), torch.get_num_threads())
+        if rc:
+            raise MemoryError("ddpm.kernels: the GroupNorm backward could not allocate its scratch")
+        if d_ss is not None and scale_shift.shape[0] == 1:  # one row for the whole batch
+            d_ss = d_ss.sum(0, keepdim=True)
+        d_weight, d_bias = dw.sum(0), db.sum(0)
+        return dx, d_weight, d_bias, d_ss, None, None, None
+
+
+def group_norm_act_train(x: torch.Tensor, norm: torch.nn.GroupNorm, scale_shift: torch.Tensor | None = None,
+                         silu: bool = True) -> torch.Tensor | None:
+    """:func:`group_norm_act` with autograd (the kernels' backward; training). None where it does not apply."""
+    if library() is None or not _applies(x, norm, scale_shift):
+        return None
+    ss = scale_shift.contiguous() if scale_shift is not None else None
+    return _GroupNormAct.apply(x, norm.weight, norm.bias, ss, norm.num_groups, norm.eps, silu)
 
 
 def attention16(qkv: torch.Tensor, heads: int, dim_head: int) -> torch.Tensor | None:

@@ -123,15 +123,25 @@ def norm_scale_shift(norm: nn.GroupNorm, x: torch.Tensor, scale: torch.Tensor | 
 
 def norm_act(norm: nn.GroupNorm, x: torch.Tensor, scale_shift: torch.Tensor | None = None,
              silu: bool = True) -> torch.Tensor:
-    """``act(norm(x) * (1 + scale) + shift)`` for sampling (no grads), with ``scale_shift`` None or the time
-    projection's [1 or B, 2C] (scale, then shift) and act SiLU or none: one pass of the fused CPU kernel
-    (``ddpm.kernels``) where it applies, else :func:`norm_scale_shift` and SiLU in place."""
-    y = kernels.group_norm_act(x, norm, scale_shift, silu)
-    if y is not None:
+    """``act(norm(x) * (1 + scale) + shift)`` with ``scale_shift`` None or the time projection's [1 or B, 2C]
+    (scale, then shift) and act SiLU or none. One pass of the fused CPU kernel where it applies
+    (``ddpm.kernels``: channels_last float32 on a CPU; with grads its backward is one pass too); else, with
+    grads, PyTorch's ops each writing a new tensor, and without, :func:`norm_scale_shift` and SiLU in place."""
+    if torch.is_grad_enabled():
+        y = kernels.group_norm_act_train(x, norm, scale_shift, silu)
+        if y is None:
+            y = norm(x)
+            if scale_shift is not None:
+                scale, shift = scale_shift[:, :, None, None].chunk(2, dim=1)
+                y = y * (1 + scale) + shift
+            y = F.silu(y) if silu else y
         return y
-    scale, shift = (None, None) if scale_shift is None else scale_shift[:, :, None, None].chunk(2, dim=1)
-    y = norm_scale_shift(norm, x, scale, shift)
-    return F.silu(y, inplace=True) if silu else y
+    y = kernels.group_norm_act(x, norm, scale_shift, silu)
+    if y is None:
+        scale, shift = (None, None) if scale_shift is None else scale_shift[:, :, None, None].chunk(2, dim=1)
+        y = norm_scale_shift(norm, x, scale, shift)
+        y = F.silu(y, inplace=True) if silu else y
+    return y
 
 
 class ResnetBlock(nn.Module):
@@ -149,16 +159,11 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         scale_shift = self.time_proj(temb)  # [B or 1, 2 * dim_out]
-        if torch.is_grad_enabled():  # autograd keeps each op's input: every pass writes a new tensor
-            scale, shift = scale_shift[:, :, None, None].chunk(2, dim=1)
-            h = self.conv1(F.silu(self.norm1(x)))
-            h = self.norm2(h) * (1 + scale) + shift
-            h = self.conv2(dropout(F.silu(h), self.dropout.p, self.training))
-            return h + self.res_conv(x)
-        # sampling: the same maths, each norm, scale-shift and SiLU one fused pass (norm_act)
         h = self.conv1(norm_act(self.norm1, x))
-        h = norm_act(self.norm2, h, scale_shift)
-        return self.conv2(dropout(h, self.dropout.p, self.training)).add_(self.res_conv(x))
+        h = norm_act(self.norm2, h, scale_shift)  # a name rebound at each step frees the map before it (sampling)
+        h = self.conv2(dropout(h, self.dropout.p, self.training))
+        # with grads autograd keeps each op's input, so nothing in place; sampling adds the residual in place
+        return h + self.res_conv(x) if torch.is_grad_enabled() else h.add_(self.res_conv(x))
 
 
 class Attention(nn.Module):
@@ -177,12 +182,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
+        tokens = norm_act(self.norm, x, silu=False).flatten(2).transpose(1, 2)  # [B, HW, C]
         written_out = x.device.type == "cpu" and h * w <= 64  # a CPU at a few positions: no SDPA (below)
         if written_out and not torch.is_grad_enabled():  # sampling
-            tokens = norm_act(self.norm, x, silu=False).flatten(2).transpose(1, 2)  # [B, HW, C]
             out = self.to_out(self._heads_in_turn(tokens))
             return x + out.transpose(1, 2).unflatten(2, (h, w))
-        tokens = self.norm(x).flatten(2).transpose(1, 2)  # [B, HW, C]
         # chunk, not unflatten + permute + select: the backward is then one concatenation instead of a
         # scatter into a zero tensor (that scatter kernel was 1.4 ms of a ~100 ms compiled CPU step;
         # end to end, eager training ran about 1% faster, compiled within noise)
