@@ -252,28 +252,35 @@ int ddpm_group_norm_act_backward(const float *x, const float *dy, float *dx, con
 
 /* softmax(q k^T) v for one head at 16 positions (Vaswani et al. 2017 eq. 1; q already carries 1/sqrt(d)),
    d a multiple of 16 up to 64. q, k, v: 16 rows of d floats, `row` apart; out: 16 rows `ostride` apart.
-   The scores of 8 rows and the outputs of 4 rows at a time accumulate in vector registers.
-   kt [d, 16] and sc [16, 16] are scratch. */
+   The scores are held transposed, one vector per key over the 16 queries, so that each query's softmax
+   runs across vectors; scores and outputs accumulate in vector registers. qt [d, 16] and pt [16, 16]
+   (the probabilities, transposed) are scratch. */
 static inline __attribute__((always_inline)) void one_head16(const float *q, const float *k, const float *v,
-        float *out, int64_t row, int64_t ostride, const int64_t d, float *kt, float *sc)
+        float *out, int64_t row, int64_t ostride, const int64_t d, float *qt, float *pt)
 {
-    for (int64_t j = 0; j < 16; ++j)
-        for (int64_t e = 0; e < d; ++e) kt[e * 16 + j] = k[j * row + e];
-    for (int64_t r0 = 0; r0 < 16; r0 += 8) {
-        v16 acc[8] = {0};
+    for (int64_t r = 0; r < 16; ++r)
+        for (int64_t e = 0; e < d; ++e) qt[e * 16 + r] = q[r * row + e];
+    v16 st[16]; /* st[j][r] = q_r . k_j */
+    for (int64_t j0 = 0; j0 < 16; j0 += 8) {
+        v16 acc[8];
+        for (int64_t i = 0; i < 8; ++i) acc[i] = (v16){0};
         for (int64_t e = 0; e < d; ++e) {
-            const v16 ke = *(const v16 *)(kt + e * 16);
-            for (int64_t i = 0; i < 8; ++i) acc[i] += q[(r0 + i) * row + e] * ke;
+            const v16 qe = *(const v16 *)(qt + e * 16);
+            for (int64_t i = 0; i < 8; ++i) acc[i] += k[(j0 + i) * row + e] * qe;
         }
-        for (int64_t i = 0; i < 8; ++i) *(v16 *)(sc + (r0 + i) * 16) = acc[i];
+        for (int64_t i = 0; i < 8; ++i) st[j0 + i] = acc[i];
     }
-    for (int64_t r = 0; r < 16; ++r) { /* softmax of each row */
-        float *sr = sc + r * 16, mx = sr[0], sum = 0.f;
-        for (int64_t j = 1; j < 16; ++j) mx = sr[j] > mx ? sr[j] : mx;
-        const v16 e = expv(*(v16 *)sr - mx);
-        for (int64_t j = 0; j < 16; ++j) sum += e[j];
-        *(v16 *)sr = e * (1.f / sum);
+    v16 mx = st[0], sum = (v16){0};
+    for (int64_t j = 1; j < 16; ++j) {
+        const vi16 m = st[j] > mx;
+        mx = (v16)(((vi16)st[j] & m) | ((vi16)mx & ~m));
     }
+    for (int64_t j = 0; j < 16; ++j) {
+        st[j] = expv(st[j] - mx);
+        sum += st[j];
+    }
+    const v16 inv = 1.f / sum;
+    for (int64_t j = 0; j < 16; ++j) *(v16 *)(pt + j * 16) = st[j] * inv;
     const int64_t nv = d / 16;
     for (int64_t r0 = 0; r0 < 16; r0 += 4) {
         v16 acc[4][4];
@@ -282,7 +289,7 @@ static inline __attribute__((always_inline)) void one_head16(const float *q, con
             const float *vj = v + j * row;
             for (int64_t u = 0; u < nv; ++u) {
                 const v16 vv = *(const v16 *)(vj + 16 * u);
-                for (int64_t i = 0; i < 4; ++i) acc[i][u] += sc[(r0 + i) * 16 + j] * vv;
+                for (int64_t i = 0; i < 4; ++i) acc[i][u] += pt[j * 16 + r0 + i] * vv;
             }
         }
         for (int64_t i = 0; i < 4; ++i)
@@ -299,18 +306,18 @@ int ddpm_attention16(const float *qkv, float *out, int64_t n, int64_t heads, int
         return -1;
 #pragma omp parallel num_threads(threads)
     {
-        float kt[64 * 16], sc[16 * 16];
+        float qt[64 * 16], pt[16 * 16];
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < n * heads; ++i) {
             const int64_t b = i / heads, h = i % heads;
             const float *q = qkv + b * 16 * row + h * d;
             float *o = out + b * 16 * inner + h * d;
             if (d == 32) /* constant d: the loops unroll */
-                one_head16(q, q + inner, q + 2 * inner, o, row, inner, 32, kt, sc);
+                one_head16(q, q + inner, q + 2 * inner, o, row, inner, 32, qt, pt);
             else if (d == 64)
-                one_head16(q, q + inner, q + 2 * inner, o, row, inner, 64, kt, sc);
+                one_head16(q, q + inner, q + 2 * inner, o, row, inner, 64, qt, pt);
             else
-                one_head16(q, q + inner, q + 2 * inner, o, row, inner, 16, kt, sc);
+                one_head16(q, q + inner, q + 2 * inner, o, row, inner, 16, qt, pt);
         }
     }
     return 0;
