@@ -113,14 +113,16 @@ def _cpu_f32(*ts: torch.Tensor) -> bool:
 
 
 def available(x: torch.Tensor) -> bool:
-    """Whether the kernels can take ``x``: a float32 CPU tensor outside autograd, with the library built."""
-    return _cpu_f32(x) and not torch.is_grad_enabled() and library() is not None
+    """Whether the kernels can take ``x``: a float32 CPU tensor outside autograd and ``torch.compile`` (whose
+    tracing never reaches the library), with the library built."""
+    return (not torch.compiler.is_compiling() and _cpu_f32(x) and not torch.is_grad_enabled()
+            and library() is not None)
 
 
 def _applies(x: torch.Tensor, norm: torch.nn.GroupNorm, scale_shift: torch.Tensor | None) -> bool:
     """The shapes, layout and dtypes the GroupNorm kernels take (not the grad mode)."""
-    if (x.ndim != 4 or not x.is_contiguous(memory_format=torch.channels_last) or norm.weight is None
-            or norm.bias is None or not _cpu_f32(x, norm.weight, norm.bias) or torch.compiler.is_compiling()):
+    if (torch.compiler.is_compiling() or x.ndim != 4 or not x.is_contiguous(memory_format=torch.channels_last)
+            or norm.weight is None or norm.bias is None or not _cpu_f32(x, norm.weight, norm.bias)):
         return False
     b, c = x.shape[:2]
     return scale_shift is None or (scale_shift.shape in ((1, 2 * c), (b, 2 * c)) and _cpu_f32(scale_shift))
@@ -147,7 +149,7 @@ def group_norm_act(x: torch.Tensor, norm: torch.nn.GroupNorm, scale_shift: torch
     None or [1 or B, 2C] (scale, then shift: the time projection's output), without grads (sampling). None
     where the kernel does not apply (another layout or dtype, a GroupNorm without affine, grads, no
     library): the caller computes it."""
-    if not available(x) or not _applies(x, norm, scale_shift):
+    if not _applies(x, norm, scale_shift) or not available(x):
         return None
     ss = scale_shift.contiguous() if scale_shift is not None else None
     return _gn_forward(x, norm.weight, norm.bias, ss, norm.num_groups, norm.eps, silu, stats=False)[0]
@@ -189,7 +191,7 @@ class _GroupNormAct(torch.autograd.Function):
 def group_norm_act_train(x: torch.Tensor, norm: torch.nn.GroupNorm, scale_shift: torch.Tensor | None = None,
                          silu: bool = True) -> torch.Tensor | None:
     """:func:`group_norm_act` with autograd (the kernels' backward; training). None where it does not apply."""
-    if library() is None or not _applies(x, norm, scale_shift):
+    if not _applies(x, norm, scale_shift) or library() is None:
         return None
     ss = scale_shift.contiguous() if scale_shift is not None else None
     return _GroupNormAct.apply(x, norm.weight, norm.bias, ss, norm.num_groups, norm.eps, silu)

@@ -188,6 +188,17 @@ def test_kernels_decline_what_they_do_not_compute():
 
 
 @needs_library
+def test_torch_compile_never_reaches_the_library(monkeypatch):
+    """While dynamo traces (CUDA's default path, a CPU on request) every kernel declines before the library."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(kernels, "library", lambda: pytest.fail("the library was reached while compiling"))
+    x, norm = _cl(2, 32, 8, 8), _norm(32, 8)
+    assert kernels.group_norm_act_train(x, norm) is None
+    with torch.no_grad():
+        assert kernels.group_norm_act(x, norm) is None and kernels.attention16(torch.randn(2, 16, 384), 4, 32) is None
+
+
+@needs_library
 def test_sampling_forward_with_and_without_kernels(monkeypatch):
     """The Unet's sampling forward uses both kernels at the default attention shape and agrees with its
     PyTorch path (DDPM_CPU_KERNELS=0) to float rounding."""
