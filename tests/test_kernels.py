@@ -40,6 +40,15 @@ def _cl(*shape, scale=1.0):
     return (torch.randn(*shape) * scale).contiguous(memory_format=torch.channels_last)
 
 
+def _reference(norm, x, ss, silu):
+    """PyTorch's ops: act(norm(x) * (1 + scale) + shift), ss = [rows, 2C] (scale, then shift) or None."""
+    y = norm(x)
+    if ss is not None:
+        scale, shift = ss[:, :, None, None].chunk(2, dim=1)
+        y = y * (1 + scale) + shift
+    return F.silu(y) if silu else y
+
+
 def _norm(c, groups):
     norm = torch.nn.GroupNorm(groups, c)
     with torch.no_grad():
@@ -61,12 +70,7 @@ def test_group_norm_act_matches_pytorch(c, groups, size, rows, silu):
     x = _cl(b, c, size, size, scale=3.0) + 2.0  # a mean far from 0: E[x^2] - E[x]^2 must not cancel badly
     ss = None if rows is None else torch.randn(1 if rows == 1 else b, 2 * c) * 0.5
     with torch.no_grad():
-        ref = norm(x)
-        if ss is not None:
-            scale, shift = ss[:, :, None, None].chunk(2, dim=1)
-            ref = ref * (1 + scale) + shift
-        ref = F.silu(ref) if silu else ref
-        got = kernels.group_norm_act(x, norm, ss, silu)
+        ref, got = _reference(norm, x, ss, silu), kernels.group_norm_act(x, norm, ss, silu)
     assert got is not None and got.shape == x.shape and got.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=2e-5)
 
@@ -84,12 +88,7 @@ def test_group_norm_act_backward_matches_autograd(c, groups, size, rows, silu):
     ss = None if rows is None else (torch.randn(1 if rows == 1 else b, 2 * c) * 0.5).requires_grad_()
     dy = _cl(b, c, size, size)
     inputs = [x, norm.weight, norm.bias] + ([ss] if ss is not None else [])
-    ref = norm(x)
-    if ss is not None:
-        scale, shift = ss[:, :, None, None].chunk(2, dim=1)
-        ref = ref * (1 + scale) + shift
-    ref = F.silu(ref) if silu else ref
-    got = kernels.group_norm_act_train(x, norm, ss, silu)
+    ref, got = _reference(norm, x, ss, silu), kernels.group_norm_act_train(x, norm, ss, silu)
     assert got.requires_grad and got.grad_fn is not None
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=2e-5)
     for want, have in zip(torch.autograd.grad(ref, inputs, dy), torch.autograd.grad(got, inputs, dy)):
