@@ -165,19 +165,20 @@ int ddpm_group_norm_act_backward(const float *x, const float *dy, float *dx, con
 #pragma omp parallel num_threads(threads) reduction(|:failed)
     {
         float *buf = malloc(sizeof(float) * 9 * c);
-        double *acc = malloc(sizeof(double) * 2 * c);
+        double *acc = malloc(sizeof(double) * 3 * c);
         failed = !buf || !acc;
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < n; ++b) {
             if (failed) continue;
             float *a = buf, *o = buf + c, *mk = buf + 2 * c, *rk = buf + 3 * c, *fa = buf + 4 * c,
                   *fb = buf + 5 * c, *pk = buf + 6 * c, *qk = buf + 7 * c, *ck = buf + 8 * c;
-            double *sa = acc, *sb = acc + c;
+            double *sa = acc, *sb = acc + c, *dm = acc + 2 * c; /* dm: 1 + scale */
             const float *xb = x + b * hw * c, *gb = dy + b * hw * c;
             float *db = dx + b * hw * c;
             for (int64_t k = 0; k < c; ++k) {
                 const int64_t g = k / cg;
-                const float m = scale ? 1.f + scale[b * ss_stride + k] : 1.f;
+                dm[k] = scale ? 1.0 + scale[b * ss_stride + k] : 1.0;
+                const float m = (float)dm[k];
                 mk[k] = mean[b * groups + g];
                 rk[k] = rstd[b * groups + g];
                 a[k] = rk[k] * weight[k] * m;
@@ -217,7 +218,7 @@ int ddpm_group_norm_act_backward(const float *x, const float *dy, float *dx, con
             for (int64_t g = 0; g < groups; ++g) { /* dx = P du + Q x + R */
                 double m1 = 0.0, m2 = 0.0;
                 for (int64_t k = g * cg; k < (g + 1) * cg; ++k) {
-                    const double w = (double)weight[k] * (scale ? 1.0 + scale[b * ss_stride + k] : 1.0);
+                    const double w = (double)weight[k] * dm[k];
                     m1 += w * sa[k];
                     m2 += w * sb[k];
                 }
@@ -225,12 +226,11 @@ int ddpm_group_norm_act_backward(const float *x, const float *dy, float *dx, con
                 m2 /= (double)(hw * cg);
                 const double r = rstd[b * groups + g], mu = mean[b * groups + g];
                 for (int64_t k = g * cg; k < (g + 1) * cg; ++k) {
-                    pk[k] = (float)(r * weight[k] * (scale ? 1.0 + scale[b * ss_stride + k] : 1.0));
+                    pk[k] = (float)(r * weight[k] * dm[k]);
                     qk[k] = (float)(-r * r * m2);
                     ck[k] = (float)(r * (r * m2 * mu - m1));
-                    const double m = scale ? 1.0 + scale[b * ss_stride + k] : 1.0;
-                    d_weight_part[b * c + k] = (float)(m * sb[k]);
-                    d_bias_part[b * c + k] = (float)(m * sa[k]);
+                    d_weight_part[b * c + k] = (float)(dm[k] * sb[k]);
+                    d_bias_part[b * c + k] = (float)(dm[k] * sa[k]);
                     if (d_ss) {
                         d_ss[b * 2 * c + k] = (float)(weight[k] * sb[k] + bias[k] * sa[k]);
                         d_ss[b * 2 * c + c + k] = (float)sa[k];

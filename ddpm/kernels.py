@@ -38,10 +38,7 @@ _state: dict[str, object] = {}  # "lib": the loaded library or None, once tried
 
 
 def _compiler() -> str | None:
-    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if cc and shutil.which(cc):
-            return shutil.which(cc)
-    return None
+    return next((path for cc in (os.environ.get("CC"), "cc", "gcc", "clang") if cc and (path := shutil.which(cc))), None)
 
 
 def _cpu_id() -> str:
@@ -77,7 +74,7 @@ def _load() -> ctypes.CDLL | None:
         return None
     cc = _compiler()
     if cc is None:
-        log.warning("ddpm.kernels: no C compiler ($CC, cc, gcc or clang) found; sampling keeps its PyTorch path")
+        log.warning("ddpm.kernels: no C compiler ($CC, cc, gcc or clang) found; training and sampling keep PyTorch's ops")
         return None
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
@@ -88,7 +85,7 @@ def _load() -> ctypes.CDLL | None:
             _build(cc, target)
         lib = ctypes.CDLL(str(target))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        log.warning("ddpm.kernels: could not build the CPU kernels (%s); sampling keeps its PyTorch path", e)
+        log.warning("ddpm.kernels: could not build the CPU kernels (%s); training and sampling keep PyTorch's ops", e)
         return None
     i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.ddpm_group_norm_act.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, ctypes.c_float, c_int,
@@ -128,15 +125,21 @@ def _applies(x: torch.Tensor, norm: torch.nn.GroupNorm, scale_shift: torch.Tenso
     return scale_shift is None or (scale_shift.shape in ((1, 2 * c), (b, 2 * c)) and _cpu_f32(scale_shift))
 
 
+def _ss_args(scale_shift: torch.Tensor | None, c: int) -> tuple[int | None, int | None, int]:
+    """The kernels' scale, shift and row-stride arguments for a contiguous [1 or B, 2C] scale_shift (or None)."""
+    if scale_shift is None:
+        return None, None, 0
+    ptr = scale_shift.data_ptr()
+    return ptr, ptr + 4 * c, 0 if scale_shift.shape[0] == 1 else 2 * c
+
+
 def _gn_forward(x, weight, bias, scale_shift, groups, eps, silu, stats: bool):
     b, c, h, w = x.shape
     y = torch.empty_like(x)
     mean, rstd = (x.new_empty(b, groups), x.new_empty(b, groups)) if stats else (None, None)
-    ss = scale_shift.data_ptr() if scale_shift is not None else None
-    stride = 0 if scale_shift is None or scale_shift.shape[0] == 1 else 2 * c
     rc = library().ddpm_group_norm_act(
-        x.data_ptr(), y.data_ptr(), b, h * w, c, groups, weight.data_ptr(), bias.data_ptr(), ss,
-        None if ss is None else ss + 4 * c, stride, eps, int(silu), None if mean is None else mean.data_ptr(),
+        x.data_ptr(), y.data_ptr(), b, h * w, c, groups, weight.data_ptr(), bias.data_ptr(),
+        *_ss_args(scale_shift, c), eps, int(silu), None if mean is None else mean.data_ptr(),
         None if rstd is None else rstd.data_ptr(), torch.get_num_threads())
     if rc:
         raise MemoryError("ddpm.kernels: the GroupNorm kernel could not allocate its scratch")
@@ -149,7 +152,7 @@ def group_norm_act(x: torch.Tensor, norm: torch.nn.GroupNorm, scale_shift: torch
     None or [1 or B, 2C] (scale, then shift: the time projection's output), without grads (sampling). None
     where the kernel does not apply (another layout or dtype, a GroupNorm without affine, grads, no
     library): the caller computes it."""
-    if not _applies(x, norm, scale_shift) or not available(x):
+    if torch.is_grad_enabled() or not _applies(x, norm, scale_shift) or library() is None:
         return None
     ss = scale_shift.contiguous() if scale_shift is not None else None
     return _gn_forward(x, norm.weight, norm.bias, ss, norm.num_groups, norm.eps, silu, stats=False)[0]
@@ -174,11 +177,9 @@ class _GroupNormAct(torch.autograd.Function):
         dy = dy.contiguous(memory_format=torch.channels_last)
         dx, dw, db = torch.empty_like(x), x.new_empty(b, c), x.new_empty(b, c)
         d_ss = x.new_empty(b, 2 * c) if scale_shift is not None else None
-        ss = scale_shift.data_ptr() if scale_shift is not None else None
-        stride = 0 if scale_shift is None or scale_shift.shape[0] == 1 else 2 * c
         rc = library().ddpm_group_norm_act_backward(
             x.data_ptr(), dy.data_ptr(), dx.data_ptr(), mean.data_ptr(), rstd.data_ptr(), b, h * w, c, ctx.groups,
-            weight.data_ptr(), bias.data_ptr(), ss, None if ss is None else ss + 4 * c, stride, int(ctx.silu),
+            weight.data_ptr(), bias.data_ptr(), *_ss_args(scale_shift, c), int(ctx.silu),
             dw.data_ptr(), db.data_ptr(), None if d_ss is None else d_ss.data_ptr(), torch.get_num_threads())
         if rc:
             raise MemoryError("ddpm.kernels: the GroupNorm backward could not allocate its scratch")
