@@ -49,8 +49,8 @@ import os
 import re
 import sqlite3
 import subprocess
+import secrets
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -65,6 +65,10 @@ MAX_PARAMS_PER_BATCH = 100
 MAX_TAGS_PER_BATCH = 100
 MAX_PARAM_LENGTH = 6000
 PENDING_PREFIX = "pending-"  # run ids handed out while the store is unreachable
+RUN_ID = re.compile(r"(pending-)?[0-9a-f]{32}")  # MLflow's run ids (uuid4 hex) and our placeholders
+# Each run a Tracker creates is tagged with the sha256 of a random key that only its pending records carry:
+# a replayed file may touch an existing run only when it holds that run's key (see import_pending).
+WRITER_TAG = "ddpm.writer_sha256"
 # What a reader compares first (the configuration, FID with its 95% interval, KID), then how it was
 # measured, then where the row comes from; run ids last.
 _PARAM_COLUMNS = ["schedule", "seed", "sampler", "eta", "steps", "spacing", "timesteps", "n_samples", "features"]
@@ -199,6 +203,24 @@ def enable_wal(path: Path) -> None:
         con.close()
 
 
+def init_lock_path(db: Path) -> Path:
+    """The set-up lock of a SQLite store: ``<db>-init.lock`` beside the database (``mlflow.db-init.lock``,
+    git-ignored), never a predictable name in the shared temp folder."""
+    return db.with_name(db.name + "-init.lock")
+
+
+def _open_lock(path: Path) -> int:
+    """Open (or create, mode 0600) a lock file without truncating it and without following a symlink."""
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        return os.open(path, flags, 0o600)
+    except OSError as exc:
+        if path.is_symlink():
+            raise OSError(f"{path}: a symbolic link where the MLflow set-up lock belongs; allowed: a regular "
+                          f"file (remove the link)") from None
+        raise exc
+
+
 @contextlib.contextmanager
 def _init_lock(uri: str) -> Iterator[None]:
     """Serialise first-time store setup across processes (MLflow's tracking store creates its
@@ -207,11 +229,12 @@ def _init_lock(uri: str) -> Iterator[None]:
     if path is None:
         yield
         return
-    digest = hashlib.md5(str(path).encode(), usedforsecurity=False).hexdigest()[:16]
-    with open(Path(tempfile.gettempdir()) / f"ddpm-mlflow-init-{digest}.lock", "w") as fh:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = _open_lock(init_lock_path(path))
+    try:
         try:
             import fcntl
-            fcntl.flock(fh, fcntl.LOCK_EX)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         except (ImportError, OSError):  # no flock (Windows, odd FS): go on unlocked
             pass
         try:
@@ -219,6 +242,8 @@ def _init_lock(uri: str) -> Iterator[None]:
         except (sqlite3.Error, OSError) as exc:  # not fatal: MLflow reports real problems itself
             log.debug("could not enable WAL on %s: %s", path, exc)
         yield
+    finally:
+        os.close(fd)
 
 
 def _import_mlflow(uri: str):
@@ -342,6 +367,44 @@ def _str_tags(tags: dict | None) -> dict[str, str]:
     return {str(k): str(v) for k, v in (tags or {}).items() if v is not None}
 
 
+# --------------------------------------------------------------------------- filters
+
+_FILTER_FIELD = re.compile(r"(tags|params|attributes)\.[A-Za-z0-9_.]{1,200}")  # e.g. tags.mlflow.parentRunId
+_FILTER_VALUE = re.compile(r"[A-Za-z0-9_.:@+-]{0,250}")  # no quote, backslash, space or wildcard
+_FILTER_CLAUSE = re.compile(r"\s*([^\s=]+)\s*=\s*'([^']*)'\s*")
+
+
+def eq_filter(conditions: list[tuple[str, str]]) -> str:
+    """An MLflow filter ``a = 'x' and b = 'y'`` built only from checked fields and values (a value with a
+    quote, space or backslash is refused, so nothing read from a file can change the query); ValueError."""
+    for field, value in conditions:
+        if not _FILTER_FIELD.fullmatch(str(field)):
+            raise ValueError(f"MLflow filter field {str(field)[:80]!r}; allowed: tags.<name>, params.<name>")
+        if not isinstance(value, str) or not _FILTER_VALUE.fullmatch(value):
+            raise ValueError(f"MLflow filter value for {field}: {str(value)[:80]!r}; allowed: up to 250 "
+                             "letters, digits and _ . : @ + -")
+    return " and ".join(f"{field} = '{value}'" for field, value in conditions)
+
+
+def filter_pairs(text: str) -> list[tuple[str, str]]:
+    """``"tags.kind = 'train' and tags.x = 'y'"`` -> [(field, value), ...]; ValueError for anything else."""
+    text = (text or "").strip()
+    if not text:
+        return []
+    pairs = []
+    for clause in re.split(r"\s+and\s+", text, flags=re.IGNORECASE):
+        m = _FILTER_CLAUSE.fullmatch(clause)
+        if m is None:
+            raise ValueError(f"MLflow filter {text[:120]!r}: clause {clause[:80]!r}; allowed: field = 'value' "
+                             "clauses joined by 'and'")
+        pairs.append((m[1], m[2]))
+    return pairs
+
+
+def _writer_hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
 # --------------------------------------------------------------------------- Tracker
 
 class _DropRetryWarnings(logging.Filter):
@@ -394,6 +457,7 @@ class Tracker:
         self._client = None
         self._exp_id: str | None = None
         self._runs: dict[str, dict] = {}  # start records of runs created here (replayable on failure)
+        self._keys: dict[str, str] = {}  # run id -> the writer key of a run created here (see WRITER_TAG)
 
     # ---- plumbing
     def _get_client(self):
@@ -424,8 +488,18 @@ class Tracker:
             self._keep(rec)
 
     def _keep(self, record: dict | None) -> None:
+        """Append ``record`` to the pending file, with the writer key of its run; a record for a run this
+        process did not create is dropped (a replayed file may only touch the runs it created)."""
         if record is None or self.pending_path is None:
             return
+        if record.get("run_id") not in self._keys:
+            if "foreign" not in self._warned:
+                self._warned.add("foreign")
+                log.warning("MLflow tracking: %s for run %s, which another process created, is not kept in %s (a "
+                            "pending file may only touch the runs it created)", record.get("op"),
+                            record.get("run_id"), self.pending_path)
+            return
+        record = {**record, "key": self._keys[record["run_id"]]}
         try:
             self.pending_path.parent.mkdir(parents=True, exist_ok=True)
             line = json.dumps({"uri": redact_uri(self.uri), **record}) + "\n"
@@ -467,6 +541,8 @@ class Tracker:
         all_tags.update(tags or {})
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
+        key = secrets.token_hex(16)
+        all_tags[WRITER_TAG] = _writer_hash(key)
         rec = {"op": "start_run", "experiment": self.experiment, "name": name,
                "params": _str_params(params), "tags": _str_tags(all_tags),
                "parent_run_id": parent_run_id, "start_time": _now_ms()}
@@ -476,9 +552,11 @@ class Tracker:
             run = client.create_run(self._get_exp_id(), start_time=rec["start_time"],
                                     tags=rec["tags"], run_name=name)
             self._runs[run.info.run_id] = {**rec, "run_id": run.info.run_id}
+            self._keys[run.info.run_id] = key
             return run.info.run_id
 
         placeholder = PENDING_PREFIX + uuid.uuid4().hex
+        self._keys[placeholder] = key
         rid = self._do("start_run", parent_run_id, {**rec, "run_id": placeholder}, create)
         if rid is None:  # failed: the start went to the pending file (if any)
             return placeholder if self.pending_path is not None else None
@@ -558,23 +636,24 @@ class Tracker:
         """The id of the training run that exported the model with this content hash (its tag), or None."""
         if not model_sha256 or any(c not in "0123456789abcdef" for c in model_sha256):
             return None
-        found = self.find_runs(f"tags.kind = 'train' and tags.model_sha256 = '{model_sha256}'")
+        found = self.find_runs(tags={"kind": "train", "model_sha256": model_sha256})
         return found[0] if found else None
 
-    def find_runs(self, filter_string: str = "", parent_run_id: str | None = None) -> list[str]:
-        """Ids of this experiment's runs matching an MLflow filter, e.g.
-        ``find_runs("tags.sample_key = 'cosine-ddim-50'", parent_run_id=pid)``; [] when
-        disabled, failed or the experiment does not exist yet."""
+    def find_runs(self, filter_string: str = "", parent_run_id: str | None = None, *,
+                  tags: dict[str, str] | None = None) -> list[str]:
+        """Ids of this experiment's runs whose tags equal ``tags`` (and ``filter_string``'s ``field = 'value'``
+        clauses), e.g. ``find_runs(tags={"sample_key": key}, parent_run_id=pid)``; [] when disabled, failed
+        or the experiment does not exist yet. The filter is built by :func:`eq_filter`: a value with a quote
+        or a space raises ValueError before MLflow is asked."""
         if not self.enabled or self.failed or (parent_run_id or "").startswith(PENDING_PREFIX):
             return []
-        filters = [f for f in (filter_string.strip(),) if f]
-        if parent_run_id:
-            filters.append(f"tags.mlflow.parentRunId = '{parent_run_id}'")
+        pairs = filter_pairs(filter_string) + [(f"tags.{k}", v) for k, v in (tags or {}).items()]
+        filt = eq_filter(pairs + ([("tags.mlflow.parentRunId", parent_run_id)] if parent_run_id else []))
 
         def search() -> list[str]:
             client = self._get_client()
             eid = self._exp_id or _experiment_id(client, self.uri, self.experiment, create=False)
-            return [] if eid is None else _search_all(client, [eid], " and ".join(filters))
+            return [] if eid is None else _search_all(client, [eid], filt)
 
         return [r.info.run_id for r in self._do("find_runs", None, None, search) or []]
 
@@ -591,14 +670,49 @@ def _search_all(client, experiment_ids: list[str], filter_string: str) -> list:
 
 # --------------------------------------------------------------------------- replay
 
+MAX_PENDING_BYTES = 256 << 20  # what import-pending reads of a file: size, lines, and one line
+MAX_PENDING_LINES = 1_000_000
+MAX_PENDING_LINE = 16 << 20
+# import-pending copies artifacts only from these folders of the project root (.dvc/cache: DVC's symlinked outputs)
+ARTIFACT_FOLDERS = ("models", "samples", "reports", "featurizer", ".dvc/cache")
+
+
+class PendingError(ValueError):
+    """A pending file that import-pending refuses: one line naming the file, the line, what it holds and
+    what is allowed; raised before anything is written."""
+
+
+def _pending_lines(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """(line number, record) of a pending file, reading at most MAX_PENDING_BYTES, MAX_PENDING_LINES lines of
+    MAX_PENDING_LINE bytes; a line that is not a JSON object is refused, except a truncated last one (a crash)."""
+    out: list[tuple[int, dict]] = []
+    bad: tuple[int, str] | None = None
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size > MAX_PENDING_BYTES:
+            raise PendingError(f"{path}: {size} bytes; allowed: at most {MAX_PENDING_BYTES} (split the file)")
+        for n, raw in enumerate(iter(lambda: fh.readline(MAX_PENDING_LINE + 1), b""), 1):
+            if bad is not None:
+                raise PendingError(f"{path} line {bad[0]}: {bad[1]}; allowed: one JSON object per line")
+            if n > MAX_PENDING_LINES or len(raw) > MAX_PENDING_LINE:
+                raise PendingError(f"{path} line {n}: over {MAX_PENDING_LINES} lines or {MAX_PENDING_LINE} bytes "
+                                   "in a line; allowed: at most that")
+            if raw.strip():
+                try:
+                    rec = json.loads(raw)
+                except (ValueError, UnicodeDecodeError):
+                    rec = None
+                if isinstance(rec, dict):
+                    out.append((n, rec))
+                else:
+                    bad = (n, "not a JSON object")
+    return out
+
+
 def read_pending(path: str | os.PathLike) -> list[dict]:
-    """Records of a pending file (a truncated last line, e.g. after a crash, is skipped)."""
-    records = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            if line.strip():
-                records.append(json.loads(line))
-    return records
+    """Records of a pending file (a truncated last line, e.g. after a crash, is skipped); bounded as
+    :func:`_pending_lines` says."""
+    return [rec for _, rec in _pending_lines(path)]
 
 
 class TrackingError(RuntimeError):
@@ -617,81 +731,221 @@ def _redacted(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except PendingError:
+            raise  # names the file and line, quotes no URI
         except Exception as exc:
             uri = sig.bind_partial(*args, **kwargs).arguments.get("uri") or default_tracking_uri()
             raise TrackingError(redact(f"{type(exc).__name__}: {exc}", uri)) from None
     return wrapper
 
 
+_NAME = re.compile(r"[A-Za-z0-9_\-. /]{1,250}")  # MLflow's metric, param and tag names
+_ARTIFACT_DIR = re.compile(r"[A-Za-z0-9_.-]{1,100}(/[A-Za-z0-9_.-]{1,100}){0,8}")
+_STATUSES = ("FINISHED", "FAILED", "KILLED")
+_KEY = re.compile(r"[0-9a-f]{32}")
+
+
+def _need(ok: bool, where: str, field: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise PendingError(f"{where}: {field} = {str(value)[:80]!r}; allowed: {allowed}")
+
+
+def _check_strs(where: str, field: str, d: Any, reserved: tuple[str, ...] = ()) -> None:
+    _need(isinstance(d, dict), where, field, type(d).__name__, "a mapping of names to strings")
+    for k, v in d.items():
+        _need(_NAME.fullmatch(k) is not None and ".." not in k and not k.startswith(reserved), where,
+              f"{field} name", k, "letters, digits, _ - . / and spaces, no '..'" +
+              (f", not starting with {', '.join(reserved)}" if reserved else ""))
+        _need(isinstance(v, str) and len(v) <= 8000, where, f"{field}[{k}]", v, "a string of <= 8000 characters")
+
+
+def _check_metrics(where: str, ms: Any) -> None:
+    _need(isinstance(ms, list), where, "metrics", type(ms).__name__, "a list of [name, value, step, time]")
+    for m in ms:
+        ok = (isinstance(m, list) and len(m) == 4 and isinstance(m[0], str) and _NAME.fullmatch(m[0]) is not None
+              and isinstance(m[1], (int, float)) and all(isinstance(x, int) for x in m[2:]))
+        _need(ok, where, "metric", m, "[name, number, integer step, integer time]")
+
+
+def _inside(real: Path, roots: list[Path]) -> bool:
+    return any(real == r or r in real.parents for r in roots)
+
+
+def _check_artifact(where: str, rec: dict, root: Path) -> None:
+    """The file (or every file under the folder) resolves inside the project's ARTIFACT_FOLDERS."""
+    roots = [(root / f).resolve() for f in ARTIFACT_FOLDERS]
+    allowed = f"a path in {', '.join(ARTIFACT_FOLDERS)} under {root}, no link leading out"
+    path = rec.get("path")
+    _need(isinstance(path, str) and 0 < len(path) < 4096 and "\0" not in path, where, "path", path, allowed)
+    p = Path(path) if Path(path).is_absolute() else root / path
+    _need(_inside(p.resolve(), roots), where, "path", path, allowed)
+    ap = rec.get("artifact_path")
+    _need(ap is None or (isinstance(ap, str) and _ARTIFACT_DIR.fullmatch(ap) is not None and ".." not in ap.split("/")),
+          where, "artifact_path", ap, "none, or a relative folder of letters, digits, _ . - without '..'")
+    if rec["op"] == "artifacts" and p.is_dir():
+        for folder, dirs, files in os.walk(p):
+            for name in dirs + files:
+                q = Path(folder) / name
+                _need(_inside(q.resolve(), roots), where, "a file under path", q, allowed)
+
+
+def _check_record(where: str, rec: dict, root: Path) -> None:
+    """One record's shape; PendingError naming ``where`` (file and line), the field and what is allowed."""
+    op = rec.get("op")
+    _need(op in _OPS, where, "op", op, ", ".join(_OPS))
+    _need(isinstance(rec.get("run_id"), str) and RUN_ID.fullmatch(rec["run_id"]) is not None, where, "run_id",
+          rec.get("run_id"), "a run id (32 hex digits, or pending-<32 hex digits>)")
+    _need(rec.get("key") is None or (isinstance(rec["key"], str) and _KEY.fullmatch(rec["key"]) is not None),
+          where, "key", "(hidden)", "32 hex digits")
+    _OPS[op](where, rec, root)
+
+
+def _check_start(where: str, rec: dict, root: Path) -> None:
+    parent = rec.get("parent_run_id")
+    _need(parent is None or (isinstance(parent, str) and RUN_ID.fullmatch(parent) is not None), where,
+          "parent_run_id", parent, "none or a run id")
+    for field in ("experiment", "name"):
+        v = rec.get(field)
+        _need(v is None or (isinstance(v, str) and 0 < len(v) <= 250), where, field, v, "a name of <= 250 characters")
+    _need(rec.get("start_time") is None or isinstance(rec["start_time"], int), where, "start_time",
+          rec.get("start_time"), "an integer (ms)")
+    _check_strs(where, "params", rec.get("params") or {})
+    _check_strs(where, "tags", rec.get("tags") or {})
+
+
+def _check_end(where: str, rec: dict, root: Path) -> None:
+    _need(rec.get("status", "FINISHED") in _STATUSES, where, "status", rec.get("status"), ", ".join(_STATUSES))
+    _need(rec.get("end_time") is None or isinstance(rec["end_time"], int), where, "end_time", rec.get("end_time"),
+          "an integer (ms)")
+
+
+_OPS: dict[str, Callable[[str, dict, Path], None]] = {
+    "start_run": _check_start,
+    "metrics": lambda where, rec, root: _check_metrics(where, rec.get("metrics")),
+    "params": lambda where, rec, root: _check_strs(where, "params", rec.get("params")),
+    "tags": lambda where, rec, root: _check_strs(where, "tags", rec.get("tags"),
+                                                 ("mlflow.", "pending_id", WRITER_TAG)),
+    "artifact": _check_artifact,
+    "artifacts": _check_artifact,
+    "end_run": _check_end,
+}
+
+
+def _lookup(client, old: str, exp_ids: list[str]):
+    """The target store's run with id ``old``, or tagged pending_id = ``old`` (a checked id); None."""
+    if not old.startswith(PENDING_PREFIX):
+        with contextlib.suppress(Exception):
+            return client.get_run(old)
+    found = client.search_runs(exp_ids, eq_filter([("tags.pending_id", old)]), max_results=1) if exp_ids else []
+    return found[0] if found else None
+
+
+def _plan(client, path, lines: list[tuple[int, dict]]) -> dict[str, str | None]:
+    """{old id: the existing run its records go to, None: a run this import creates}; PendingError for a
+    record that would touch an existing run without that run's writer key (a run the file did not create)."""
+    exp_ids = [e.experiment_id for e in client.search_experiments(max_results=1000)]
+    started = {rec["run_id"] for _, rec in lines if rec["op"] == "start_run"}
+    plan: dict[str, str | None] = {}
+    writers: dict[str, str | None] = {}
+    for n, rec in lines:
+        old = rec["run_id"]
+        if old not in writers:
+            run = _lookup(client, old, exp_ids)
+            writers[old] = run.data.tags.get(WRITER_TAG, "") if run is not None else None
+            plan[old] = run.info.run_id if run is not None else (None if old in started else "")
+        if writers[old] is not None and (rec.get("key") is None or _writer_hash(rec["key"]) != writers[old]):
+            raise PendingError(f"{path} line {n}: {rec['op']} for run {old}, which exists in the store and which "
+                               "this file did not create (no matching writer key); allowed: new runs, and runs "
+                               "whose key the file holds")
+    return plan
+
+
+def _create(client, uri: str, rec: dict, parent: str | None, exp_ids: dict[str, str]) -> str:
+    """A new run from a start record: its name, params and tags (no mlflow.* tag but the parent's), tagged
+    pending_id = the old id and the writer hash of the record's key."""
+    name = rec.get("experiment") or "Default"
+    if name not in exp_ids:
+        exp_ids[name] = _experiment_id(client, uri, name)
+    tags = {k: v for k, v in (rec.get("tags") or {}).items() if not k.startswith("mlflow.") and k != WRITER_TAG}
+    tags.update({"pending_id": rec["run_id"], **({"mlflow.parentRunId": parent} if parent else {}),
+                 **({WRITER_TAG: _writer_hash(rec["key"])} if rec.get("key") else {})})
+    run = client.create_run(exp_ids[name], start_time=rec.get("start_time"), tags=tags, run_name=rec.get("name"))
+    _send_params(client, run.info.run_id, rec.get("params") or {})
+    return run.info.run_id
+
+
+def _send(client, rid: str, rec: dict, root: Path) -> None:
+    op = rec["op"]
+    if op == "metrics":
+        _send_metrics(client, rid, rec["metrics"])
+    elif op == "params":
+        _send_params(client, rid, rec["params"])
+    elif op == "tags":
+        _send_tags(client, rid, rec["tags"])
+    elif op == "end_run":
+        client.set_terminated(rid, rec.get("status", "FINISHED"), rec.get("end_time"))
+    else:
+        p = Path(rec["path"]) if Path(rec["path"]).is_absolute() else root / rec["path"]
+        if p.exists():
+            (client.log_artifacts if op == "artifacts" else client.log_artifact)(
+                rid, str(p.resolve()), rec.get("artifact_path"))
+        else:
+            log.warning("artifact %s of run %s no longer exists; skipped", rec["path"], rid)
+
+
+def _replay(client, uri: str, lines, plan: dict, root: Path, created: list[str]) -> dict[str, str]:
+    mapping = {old: rid for old, rid in plan.items() if rid}
+    exp_ids: dict[str, str] = {}
+    for _, rec in lines:
+        old = rec["run_id"]
+        if rec["op"] == "start_run":
+            if old not in mapping:
+                parent = rec.get("parent_run_id")
+                pid = (mapping.get(parent) or _lookup_id(client, parent)) if parent else None
+                if parent and pid is None:
+                    log.warning("parent run %s of %s not found in %s", parent, old, redact_uri(uri))
+                mapping[old] = _create(client, uri, rec, pid, exp_ids)
+                created.append(mapping[old])
+        elif old in mapping:
+            _send(client, mapping[old], rec, root)
+        else:
+            log.warning("skipping %s record: run %s unknown in %s", rec["op"], old, redact_uri(uri))
+    return mapping
+
+
+def _lookup_id(client, old: str) -> str | None:
+    exp_ids = [e.experiment_id for e in client.search_experiments(max_results=1000)]
+    run = _lookup(client, old, exp_ids)
+    return run.info.run_id if run is not None else None
+
+
 @_redacted
-def import_pending(path: str | os.PathLike, uri: str | None = None) -> dict[str, str]:
+def import_pending(path: str | os.PathLike, uri: str | None = None, root: str | os.PathLike | None = None
+                   ) -> dict[str, str]:
     """Replay a Tracker's pending JSONL file into ``uri`` (default: :func:`default_tracking_uri`).
 
-    Runs that were never created (``pending-*`` ids), or that the target store does not have,
-    are created there with their name, params and tags, plus tag ``pending_id`` = the old id; so
-    replaying twice, or a second file whose runs are nested under a run of the first, works.
-    Returns {old run id: run id in the target store}. Raises on MLflow errors (a deliberate
-    action: the caller should see them)."""
+    The file is data from someone else: every record is checked first (bounded size, run ids, names,
+    artifact paths inside ``root``'s ARTIFACT_FOLDERS; ``root``: $DVC_ROOT or the current directory), and
+    PendingError names the first bad line before anything is written. It creates the runs its
+    ``start_run`` records describe (tag ``pending_id`` = the old id; so replaying twice, or a second file
+    nested under a run of the first, works) and touches an existing run only with that run's writer key
+    (:data:`WRITER_TAG`). If MLflow fails half-way, the runs it created are deleted again. Returns
+    {old run id: run id in the target store}."""
     uri = uri or default_tracking_uri()
+    root = Path(root or os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+    lines = _pending_lines(path)
+    for n, rec in lines:
+        _check_record(f"{path} line {n}", rec, root)
     client = _open_client(uri)
-    mapping: dict[str, str] = {}
-    exp_ids: dict[str, str] = {}
-
-    def resolve(rid: str | None) -> str | None:
-        if not rid:
-            return None
-        if rid in mapping:
-            return mapping[rid]
-        if not rid.startswith(PENDING_PREFIX):
+    plan = _plan(client, path, lines)
+    created: list[str] = []
+    try:
+        return _replay(client, uri, lines, plan, root, created)
+    except Exception:
+        for rid in created:
             with contextlib.suppress(Exception):
-                client.get_run(rid)
-                mapping[rid] = rid
-                return rid
-        found = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                   f"tags.pending_id = '{rid}'", max_results=1)
-        if found:
-            mapping[rid] = found[0].info.run_id
-        return mapping.get(rid)
-
-    for rec in read_pending(path):
-        op, old = rec.get("op"), rec.get("run_id")
-        if op == "start_run":
-            if resolve(old):
-                continue
-            name = rec.get("experiment") or "Default"
-            if name not in exp_ids:
-                exp_ids[name] = _experiment_id(client, uri, name)
-            tags = dict(rec.get("tags") or {})
-            tags.pop("mlflow.parentRunId", None)
-            parent = resolve(rec.get("parent_run_id"))
-            if parent:
-                tags["mlflow.parentRunId"] = parent
-            elif rec.get("parent_run_id"):
-                log.warning("parent run %s of %s not found in %s", rec["parent_run_id"], old, redact_uri(uri))
-            tags["pending_id"] = old
-            run = client.create_run(exp_ids[name], start_time=rec.get("start_time"), tags=tags,
-                                    run_name=rec.get("name"))
-            mapping[old] = run.info.run_id
-            _send_params(client, run.info.run_id, rec.get("params") or {})
-            continue
-        rid = resolve(old)
-        if rid is None:
-            log.warning("skipping %s record: run %s unknown in %s", op, old, redact_uri(uri))
-        elif op == "metrics":
-            _send_metrics(client, rid, rec["metrics"])
-        elif op == "params":
-            _send_params(client, rid, rec["params"])
-        elif op == "tags":
-            _send_tags(client, rid, rec["tags"])
-        elif op in ("artifact", "artifacts"):
-            if Path(rec["path"]).exists():
-                (client.log_artifacts if op == "artifacts" else client.log_artifact)(
-                    rid, rec["path"], rec.get("artifact_path"))
-            else:
-                log.warning("artifact %s of run %s no longer exists; skipped", rec["path"], rid)
-        elif op == "end_run":
-            client.set_terminated(rid, rec.get("status", "FINISHED"), rec.get("end_time"))
-    return mapping
+                client.delete_run(rid)
+        raise
 
 
 # --------------------------------------------------------------------------- comparison table
@@ -793,6 +1047,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("import-pending", help="replay a Tracker's pending JSONL file")
     p.add_argument("file")
     p.add_argument("--uri", default=None)
+    p.add_argument("--root", default=None, help="project root whose output folders artifacts may come from "
+                   "(default: $DVC_ROOT or the current directory)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     install_log_redaction()
@@ -822,7 +1078,7 @@ def _table(args: argparse.Namespace, uri: str) -> int:
 
 
 def _import(args: argparse.Namespace, uri: str) -> int:
-    mapping = import_pending(args.file, uri=uri)
+    mapping = import_pending(args.file, uri=uri, root=args.root)
     print(f"imported {len(mapping)} run(s) from {args.file} into {redact_uri(uri)}")
     for old, new in mapping.items():
         print(f"  {old} -> {new}")

@@ -74,7 +74,7 @@ def _log_mlflow(p, table, keys, floor, n) -> None:
     for row, (key, model_sha256) in zip(table.itertuples(index=False), keys):
         parent = tracker.train_run(model_sha256)  # the training run is tagged with its model's hash
         # a sample set already logged under this parent (same images) needs no new run
-        if parent and tracker.find_runs(f"tags.sample_key = '{key}' and tags.mlflow.parentRunId = '{parent}'"):
+        if parent and tracker.find_runs(tags={"sample_key": key}, parent_run_id=parent):
             continue
         run = tracker.start_run(
             f"{row.schedule}-seed{row.seed}-{sampler_label(row.sampler, row.eta)}-{row.steps}",

@@ -52,7 +52,7 @@ def log_to_mlflow(p, r: Results, out: dict, metrics: dict) -> None:
     for (schedule, label, steps), images in r.samples.items():
         parent = parents[(schedule, r.seeds[0])]
         if parent:
-            for run_id in tracker.find_runs(f"tags.sample_key = '{sample_key(images)}'", parent):
+            for run_id in tracker.find_runs(tags={"sample_key": sample_key(images)}, parent_run_id=parent):
                 tracker.log_artifact(run_id, out["grids"][(schedule, label, steps)])
 
 

@@ -303,9 +303,10 @@ def test_artifact_failure_keeps_tracking_metrics(store, tmp_path, monkeypatch, c
     pending = tmp_path / "pending.jsonl"
     tk = tr.Tracker(True, "ddpm-artifacts", uri=store["uri"], pending_path=pending)
     rid = tk.start_run("train", {"schedule": "linear"}, {"kind": "train"})
-    (tmp_path / "loss.csv").write_text("step,loss\n1,0.5\n")
-    (tmp_path / "figures").mkdir()
-    (tmp_path / "figures" / "a.png").write_bytes(b"png")
+    out = tmp_path / "reports"  # import-pending copies files from the project's output folders only
+    (out / "figures").mkdir(parents=True)
+    (out / "loss.csv").write_text("step,loss\n1,0.5\n")
+    (out / "figures" / "a.png").write_bytes(b"png")
     client = tk._get_client()
     calls = []
 
@@ -315,8 +316,8 @@ def test_artifact_failure_keeps_tracking_metrics(store, tmp_path, monkeypatch, c
 
     monkeypatch.setattr(client, "log_artifact", boom)
     caplog.set_level(logging.WARNING, logger="ddpm.tracking")
-    tk.log_artifact(rid, tmp_path / "loss.csv")
-    tk.log_artifacts(rid, tmp_path / "figures", "figures")  # not attempted after the first failure
+    tk.log_artifact(rid, out / "loss.csv")
+    tk.log_artifacts(rid, out / "figures", "figures")  # not attempted after the first failure
     tk.log_metrics(rid, [{"step": 1, "loss": 0.5}])
     tk.end_run(rid)
     assert tk.artifacts_failed and not tk.failed and len(calls) == 1
@@ -331,7 +332,7 @@ def test_artifact_failure_keeps_tracking_metrics(store, tmp_path, monkeypatch, c
     run = c.get_run(rid)
     assert run.info.status == "FINISHED" and run.data.metrics["loss"] == 0.5
     assert c.list_artifacts(rid) == []
-    assert tr.import_pending(pending, store["uri"]) == {rid: rid}
+    assert tr.import_pending(pending, store["uri"], root=tmp_path) == {rid: rid}
     assert sorted(f.path for f in c.list_artifacts(rid)) == ["figures", "loss.csv"]
     assert [f.path for f in c.list_artifacts(rid, "figures")] == ["figures/a.png"]
 
