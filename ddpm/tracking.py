@@ -831,33 +831,42 @@ _OPS: dict[str, Callable[[str, dict, Path], None]] = {
 }
 
 
-def _lookup(client, old: str, exp_ids: list[str]):
-    """The target store's run with id ``old``, or tagged pending_id = ``old`` (a checked id); None."""
+def _lookup(client, old: str, exp_ids: list[str]) -> tuple[Any, bool]:
+    """(the target store's run with id ``old``, or else tagged pending_id = ``old`` (a checked id), or None;
+    whether it was found by its pending_id, i.e. created by an earlier import)."""
     if not old.startswith(PENDING_PREFIX):
         with contextlib.suppress(Exception):
-            return client.get_run(old)
+            return client.get_run(old), False
     found = client.search_runs(exp_ids, eq_filter([("tags.pending_id", old)]), max_results=1) if exp_ids else []
-    return found[0] if found else None
+    return (found[0], True) if found else (None, False)
 
 
-def _plan(client, path, lines: list[tuple[int, dict]]) -> dict[str, str | None]:
-    """{old id: the existing run its records go to, None: a run this import creates}; PendingError for a
-    record that would touch an existing run without that run's writer key (a run the file did not create)."""
+def _plan(client, path, lines: list[tuple[int, dict]]) -> tuple[dict[str, str | None], set[str]]:
+    """({old id: the existing run its records go to, None: a run this import creates}, the old ids of runs
+    an earlier import created, whose records are skipped). PendingError for a record that would touch an
+    existing run without that run's writer key (a run the file did not create)."""
     exp_ids = [e.experiment_id for e in client.search_experiments(max_results=1000)]
     started = {rec["run_id"] for _, rec in lines if rec["op"] == "start_run"}
     plan: dict[str, str | None] = {}
     writers: dict[str, str | None] = {}
+    done: set[str] = set()
     for n, rec in lines:
         old = rec["run_id"]
         if old not in writers:
-            run = _lookup(client, old, exp_ids)
+            run, imported = _lookup(client, old, exp_ids)
             writers[old] = run.data.tags.get(WRITER_TAG, "") if run is not None else None
             plan[old] = run.info.run_id if run is not None else (None if old in started else "")
-        if writers[old] is not None and (rec.get("key") is None or _writer_hash(rec["key"]) != writers[old]):
+            if imported and old in started and not _holds_key(rec, writers[old]):
+                done.add(old)  # imported before from a file without its key: used as a parent, never touched
+        if old not in done and writers[old] is not None and not _holds_key(rec, writers[old]):
             raise PendingError(f"{path} line {n}: {rec['op']} for run {old}, which exists in the store and which "
                                "this file did not create (no matching writer key); allowed: new runs, and runs "
                                "whose key the file holds")
-    return plan
+    return plan, done
+
+
+def _holds_key(rec: dict, writer: str | None) -> bool:
+    return bool(writer) and rec.get("key") is not None and _writer_hash(rec["key"]) == writer
 
 
 def _create(client, uri: str, rec: dict, parent: str | None, exp_ids: dict[str, str]) -> str:
@@ -893,11 +902,13 @@ def _send(client, rid: str, rec: dict, root: Path) -> None:
             log.warning("artifact %s of run %s no longer exists; skipped", rec["path"], rid)
 
 
-def _replay(client, uri: str, lines, plan: dict, root: Path, created: list[str]) -> dict[str, str]:
-    mapping = {old: rid for old, rid in plan.items() if rid}
+def _replay(client, uri: str, lines, plan: tuple[dict, set], root: Path, created: list[str]) -> dict[str, str]:
+    mapping = {old: rid for old, rid in plan[0].items() if rid}
     exp_ids: dict[str, str] = {}
     for _, rec in lines:
         old = rec["run_id"]
+        if old in plan[1]:
+            continue  # imported before: never touched again
         if rec["op"] == "start_run":
             if old not in mapping:
                 parent = rec.get("parent_run_id")
@@ -915,7 +926,7 @@ def _replay(client, uri: str, lines, plan: dict, root: Path, created: list[str])
 
 def _lookup_id(client, old: str) -> str | None:
     exp_ids = [e.experiment_id for e in client.search_experiments(max_results=1000)]
-    run = _lookup(client, old, exp_ids)
+    run = _lookup(client, old, exp_ids)[0]
     return run.info.run_id if run is not None else None
 
 

@@ -1,0 +1,255 @@
+"""Issue 28, rows 1, 2, 3 and 8: shared files are data. Each test performs the attack or the fault, then
+checks the fixed behaviour: a planted symlink at the MLflow set-up lock, a pending file from someone else
+replayed with import-pending, a kill -9 of `dvc repro` while a sample set is written, and a path in
+reports/fid.csv."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ddpm import tracking as tr
+
+ROOT = Path(__file__).resolve().parents[1]
+USER_TEXT = "the user's own file\n"
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    for var in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "DVC_STAGE", "MLFLOW_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+
+
+# ------------------------------------------------------------------ row 1: the set-up lock
+
+def test_symlinked_init_lock_is_never_followed(tmp_path, caplog, capsys):
+    """Symlinks at the old lock path (shared temp folder, md5 of the db path) and at the new one (beside
+    the db) pointing at a user's file: a tracking call and `table` leave the file as it was."""
+    victim = tmp_path / "home" / "notes.txt"
+    victim.parent.mkdir()
+    victim.write_text(USER_TEXT)
+    db = tmp_path / "project" / "mlflow.db"
+    db.parent.mkdir()
+    digest = hashlib.md5(str(db.resolve()).encode(), usedforsecurity=False).hexdigest()[:16]
+    old = Path(tempfile.gettempdir()) / f"ddpm-mlflow-init-{digest}.lock"
+    new = tr.init_lock_path(db)
+    assert new.parent == db.parent
+    old.unlink(missing_ok=True)
+    old.symlink_to(victim)
+    new.symlink_to(victim)
+    uri = f"sqlite:///{db}"
+    import sqlite3
+    sqlite3.connect(db).close()  # an existing (empty) store, so that `table` opens it
+    try:
+        tk = tr.Tracker(True, "x", uri=uri)
+        assert tk.start_run("r", {"a": 1}, {}) is None  # refused: the Tracker warns and stops, never raises
+        assert tk.failed and "symbolic link" in caplog.text and str(new) in caplog.text
+        assert tr.main(["table", "--uri", uri]) == 1
+        err = capsys.readouterr().err
+        assert "symbolic link" in err and str(new) in err and "\n" not in err.strip()
+        assert victim.read_text() == USER_TEXT and old.is_symlink() and new.is_symlink()
+    finally:
+        old.unlink(missing_ok=True)
+
+
+def test_init_lock_is_a_private_regular_file_beside_the_db(tmp_path):
+    db = tmp_path / "mlflow.db"
+    lock = tr.init_lock_path(db)
+    lock.write_text("kept")  # an existing lock is opened without truncation
+    with tr._init_lock(f"sqlite:///{db}"):
+        pass
+    assert lock.read_text() == "kept" and not lock.is_symlink()
+    lock.unlink()
+    with tr._init_lock(f"sqlite:///{db}"):
+        pass
+    assert lock.is_file() and lock.stat().st_mode & 0o777 == 0o600
+
+
+def test_no_predictable_names_in_the_shared_temp_folder():
+    """No module of the package builds a path in the shared temp folder by hand."""
+    for path in [*(ROOT / "ddpm").glob("*.py"), *(ROOT / "stages").glob("*.py")]:
+        text = path.read_text()
+        assert "gettempdir" not in text and "\"/tmp" not in text and "'/tmp" not in text, path
+
+
+# ------------------------------------------------------------------ row 2: import-pending
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A SQLite store with one run of the user's (created by a Tracker, so it carries a writer tag)."""
+    root = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        tk = tr.Tracker(True, "mine", uri=uri)
+        rid = tk.start_run("train", {"schedule": "linear"}, {"kind": "train", "model_sha256": "ab" * 32})
+        tk.log_metrics(rid, [{"step": 0, "loss": 1.0}])
+        tk.end_run(rid)
+    assert not tk.failed
+    return {"uri": uri, "run": rid, "root": root}
+
+
+def _client(store):
+    from mlflow import MlflowClient
+    return MlflowClient(store["uri"])
+
+
+def _snapshot(store) -> tuple:
+    """The user's run (tags, status, metrics) and the number of active runs in the store."""
+    c = _client(store)
+    run = c.get_run(store["run"])
+    runs = c.search_runs([e.experiment_id for e in c.search_experiments()])
+    return run.data.tags, run.info.status, run.data.metrics, len(runs)
+
+
+def _write(path: Path, records: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def _start(rid: str, **extra) -> dict:
+    return {"op": "start_run", "run_id": rid, "experiment": "theirs", "name": "r", "params": {"a": "1"},
+            "tags": {"kind": "sample"}, "parent_run_id": None, "start_time": 1, **extra}
+
+
+PENDING = "pending-" + "1" * 32
+
+
+def _refused(store, path: Path, *needles: str, root: Path | None = None) -> str:
+    before = _snapshot(store)
+    with pytest.raises(tr.PendingError) as err:
+        tr.import_pending(path, store["uri"], root=root or path.parent)
+    msg = str(err.value)
+    assert "\n" not in msg and str(path) in msg and all(n in msg for n in needles), msg
+    assert _snapshot(store) == before  # nothing written, not even the valid records before the bad one
+    return msg
+
+
+def test_records_for_someone_elses_run_are_refused(store, tmp_path):
+    rid = store["run"]
+    attacks = [
+        [{"op": "tags", "run_id": rid, "tags": {"model_sha256": "evil"}}],
+        [{"op": "end_run", "run_id": rid, "status": "FAILED", "end_time": 5}],
+        [{"op": "metrics", "run_id": rid, "metrics": [["loss", 9.0, 1, 1]], "key": "0" * 32}],  # a wrong key
+        [_start(PENDING), _start(rid, key="1" * 32), {"op": "tags", "run_id": rid, "tags": {"x": "y"}}],
+    ]
+    for i, records in enumerate(attacks):
+        path = _write(tmp_path / f"a{i}.jsonl", records)
+        line = "line 2" if i == 3 else "line 1"
+        _refused(store, path, line, rid, "did not create")
+
+
+def test_artifacts_only_from_the_projects_output_folders(store, tmp_path):
+    secret = tmp_path / "home" / ".ssh" / "id_rsa"
+    secret.parent.mkdir(parents=True)
+    secret.write_text("PRIVATE KEY")
+    project = tmp_path / "project"
+    (project / "reports" / "figures").mkdir(parents=True)
+    (project / "reports" / "link.txt").symlink_to(secret)
+    (project / "reports" / "figures" / "a.png").write_bytes(b"png")
+    (project / "reports" / "figures" / "b.png").symlink_to(secret)
+    for i, (op, path) in enumerate([("artifact", str(secret)), ("artifact", "../home/.ssh/id_rsa"),
+                                    ("artifact", "reports/../../home/.ssh/id_rsa"),
+                                    ("artifact", str(project / "reports" / "link.txt")),
+                                    ("artifacts", str(project / "reports" / "figures"))]):
+        records = [_start(PENDING), {"op": op, "run_id": PENDING, "path": path, "artifact_path": None}]
+        msg = _refused(store, _write(tmp_path / f"art{i}.jsonl", records), "line 2", "path", root=project)
+        assert "PRIVATE KEY" not in msg
+    bad_dest = [_start(PENDING), {"op": "artifact", "run_id": PENDING, "path": "reports/figures/a.png",
+                                  "artifact_path": "../../elsewhere"}]
+    _refused(store, _write(tmp_path / "dest.jsonl", bad_dest), "line 2", "artifact_path", root=project)
+
+
+def test_values_never_reach_a_filter_string(store, tmp_path):
+    quote = "x' or tags.kind != '"
+    for field, records in [("run_id", [_start(quote)]),
+                           ("parent_run_id", [_start(PENDING, parent_run_id=quote)]),
+                           ("tags name", [_start(PENDING, tags={"a'b": "c"})])]:
+        _refused(store, _write(tmp_path / "q.jsonl", records), "line 1", field)
+    with pytest.raises(ValueError, match="sample_key"):
+        tr.eq_filter([("tags.sample_key", quote)])
+    with pytest.raises(ValueError, match="allowed"):
+        tr.filter_pairs("tags.kind = 'train' or tags.kind = 'sample'")
+    tk = tr.Tracker(True, "mine", uri=store["uri"])
+    with pytest.raises(ValueError):
+        tk.find_runs(tags={"sample_key": quote})
+    with pytest.raises(ValueError):
+        tk.find_runs(parent_run_id=quote)
+    assert tk.find_runs(tags={"kind": "train", "model_sha256": "ab" * 32}) == [store["run"]]
+
+
+def test_the_whole_file_is_checked_first_and_bounded(store, tmp_path, monkeypatch):
+    good = _start(PENDING)
+    cases = [([good, "{not json", good], "line 2", "JSON"),
+             ([good, {"op": "delete_run", "run_id": PENDING}], "line 2", "op"),
+             ([good, {"op": "end_run", "run_id": PENDING, "status": "DELETED"}], "line 2", "status"),
+             ([good, {"op": "metrics", "run_id": PENDING, "metrics": [["loss", "1", 0, 0]]}], "line 2", "metric"),
+             ([good, {"op": "tags", "run_id": PENDING, "tags": {"pending_id": "x"}}], "line 2", "pending_id")]
+    for i, (records, *needles) in enumerate(cases):
+        _refused(store, _write(tmp_path / f"c{i}.jsonl", records), *needles)
+    path = _write(tmp_path / "big.jsonl", [good] * 3)
+    monkeypatch.setattr(tr, "MAX_PENDING_BYTES", 100)
+    _refused(store, path, "bytes")
+    monkeypatch.setattr(tr, "MAX_PENDING_BYTES", 1 << 20)
+    monkeypatch.setattr(tr, "MAX_PENDING_LINE", 50)
+    _refused(store, path, "line 1", "bytes")
+    monkeypatch.setattr(tr, "MAX_PENDING_LINE", 1 << 20)
+    monkeypatch.setattr(tr, "MAX_PENDING_LINES", 2)
+    _refused(store, path, "line 3", "lines")
+
+
+def test_an_import_that_fails_half_way_leaves_nothing_and_resumes(store, tmp_path, monkeypatch):
+    other = "pending-" + "2" * 32
+    path = _write(tmp_path / "ok.jsonl", [
+        _start(PENDING), {"op": "metrics", "run_id": PENDING, "metrics": [["fid", 3.0, 0, 1]]},
+        _start(other, parent_run_id=PENDING), {"op": "end_run", "run_id": other, "status": "FINISHED"},
+        '{"op": "end_run", "run_id": "pending-'])  # a truncated last line (a crash) is skipped
+    before = _snapshot(store)
+    real_send = tr._send
+
+    def flaky(client, rid, rec, root):
+        if rec["op"] == "end_run":
+            raise RuntimeError("database is locked")
+        real_send(client, rid, rec, root)
+
+    monkeypatch.setattr(tr, "_send", flaky)
+    with pytest.raises(tr.TrackingError, match="database is locked"):
+        tr.import_pending(path, store["uri"], root=tmp_path)
+    assert _snapshot(store) == before  # the runs it had created are deleted again
+    monkeypatch.undo()
+    mapping = tr.import_pending(path, store["uri"], root=tmp_path)
+    assert set(mapping) == {PENDING, other}
+    assert tr.import_pending(path, store["uri"], root=tmp_path) == mapping  # idempotent
+    c = _client(store)
+    child = c.get_run(mapping[other])
+    assert child.data.tags["mlflow.parentRunId"] == mapping[PENDING] and child.info.status == "FINISHED"
+    assert c.get_run(mapping[PENDING]).data.metrics == {"fid": 3.0}
+    assert _snapshot(store)[:3] == before[:3]  # the user's run untouched
+
+
+def test_a_trackers_own_pending_file_still_reaches_its_runs(store, tmp_path, monkeypatch):
+    """The writer key: records a Tracker keeps for the runs it created replay into them; records for runs
+    that another process created are not kept at all."""
+    tk = tr.Tracker(True, "mine", uri=store["uri"], pending_path=tmp_path / "p.jsonl")
+    rid = tk.start_run("fid", {}, {"kind": "sample"})
+    monkeypatch.setattr(tk, "_get_client", lambda: (_ for _ in ()).throw(RuntimeError("down")))
+    tk.log_metrics(rid, [{"step": 0, "fid": 2.5}])
+    tk.set_tags(store["run"], {"model_sha256": "evil"})  # a run of another process: not kept
+    tk.end_run(rid)
+    monkeypatch.undo()
+    records = tr.read_pending(tmp_path / "p.jsonl")
+    assert {r["run_id"] for r in records} == {rid} and all(len(r["key"]) == 32 for r in records)
+    assert tr.import_pending(tmp_path / "p.jsonl", store["uri"], root=tmp_path) == {rid: rid}
+    run = _client(store).get_run(rid)
+    assert run.data.metrics["fid"] == 2.5 and run.info.status == "FINISHED"
+    assert _client(store).get_run(store["run"]).data.tags["model_sha256"] == "ab" * 32
