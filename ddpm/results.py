@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from . import pipeline
-from .names import sampler_label
+from .names import SCHEDULES, SPACINGS, STEP_RULES, sampler_label
 
 FID_COLUMNS = ("schedule", "sampler", "eta", "steps", "fid", "n_samples", "features",
                "seed", "spacing", "fid_lo", "fid_hi", "kid", "kid_std")
@@ -35,6 +36,10 @@ LOSS_COLUMNS = ("step", "loss")
 CONFIG_KEYS = ["schedule", "sampler", "eta", "spacing", "steps"]
 TIE_RULE = "a configuration ties with another when their 95% intervals overlap"
 MAX_JSON_BYTES = 1 << 20  # JSON files the report reads are small; refuse anything larger
+# fid.csv columns that name files (models/<schedule>/seed<k>/, samples/.../<sampler>-eta<eta>-<steps>.npz):
+# only the configuration's vocabulary (ddpm/names.py), so no row can point outside the repository
+NAME_COLUMNS = {"schedule": SCHEDULES, "sampler": STEP_RULES, "spacing": SPACINGS}
+MAX_SEED_OR_STEPS = 10**9
 
 
 class ResultsError(ValueError):
@@ -114,8 +119,33 @@ def read_fid_table(path: Path) -> pd.DataFrame:
     if len(spaces) > 1:
         raise ResultsError(f"{path}: FIDs from several feature spaces ({', '.join(spaces)}); allowed: one")
     df = df.astype({"schedule": str, "sampler": str, "spacing": str, "features": str})
+    check_names(df, path)
     df["label"] = [sampler_label(n, e) for n, e in zip(df["sampler"], df["eta"])]
     return df
+
+
+def check_names(df: pd.DataFrame, path: Path) -> None:
+    """The columns of ``fid.csv`` that become file names hold allowed values: schedule, sampler and spacing
+    from ddpm/names.py, seed and steps whole numbers, eta a finite number; else ResultsError naming the line."""
+    for col, allowed in NAME_COLUMNS.items():
+        for i, v in enumerate(df[col]):
+            if v not in allowed:
+                raise ResultsError(f"{path} line {i + 2}: {col} = {v[:80]!r}; allowed: {', '.join(allowed)}")
+    for col, lo in (("seed", 0), ("steps", 1), ("eta", None)):
+        for i, v in enumerate(pd.to_numeric(df[col], errors="coerce")):
+            whole = lo is None or (float(v).is_integer() and lo <= v <= MAX_SEED_OR_STEPS)
+            if not (math.isfinite(v) and whole):
+                raise ResultsError(f"{path} line {i + 2}: {col} = {df[col].iloc[i]!r}; allowed: "
+                                   + ("a finite number" if lo is None else f"a whole number in [{lo}, {MAX_SEED_OR_STEPS}]"))
+
+
+def inside(root: Path, rel: Path) -> Path:
+    """``root / rel``, refused (ResultsError) unless it stays inside ``root`` once '..' is resolved (symlinks
+    the repository's owner made, e.g. DVC's symlink cache, are followed as they are)."""
+    path, base = Path(root) / rel, os.path.abspath(root)
+    if Path(rel).is_absolute() or os.path.commonpath([os.path.abspath(path), base]) != base:
+        raise ResultsError(f"{rel}: a path outside the repository {root}; allowed: paths inside it")
+    return path
 
 
 def read_floor(path: Path, features: str) -> Floor:
@@ -217,7 +247,7 @@ def _load_model_files(root: Path, schedules: tuple[str, ...], seeds: tuple[int, 
     losses, curves = {}, {}
     for schedule in schedules:
         for seed in seeds:
-            folder = root / pipeline.model_dir(schedule=schedule, seed=seed)
+            folder = inside(root, pipeline.model_dir(schedule=schedule, seed=seed))
             losses[(schedule, seed)] = read_csv(folder / pipeline.LOSS_CSV, LOSS_COLUMNS)
             curve = folder / pipeline.FID_CURVE_CSV
             if curve.is_file():  # absent when train.fid_every = 0
@@ -228,8 +258,8 @@ def _load_model_files(root: Path, schedules: tuple[str, ...], seeds: tuple[int, 
 def _load_samples(root: Path, rows: pd.DataFrame, seed: int) -> dict[tuple[str, str, int], np.ndarray]:
     out = {}
     for r in rows[rows["seed"] == seed].itertuples(index=False):
-        path = root / pipeline.sample_path(schedule=r.schedule, seed=seed, name=r.sampler, eta=float(r.eta),
-                                           steps=int(r.steps))
+        path = inside(root, pipeline.sample_path(schedule=r.schedule, seed=seed, name=r.sampler, eta=float(r.eta),
+                                                 steps=int(r.steps)))
         out[(r.schedule, r.label, int(r.steps))] = _load_arrays(path, "images")
     return out
 

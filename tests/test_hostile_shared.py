@@ -5,6 +5,7 @@ reports/fid.csv."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -253,3 +255,43 @@ def test_a_trackers_own_pending_file_still_reaches_its_runs(store, tmp_path, mon
     run = _client(store).get_run(rid)
     assert run.data.metrics["fid"] == 2.5 and run.info.status == "FINISHED"
     assert _client(store).get_run(store["run"]).data.tags["model_sha256"] == "ab" * 32
+
+
+# ------------------------------------------------------------------ row 8: names from fid.csv
+
+def test_names_in_fid_csv_never_leave_the_repository(tmp_path, monkeypatch):
+    """`schedule = ../../outside` in reports/fid.csv, with a loss.csv and a sample set planted where that
+    path leads: a one-line error naming the file, line and column; nothing outside is opened."""
+    import builtins
+
+    import numpy as np
+    import report_fixture as rf
+
+    from ddpm.results import ResultsError, inside, load_results
+
+    repo = rf.write_tree(tmp_path / "a" / "b" / "repo", schedules=("linear",), samplers=(("ddpm", 0.0),),
+                         steps=(5,))
+    outside = tmp_path / "a" / "b" / "outside" / "seed0"  # where repo/models/../../outside/seed0 leads
+    outside.mkdir(parents=True)
+    shutil.copy(repo / "models" / "linear" / "seed0" / "loss.csv", outside / "loss.csv")
+    np.savez(outside / "ddpm-eta0.0-5.npz", images=np.zeros((4, 1, 8, 8), np.uint8))
+    fid = repo / "reports" / "fid.csv"
+    clean = fid.read_text()
+    opened = []
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: opened.append(str(f)) or real_open(f, *a, **k))
+    bad_values = {"schedule": "../../outside", "sampler": "../x", "spacing": "/etc", "seed": "0/../1", "steps": "1e99"}
+    for col, value in bad_values.items():
+        df = pd.read_csv(io.StringIO(clean))
+        df[col] = df[col].astype(object)
+        df.loc[0, col] = value
+        df.to_csv(fid, index=False)
+        opened.clear()
+        with pytest.raises(ResultsError) as err:
+            load_results(rf.params(), repo)
+        msg = str(err.value)
+        assert "\n" not in msg and str(fid) in msg and "line 2" in msg and col in msg and "allowed" in msg, msg
+        assert not [f for f in opened if "outside" in f], opened
+    with pytest.raises(ResultsError, match="outside the repository"):
+        inside(repo, Path("models/../../x"))
+    assert inside(repo, Path("models/linear/seed0")) == repo / "models/linear/seed0"
