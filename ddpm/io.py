@@ -2,10 +2,14 @@
 
 Every writer goes through a temporary file in the target's folder, ``fsync`` and ``os.replace``
 (atomic on POSIX), so a crash leaves either the old file or the new one, never a truncated mix.
+A kill -9 can leave the temporary file, ``.<name>.<random>.ddpm-tmp``: DVC never records it (the
+repository's ``.dvcignore`` lists ``*.ddpm-tmp``, which DVC honours when it hashes a folder), and
+:func:`remove_stale_temps` deletes it when the stage that writes ``<name>`` starts again.
 """
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import io
 import json
@@ -15,12 +19,28 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+TMP_SUFFIX = ".ddpm-tmp"  # in .dvcignore and .gitignore: a temp file is never part of an output
+
+
+def remove_stale_temps(*paths: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files an interrupted writer of each ``path`` left beside it; returns them.
+    Call it where nothing else writes ``path`` (at the start of the stage that owns it)."""
+    gone = []
+    for path in map(Path, paths):
+        pattern = str(path.parent / f".{glob.escape(path.name)}.*{TMP_SUFFIX}")
+        for tmp in map(Path, glob.glob(pattern)):
+            if tmp.is_file() and not tmp.is_symlink():
+                tmp.unlink()
+                gone.append(tmp)
+    return gone
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success fsync it and rename it onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:

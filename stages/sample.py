@@ -21,6 +21,7 @@ from ddpm import distributed as dist
 from ddpm.checkpoint import load_model
 from ddpm.config import ConfigError, load_params, resolve_device
 from ddpm.data import model_to_uint8
+from ddpm.io import remove_stale_temps
 from ddpm.pipeline import file_sha256, model_dir, sample_path, save_arrays, setup_logging, timed, write_json
 from ddpm.samplers import StepRule
 from ddpm.speed import Speed, sampling_model, tune_allocator
@@ -50,6 +51,9 @@ def main() -> None:
 
 def run(args: argparse.Namespace, p, device, log) -> None:
     """This rank's chunks of the sample set; rank 0 gathers them and writes the files."""
+    out = sample_path(args.schedule, args.seed, args.sampler, args.eta, args.steps)
+    if dist.is_main():
+        remove_stale_temps(out, out.with_suffix(".json"))  # left by a killed earlier run of this stage
     rule = StepRule(args.sampler, args.eta, p.sample.spacing)
     model, process, ckpt = load_model(model_dir(args.schedule, args.seed) / "model.pt", device=device)
     shape = tuple(ckpt["image_shape"])
@@ -67,7 +71,6 @@ def run(args: argparse.Namespace, p, device, log) -> None:
                                             autocast_dtype=speed.autocast_dtype, progress=dist.is_main())
     if not dist.is_main():
         return
-    out = sample_path(args.schedule, args.seed, args.sampler, args.eta, args.steps)
     save_arrays(out, images=images.numpy())
     write_json(out.with_suffix(".json"), {
         "schedule": args.schedule, "seed": args.seed, "sampler": args.sampler, "eta": args.eta, "steps": args.steps,

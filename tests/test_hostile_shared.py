@@ -295,3 +295,70 @@ def test_names_in_fid_csv_never_leave_the_repository(tmp_path, monkeypatch):
     with pytest.raises(ResultsError, match="outside the repository"):
         inside(repo, Path("models/../../x"))
     assert inside(repo, Path("models/linear/seed0")) == repo / "models/linear/seed0"
+
+
+# ------------------------------------------------------------------ row 3: kill -9 while a sample set is written
+
+# Imported by every Python process of the killed `dvc repro` (PYTHONPATH): the sample stage's rename of its
+# finished .npz temp file waits, so that the test can SIGKILL the whole run while the temp file exists.
+HOOK = '''
+import os, time
+_replace = os.replace
+def _slow_replace(src, dst, *a, **k):
+    if str(src).endswith(".ddpm-tmp") and str(dst).endswith(".npz") and "samples" in str(dst):
+        open(os.environ["H28A_MARKER"], "w").write(str(src))
+        time.sleep(600)
+    return _replace(src, dst, *a, **k)
+os.replace = _slow_replace
+'''
+
+
+def _lock_entries(path: Path) -> dict:
+    lock = yaml.safe_load((path / "dvc.lock").read_text())["stages"]
+    return {name: {k: st.get(k) for k in ("deps", "outs")} for name, st in lock.items()}
+
+
+def test_sigkill_mid_write_leaves_nothing_dvc_records(tmp_path):
+    """kill -9 of a real `dvc repro` while the sample stage writes its .npz; `dvc repro` again: dvc.lock's
+    `samples` (the fid and report stages' dependency) lists no temp file, and every stage's deps and outs
+    equal those of an uninterrupted run from the same trained model."""
+    import copy
+
+    from test_pipeline import TINY, make_repo, run
+
+    params = copy.deepcopy(TINY)
+    params["diffusion"]["schedules"] = ["linear"]
+    params["sample"]["samplers"] = ["ddim-eta0.0-3"]
+    params["train"].update(fid_every=0)
+    params["tracking"]["enabled"] = False
+    path, env = make_repo(tmp_path / "killed", params)
+    run(["dvc", "repro", "train"], path, env)
+    clean = tmp_path / "clean"
+    shutil.copytree(path, clean, symlinks=True)
+    run(["dvc", "repro"], clean, env)
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(HOOK)
+    marker = tmp_path / "marker"
+    proc = subprocess.Popen(["dvc", "repro"], cwd=path, env={**env, "PYTHONPATH": str(hook),
+                                                             "H28A_MARKER": str(marker)},
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not marker.exists() and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert marker.exists(), "the sample stage never reached its write"
+    samples = path / "samples" / "linear" / "seed0"
+    temps = [p.name for p in samples.glob(".*.ddpm-tmp")]
+    assert temps and not (samples / "ddim-eta0.0-3.npz").exists()  # killed mid-write: the temp file stayed
+
+    run(["dvc", "repro"], path, env)
+    assert not list((path / "samples").rglob("*.ddpm-tmp"))  # removed when the sample stage started again
+    killed, ref = _lock_entries(path), _lock_entries(clean)
+    assert killed == ref
+    fid_samples = [d for d in killed["fid"]["deps"] if d["path"] == "samples"][0]
+    assert fid_samples["nfiles"] == 2  # the .npz and its .json
+    (samples / ".ddim-eta0.0-3.npz.planted.ddpm-tmp").write_bytes(b"x" * 100)  # a leftover, by hand
+    assert "up to date" in run(["dvc", "status"], path, env)
