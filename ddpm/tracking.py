@@ -35,7 +35,10 @@ store is often separate, e.g. S3 behind a server). Replay it later, into the sam
     python -m ddpm.tracking import-pending PENDING.jsonl [--uri URI]
 
 or ``import_pending(path, uri)``. Replaying is idempotent (imported runs carry a ``pending_id``
-tag, metrics already there are not duplicated by the SQL store).
+tag, metrics already there are not duplicated by the SQL store). A pending file is data: it is checked
+whole before anything is written, creates only the runs it describes, touches an existing run only with
+that run's writer key (:data:`WRITER_TAG`), and copies artifacts only from the project's output folders.
+Filters are built only from checked values (:func:`eq_filter`).
 """
 from __future__ import annotations
 
@@ -440,7 +443,9 @@ class Tracker:
     dropped). An artifact upload that fails sets only ``artifacts_failed``: later artifacts are kept
     in the file, metrics still go to MLflow. While failed, ``start_run`` returns a placeholder id ``pending-<hex>`` that the other
     methods accept. Replay the file later with ``python -m ddpm.tracking import-pending FILE
-    [--uri URI]`` (or :func:`import_pending`).
+    [--uri URI]`` (or :func:`import_pending`). Each run it creates is tagged with the sha256 of a random
+    writer key that its pending records carry; records for runs it did not create are not kept.
+    ``find_runs`` raises ValueError for a filter value outside :func:`eq_filter`'s pattern.
     """
 
     def __init__(self, enabled: bool, experiment: str, uri: str | None = None,
