@@ -568,6 +568,17 @@ class Tracker:
         self.log_params(rid, rec["params"])
         return rid
 
+    def writer_key(self, run_id: str | None) -> str | None:
+        """The writer key of a run this Tracker created (a secret: keep it only where the run's resume state
+        is, e.g. a resume checkpoint, never in an output)."""
+        return self._keys.get(run_id or "")
+
+    def adopt(self, run_id: str | None, key: str | None) -> None:
+        """Continue a run an earlier process created (a resumed training run) with its writer key, so that
+        what this process cannot send is kept in the pending file and replays into that run."""
+        if run_id and isinstance(key, str) and _KEY.fullmatch(key):
+            self._keys[run_id] = key
+
     def log_metrics(self, run_id: str | None, rows: list[dict], step_key: str = "step") -> None:
         """Log rows ``{step_key: int, name: value, ...}`` in batches of <= 1000; NaN skipped."""
         if not self.enabled or run_id is None:
@@ -692,6 +703,8 @@ def _pending_lines(path: str | os.PathLike) -> list[tuple[int, dict]]:
     MAX_PENDING_LINE bytes; a line that is not a JSON object is refused, except a truncated last one (a crash)."""
     out: list[tuple[int, dict]] = []
     bad: tuple[int, str] | None = None
+    if not Path(path).is_file():
+        raise PendingError(f"{path}: not a regular file; allowed: a pending .jsonl file")
     with open(path, "rb") as fh:
         size = os.fstat(fh.fileno()).st_size
         if size > MAX_PENDING_BYTES:

@@ -108,6 +108,7 @@ def start_tracking(schedule: str, seed: int, p, key: str) -> tuple[Tracker, str]
                       pending_path=pending_file(f"train-{schedule}-seed{seed}"))
     previous = latest_valid_checkpoint(checkpoint_dir(schedule, seed), key)
     run_id = previous.get("mlflow_run_id") if previous else None
+    tracker.adopt(run_id, previous.get("mlflow_writer_key") if previous else None)
     if run_id is None or run_id.startswith("pending-"):
         run_id = tracker.start_run(
             f"train-{schedule}-seed{seed}",
@@ -142,7 +143,7 @@ def run(schedule: str, seed: int, p, device: torch.device, log) -> None:
     if main:  # the other ranks only train: no FID, no MLflow, no files
         tracker, run_id = start_tracking(schedule, seed, p, key)
         on_eval = FidCurve(p, process, shape, device, speed, tracker, run_id, log)
-        meta["mlflow_run_id"] = run_id
+        meta["mlflow_run_id"], meta["mlflow_writer_key"] = run_id, tracker.writer_key(run_id)  # resume only
         log.info("train %s seed %d: %d steps of %d images, T=%d, %s, on %s x %d processes", schedule, seed,
                  t.steps, t.batch_size, p.timesteps, p.diffusion.objective, device, world)
     try:
@@ -166,7 +167,8 @@ def write_outputs(schedule: str, seed: int, result: TrainResult, meta: dict, tra
     """model.pt (exported: description + EMA weights), loss.csv, fid_curve.csv, train.json; timings to MLflow."""
     out = model_dir(schedule, seed)
     # the exported model is a DVC output: no run-varying values (the MLflow run id stays in the resume checkpoints)
-    save_model(out / "model.pt", {k: v for k, v in meta.items() if k != "mlflow_run_id"}, result.ema, result.step)
+    save_model(out / "model.pt", {k: v for k, v in meta.items() if not k.startswith("mlflow_")}, result.ema,
+               result.step)
     losses = pd.DataFrame(result.history)
     fid_curve = pd.DataFrame(result.extra.get("eval", []), columns=["step", "fid", "floor"])
     for name, df in (("loss.csv", losses), ("fid_curve.csv", fid_curve)):

@@ -257,6 +257,25 @@ def test_a_trackers_own_pending_file_still_reaches_its_runs(store, tmp_path, mon
     assert _client(store).get_run(store["run"]).data.tags["model_sha256"] == "ab" * 32
 
 
+
+def test_a_resumed_process_adopts_its_run_with_the_key(store, tmp_path, monkeypatch):
+    """A resumed training process continues the run an earlier process created: with the writer key from
+    its resume checkpoint (Tracker.adopt) its pending records replay into that run; without it, none is kept."""
+    first = tr.Tracker(True, "mine", uri=store["uri"])
+    rid = first.start_run("train", {}, {"kind": "train"})
+    key = first.writer_key(rid)
+    for adopt, name in ((True, "with.jsonl"), (False, "without.jsonl")):
+        tk = tr.Tracker(True, "mine", uri=store["uri"], pending_path=tmp_path / name)
+        if adopt:
+            tk.adopt(rid, key)
+        monkeypatch.setattr(tk, "_get_client", lambda: (_ for _ in ()).throw(RuntimeError("down")))
+        tk.log_metrics(rid, [{"step": 1, "loss": 0.5}])
+        monkeypatch.undo()
+    assert not (tmp_path / "without.jsonl").exists()
+    assert tr.import_pending(tmp_path / "with.jsonl", store["uri"], root=tmp_path) == {rid: rid}
+    assert _client(store).get_run(rid).data.metrics["loss"] == 0.5
+
+
 # ------------------------------------------------------------------ row 8: names from fid.csv
 
 def test_names_in_fid_csv_never_leave_the_repository(tmp_path, monkeypatch):
