@@ -132,11 +132,11 @@ def check_names(df: pd.DataFrame, path: Path) -> None:
             if v not in allowed:
                 raise ResultsError(f"{path} line {i + 2}: {col} = {v[:80]!r}; allowed: {', '.join(allowed)}")
     for col, lo in (("seed", 0), ("steps", 1), ("eta", None)):
+        allowed = "a finite number" if lo is None else f"a whole number in [{lo}, {MAX_SEED_OR_STEPS}]"
         for i, v in enumerate(pd.to_numeric(df[col], errors="coerce")):
             whole = lo is None or (float(v).is_integer() and lo <= v <= MAX_SEED_OR_STEPS)
             if not (math.isfinite(v) and whole):
-                raise ResultsError(f"{path} line {i + 2}: {col} = {df[col].iloc[i]!r}; allowed: "
-                                   + ("a finite number" if lo is None else f"a whole number in [{lo}, {MAX_SEED_OR_STEPS}]"))
+                raise ResultsError(f"{path} line {i + 2}: {col} = {df[col].iloc[i]!r}; allowed: {allowed}")
 
 
 def inside(root: Path, rel: Path) -> Path:

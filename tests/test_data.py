@@ -403,7 +403,7 @@ def test_save_image_grid(tmp_path):
     # Tile 5 (row 1, col 1), nearest-neighbour upscaled.
     tile = arr[1 + 33 : 1 + 33 + 32, 1 + 33 : 1 + 33 + 32]
     np.testing.assert_array_equal(tile, images[5, 0].repeat(4, 0).repeat(4, 1))
-    assert not list(out.parent.glob(".*.tmp"))  # atomic write left no temp file
+    assert not list(out.parent.glob(".*.ddpm-tmp"))  # atomic write left no temp file
 
     rgb = torch.randint(0, 256, (3, 3, 5, 5), dtype=torch.uint8)
     with Image.open(save_image_grid(rgb, tmp_path / "rgb.png")) as im:

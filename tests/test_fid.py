@@ -229,7 +229,7 @@ def test_save_load_roundtrip(tmp_path, digits, trained):
     assert loaded.metrics["val_accuracy"] == metrics["val_accuracy"]
     x_va = digits[2]
     np.testing.assert_array_equal(extract_features(model, x_va), extract_features(loaded, x_va))
-    assert not list(path.parent.glob(".*.tmp")), "atomic write left a temporary file"
+    assert not list(path.parent.glob(".*.ddpm-tmp")), "atomic write left a temporary file"
 
 
 def test_load_errors_name_the_path(tmp_path):

@@ -11,7 +11,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -381,3 +380,21 @@ def test_sigkill_mid_write_leaves_nothing_dvc_records(tmp_path):
     assert fid_samples["nfiles"] == 2  # the .npz and its .json
     (samples / ".ddim-eta0.0-3.npz.planted.ddpm-tmp").write_bytes(b"x" * 100)  # a leftover, by hand
     assert "up to date" in run(["dvc", "status"], path, env)
+
+
+def test_remove_stale_temps_removes_only_the_targets_own(tmp_path):
+    from ddpm.io import TMP_SUFFIX, atomic_write_bytes, remove_stale_temps
+
+    target = tmp_path / "ddim-eta0.0-3.npz"
+    mine = tmp_path / f".{target.name}.ab12cd{TMP_SUFFIX}"
+    other = tmp_path / f".ddpm-eta0.0-3.npz.ab12cd{TMP_SUFFIX}"
+    user = tmp_path / "notes.txt"
+    for f in (mine, other, user):
+        f.write_text("x")
+    link = tmp_path / f".{target.name}.zz{TMP_SUFFIX}"
+    link.symlink_to(user)
+    assert remove_stale_temps(target) == [mine]
+    assert other.exists() and user.read_text() == "x" and link.is_symlink()
+    atomic_write_bytes(target, b"data")
+    assert target.read_bytes() == b"data" and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [target.name, other.name, user.name, link.name])
