@@ -71,7 +71,8 @@ class GaussianDiffusion(nn.Module):
         self.zero_terminal_snr = zero_terminal_snr
         self.process = build_process({"schedule": beta_schedule, "timesteps": timesteps, "objective": objective,
                                       "zero_terminal_snr": zero_terminal_snr,
-                                      "min_snr_gamma": min_snr_gamma if min_snr_loss_weight else None})
+                                      "min_snr_gamma": min_snr_gamma if min_snr_loss_weight else None},
+                                     source="GaussianDiffusion")
         self.num_timesteps = timesteps
         self.sampling_timesteps = timesteps if sampling_timesteps is None else sampling_timesteps
         if not 1 <= self.sampling_timesteps <= timesteps:
