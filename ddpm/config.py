@@ -49,7 +49,8 @@ _SHOW.maxlist = _SHOW.maxtuple = _SHOW.maxdict = 10
 
 def show(value: Any) -> str:
     """A bounded repr for error messages: a value never prints in full (an expanded YAML bomb, a 10^6 list)."""
-    return _SHOW.repr(value)
+    r = _SHOW.repr(value)
+    return r if len(r) <= 200 else r[:197] + "..."
 
 
 Need = Callable[[bool, str, Any, str], None]  # need(cond, key, value, allowed): records a problem

@@ -100,6 +100,8 @@ def decoded_cap() -> tuple[int, str]:
 
 def gib(n: float) -> str:
     """Bytes for a message: ``512 MiB``, ``17.7 GiB``, ``3,320 GiB``."""
+    if n < 2**20:
+        return f"{int(n):,} bytes"
     if n < GiB / 10:
         return f"{n / 2**20:.3g} MiB"
     return f"{n / GiB:.3g} GiB" if n < 1000 * GiB else f"{n / GiB:,.0f} GiB"
@@ -228,14 +230,15 @@ def _npy_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> tuple
             if version not in read:
                 raise ValueError(f".npy version {version}")
             shape, _, dtype = read[version](f, max_header_size=10_000)
+            data = info.file_size - f.tell()
     except Exception as err:  # noqa: BLE001 - a corrupt header in any way
         raise LimitError(f"{path}: array {key!r} has no readable .npy header ({type(err).__name__}: {err})") from err
     if dtype.hasobject:
         raise LimitError(f"{path}: array {key!r} holds Python objects (dtype {dtype}); allowed: plain numeric arrays")
     nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes > info.file_size:
+    if nbytes != data:
         raise LimitError(f"{path}: array {key!r} claims shape {list(shape)} of {dtype} ({gib(nbytes)}) but its "
-                         f"member holds {info.file_size} bytes; allowed: a header that matches its data")
+                         f"member holds {data} bytes of data; allowed: a header that matches its data")
     return tuple(shape), dtype
 
 
