@@ -261,6 +261,19 @@ def test_api_refuses_a_huge_schedule_before_allocating(monkeypatch):
         GaussianDiffusion(model, image_size=8, timesteps=10**10)
 
 
+def test_trainer_refuses_a_batch_over_the_budget_before_reading_images(tmp_path, monkeypatch):
+    from ddpm import GaussianDiffusion, Trainer
+
+    model = Unet(dim=8, dim_mults=(1, 2), channels=1, attn_heads=1, attn_dim_head=8)
+    diffusion = GaussianDiffusion(model, image_size=64, timesteps=10)
+    monkeypatch.setattr("ddpm.api.load_dataset", tripwire)
+    monkeypatch.setenv(limits.BUDGET_ENV, "0.1")
+    with pytest.raises(ValueError, match=r"Trainer: the Unet \(.* parameters\) at image_size=\[64, 64\] training with "
+                                         r"train_batch_size=512 needs about .* GiB; allowed: at most the memory budget "
+                                         r"of 102 MiB \(DDPM_MEMORY_BUDGET_GB=0.1\)"):
+        Trainer(diffusion, tmp_path / "images", train_batch_size=512, calculate_fid=False)
+
+
 @pytest.mark.parametrize("edit, expected", [
     (lambda c: c.update(width=30000), "config.width: got 30000; allowed: an integer in [1, 1024]"),
     (lambda c: c.pop("feature_dim"), "config.feature_dim: got '<missing>'; allowed: an integer in [2, 4096]"),
