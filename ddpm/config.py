@@ -534,8 +534,17 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 
 def check_yaml(text: str, source: str = "params.yaml") -> None:
     """Refuse YAML that nests deeper than MAX_YAML_DEPTH or whose aliases expand it past MAX_YAML_NODES, from its
-    event stream alone (PyYAML's parser keeps a state stack, not Python recursion; nothing is expanded: an
-    alias counts the nodes its anchor holds). ConfigError names the key path and the limit."""
+    event stream alone (the parsers keep a state stack, not recursion; nothing is expanded: an alias counts the
+    nodes its anchor holds), read lazily so a refusal comes within the first offending events. libyaml's parser
+    where present (PyYAML's own scanner takes seconds on a few KB of nested brackets); the pure-Python one, which
+    then loads the file, has the last word on what libyaml rejects. ConfigError names the key path and the limit."""
+    try:
+        _check_events(_events(text, getattr(yaml, "CSafeLoader", yaml.SafeLoader), source), source)
+    except yaml.YAMLError:
+        _check_events(_events(text, yaml.SafeLoader, source), source)
+
+
+def _check_events(events: Any, source: str) -> None:
     stack: list[list[Any]] = []  # [path, is_mapping, expecting_key, pending key, size in nodes, anchor, index]
     sizes: dict[str, int] = {}
 
@@ -543,9 +552,9 @@ def check_yaml(text: str, source: str = "params.yaml") -> None:
         if stack:
             stack[-1][4] += n
             if stack[-1][4] > MAX_YAML_NODES or n > MAX_YAML_NODES:
-                raise ConfigError([f"{_path(path)}: the file expands to more than {MAX_YAML_NODES} nodes once its "
-                                   f"aliases (*name) are replaced by their anchors (&name); allowed: at most "
-                                   f"{MAX_YAML_NODES} (a 'billion laughs' file is refused, not expanded)"], source)
+                raise ConfigError([f"{_path(path)}: the file holds more than {MAX_YAML_NODES} nodes, each alias (*name) "
+                                   f"counted as the nodes of its anchor (&name); allowed: at most {MAX_YAML_NODES} "
+                                   "(a 'billion laughs' file is refused, not expanded)"], source)
 
     def child_path() -> list[str]:
         if not stack:
@@ -565,7 +574,7 @@ def check_yaml(text: str, source: str = "params.yaml") -> None:
             stack[-1][2] = not stack[-1][2]
         add(n, path)
 
-    for ev in yaml.parse(text, Loader=yaml.SafeLoader):
+    for ev in events:
         if isinstance(ev, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
             path = child_path()
             if len(stack) >= MAX_YAML_DEPTH:
@@ -581,6 +590,15 @@ def check_yaml(text: str, source: str = "params.yaml") -> None:
         elif isinstance(ev, yaml.AliasEvent):
             path = child_path()
             done(sizes.get(ev.anchor, 1), None, path)
+
+
+def _events(text: str, loader: Any, source: str):
+    """YAML events; more than 2 x MAX_YAML_NODES + 4 of them (a start and an end per collection) hold too many nodes."""
+    for i, ev in enumerate(yaml.parse(text, Loader=loader)):
+        if i > 2 * MAX_YAML_NODES + 4:
+            raise ConfigError([f"the file holds more than {MAX_YAML_NODES} nodes; allowed: at most {MAX_YAML_NODES}"],
+                              source)
+        yield ev
 
 
 def _path(parts: list[str]) -> str:

@@ -18,7 +18,8 @@ import yaml
 from ddpm import limits
 from ddpm.checkpoint import (checkpoint_path, latest_valid_checkpoint, load_checkpoint, load_model, payload_sha256,
                              save_checkpoint, save_model)
-from ddpm.config import MAX_SAMPLE_SETS, MAX_YAML_DEPTH, MAX_YAML_NODES, ConfigError, load_params, params_from_dict
+from ddpm.config import (MAX_SAMPLE_SETS, MAX_YAML_DEPTH, MAX_YAML_NODES, ConfigError, check_yaml, load_params,
+                         params_from_dict)
 from ddpm.data import load_dataset
 from ddpm.diffusion import GaussianProcess
 from ddpm.fid import ClassifierFeaturizer, load_featurizer, save_featurizer
@@ -66,8 +67,15 @@ def test_billion_laughs_is_refused_before_expansion(tmp_path, monkeypatch):
     assert f.stat().st_size < 5000
     monkeypatch.setattr("ddpm.config.yaml.safe_load", tripwire)  # nothing is constructed, so nothing expands
     msg = one_problem(load_params, f)
-    assert f"more than {MAX_YAML_NODES} nodes" in msg and "aliases" in msg and "lol" not in msg
+    assert f"more than {MAX_YAML_NODES} nodes, each alias (*name) counted as the nodes of its anchor" in msg
+    assert "lol" not in msg
     assert len(str(msg)) < 400
+
+
+def test_long_flat_lists_are_refused_by_the_node_count(raw):
+    text = (ROOT / "params.yaml").read_text().replace("seeds: [0] ", "seeds: [" + ", ".join(["0"] * 30_000) + "] ")
+    with pytest.raises(ConfigError, match=rf"seeds\[{MAX_YAML_NODES - 1}\]: the file holds more than"):
+        check_yaml(text)
 
 
 def test_small_anchors_still_load(tmp_path):
