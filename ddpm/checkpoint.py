@@ -263,7 +263,7 @@ def _int(v: Any, lo: int, hi: int) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
 
 
-def _diffusion_problems(d: Any, required: tuple[str, ...]) -> list[str]:
+def _diffusion_problems(d: Any, required: tuple[str, ...], checked: tuple[str, ...] = DIFFUSION_KEYS) -> list[str]:
     if not isinstance(d, dict):
         return [f"diffusion: got {show(d)}; allowed: a mapping with {', '.join(DIFFUSION_KEYS)}"]
     out = [f"diffusion.{k}: missing key" for k in required if k not in d]
@@ -277,7 +277,7 @@ def _diffusion_problems(d: Any, required: tuple[str, ...]) -> list[str]:
         "clip_denoised": (lambda v: isinstance(v, bool), "true or false"),
     }
     for key, (ok, allowed) in checks.items():
-        if key in d and not ok(d[key]):
+        if key in d and key in checked and not ok(d[key]):
             out.append(f"diffusion.{key}: got {show(d[key])}; allowed: {allowed}")
     return out
 
@@ -339,7 +339,7 @@ def build_process(diffusion: dict[str, Any], device: torch.device | str = "cpu",
                   ) -> GaussianProcess:
     """The process of a ``diffusion`` description: schedule, timesteps, objective, zero_terminal_snr, min_snr_gamma.
     Checked first (ValueError naming ``source`` and the key): a ``timesteps`` of 1e10 never reaches the allocator."""
-    problems = _diffusion_problems(diffusion, ("schedule", "timesteps"))
+    problems = _diffusion_problems(diffusion, ("schedule", "timesteps"), checked=("timesteps",))  # names: below
     if problems:
         raise ValueError(f"{source}: {'; '.join(problems)}")
     betas = get_beta_schedule(diffusion["schedule"], diffusion["timesteps"], diffusion.get("zero_terminal_snr", False))
