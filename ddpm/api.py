@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from . import distributed as dist
+from . import limits
 from .data import load_dataset, model_to_uint8, save_image_grid
 from .checkpoint import build_process, checkpoints_by_run, model_metadata
 from .diffusion import GaussianProcess
@@ -71,7 +72,8 @@ class GaussianDiffusion(nn.Module):
         self.zero_terminal_snr = zero_terminal_snr
         self.process = build_process({"schedule": beta_schedule, "timesteps": timesteps, "objective": objective,
                                       "zero_terminal_snr": zero_terminal_snr,
-                                      "min_snr_gamma": min_snr_gamma if min_snr_loss_weight else None})
+                                      "min_snr_gamma": min_snr_gamma if min_snr_loss_weight else None},
+                                     source="GaussianDiffusion")
         self.num_timesteps = timesteps
         self.sampling_timesteps = timesteps if sampling_timesteps is None else sampling_timesteps
         if not 1 <= self.sampling_timesteps <= timesteps:
@@ -116,6 +118,19 @@ class GaussianDiffusion(nn.Module):
     def metadata(self) -> dict[str, Any]:
         return model_metadata(self.model, self.process, self.beta_schedule, (self.channels, *self.image_size),
                               self.clip_denoised, self.zero_terminal_snr)
+
+
+def _check_training_memory(diffusion: GaussianDiffusion, micro_batch: int) -> None:
+    """Refuse, before the images are read, a Unet whose training at ``micro_batch`` images would not fit the memory
+    budget (ddpm.limits: the estimate from its structure; DDPM_MEMORY_BUDGET_GB raises the budget)."""
+    if not isinstance(diffusion.model, Unet):
+        return
+    est = limits.unet_size(diffusion.model.config, diffusion.image_size)
+    line = limits.check_budget(limits.training_bytes(est, micro_batch), (
+        f"Trainer: the Unet ({limits.count(est['params'])} parameters) at image_size={list(diffusion.image_size)} "
+        f"training with train_batch_size={micro_batch}"))
+    if line:
+        raise ValueError(line)
 
 
 class Trainer:
@@ -189,6 +204,7 @@ class Trainer:
             raise ValueError(f"inception_block_idx: only 2048 (pool3, the FID standard) is supported, got {inception_block_idx}")
         if mixed_precision_type not in (None, "fp16", "bf16", "no"):
             raise ValueError(f"mixed_precision_type must be 'fp16', 'bf16' or 'no', got {mixed_precision_type!r}")
+        _check_training_memory(diffusion_model, train_batch_size)
         self.data = load_dataset("folder", root=self.folder, image_size=diffusion_model.image_size,
                                  channels=diffusion_model.channels)
         if dist.launched_by_torchrun():  # join the process group; a CUDA model moves to this rank's GPU

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import pickle
 import re
 from pathlib import Path
@@ -28,8 +29,11 @@ from typing import Any, Iterable, Optional
 import torch
 import torch.nn as nn
 
+from . import limits
+from .config import _CAPS as CAPS, MAX_TIMESTEPS, show
 from .diffusion import GaussianProcess
 from .io import atomic_torch_save
+from .names import OBJECTIVES, SCHEDULES
 from .schedules import get_beta_schedule
 from .unet import Unet
 
@@ -87,8 +91,68 @@ def _read(path: str | Path, formats: Iterable[str], map_location: Any = "cpu", m
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """A resume checkpoint; ValueError naming the file if it is truncated or foreign, UnsafeFileError if unsafe."""
-    return _read(path, (CHECKPOINT_FORMAT,), map_location)
+    """A resume checkpoint, verified (:func:`verify_checkpoint`); ValueError naming the file if it is truncated,
+    foreign, fails its checksum or lacks a field; UnsafeFileError if unsafe."""
+    obj = _read(path, (CHECKPOINT_FORMAT,), map_location)
+    verify_checkpoint(obj, path)
+    return obj
+
+
+# --- checksums: a flipped bit in a resume checkpoint must not resume silently -----------------------------
+# the fields resume reads (ddpm/train.py); a checkpoint without one is refused like a corrupt one
+CHECKPOINT_FIELDS = ("step", "run_key", "model", "ema", "optimizer", "scaler", "rng", "data_state")
+
+
+def payload_sha256(obj: Any) -> str:
+    """sha256 of a checkpoint's content: every tensor's dtype, shape and bytes and every plain value, in sorted
+    key order (independent of the zip layout torch.save writes, so it survives a re-save)."""
+    h = hashlib.sha256()
+    stack = [obj]
+    while stack:  # iterative: a deeply nested file cannot overflow the stack
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+        elif isinstance(x, dict):
+            keys = sorted(x, key=repr)
+            h.update(f"D{len(keys)}".encode())
+            for k in reversed(keys):
+                stack += [x[k], k]
+        elif isinstance(x, (list, tuple)):
+            h.update(f"L{len(x)}".encode())
+            stack += reversed(x)
+        else:
+            h.update(f"S{type(x).__name__}:{x!r}".encode())
+    return h.hexdigest()
+
+
+def seal(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with ``sha256``: the checksum of everything else in it."""
+    return {**state, "sha256": payload_sha256({k: v for k, v in state.items() if k != "sha256"})}
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Write a resume checkpoint atomically, sealed with its checksum."""
+    atomic_torch_save(seal(state), path)
+
+
+def verify_checkpoint(obj: dict[str, Any], path: str | Path) -> None:
+    """ValueError naming the file when its checksum fails or a field resume reads is missing. A checkpoint from
+    before checksums (no ``sha256``) loads with a warning: its own run can still finish."""
+    stored = obj.get("sha256")
+    if stored is None:
+        log.warning("checkpoint %s has no checksum (written before checksums were stored); loading it unverified",
+                    path)
+    elif payload_sha256({k: v for k, v in obj.items() if k not in ("sha256", "_path")}) != stored:
+        raise ValueError(f"checkpoint {str(path)!r} fails its sha256 checksum: its content changed after it was "
+                         "written (a flipped bit, a partial copy or an edit)")
+    missing = [k for k in CHECKPOINT_FIELDS if k not in obj]
+    missing += [f"{k}.{j}" for k, js in (("data_state", ("perm", "pos")), ("rng", ("data",)))
+                if isinstance(obj.get(k), dict) for j in js if j not in obj[k]]
+    if missing:
+        raise ValueError(f"checkpoint {str(path)!r} lacks the field {missing[0]!r}; allowed: a checkpoint with "
+                         f"{', '.join(CHECKPOINT_FIELDS)}")
 
 
 def checkpoint_path(folder: Path, step: int) -> Path:
@@ -125,14 +189,15 @@ def latest_valid_checkpoint(folder: Path, run_key: Optional[str] = None) -> Opti
     are left alone, and an unsafe file stops everything (UnsafeFileError naming it)."""
     for step, path in list_checkpoints(folder):
         try:
-            ckpt = load_checkpoint(path)
+            ckpt = _read(path, (CHECKPOINT_FORMAT,))
+            if ckpt.get("run_key") != run_key:
+                log.warning("checkpoint %s was made with other parameters; not resuming from it", path)
+                continue
+            verify_checkpoint(ckpt, path)
         except UnsafeFileError:
             raise
         except ValueError as err:
             log.warning("%s; falling back to the previous checkpoint", err)
-            continue
-        if ckpt.get("run_key") != run_key:
-            log.warning("checkpoint %s was made with other parameters; not resuming from it", path)
             continue
         ckpt["_path"] = str(path)
         return ckpt
@@ -190,8 +255,93 @@ def model_metadata(model: nn.Module, process: GaussianProcess, schedule: str, im
     }
 
 
-def build_process(diffusion: dict[str, Any], device: torch.device | str = "cpu") -> GaussianProcess:
-    """The process of a ``diffusion`` description: schedule, timesteps, objective, zero_terminal_snr, min_snr_gamma."""
+# --- descriptions are checked before anything is built: the limits of params.yaml (ddpm.config) ----------
+DIFFUSION_KEYS = ("schedule", "timesteps", "objective", "zero_terminal_snr", "min_snr_gamma", "clip_denoised")
+
+
+def _int(v: Any, lo: int, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _diffusion_problems(d: Any, required: tuple[str, ...], checked: tuple[str, ...] = DIFFUSION_KEYS) -> list[str]:
+    if not isinstance(d, dict):
+        return [f"diffusion: got {show(d)}; allowed: a mapping with {', '.join(DIFFUSION_KEYS)}"]
+    out = [f"diffusion.{k}: missing key" for k in required if k not in d]
+    checks = {
+        "schedule": (lambda v: v in SCHEDULES, ", ".join(SCHEDULES)),
+        "timesteps": (lambda v: _int(v, 1, MAX_TIMESTEPS), f"an integer in [1, {MAX_TIMESTEPS}]"),
+        "objective": (lambda v: v in OBJECTIVES, ", ".join(OBJECTIVES)),
+        "zero_terminal_snr": (lambda v: isinstance(v, bool), "true or false"),
+        "min_snr_gamma": (lambda v: v is None or (isinstance(v, (int, float)) and math.isfinite(v) and v > 0),
+                          "null or a number > 0"),
+        "clip_denoised": (lambda v: isinstance(v, bool), "true or false"),
+    }
+    for key, (ok, allowed) in checks.items():
+        if key in d and key in checked and not ok(d[key]):
+            out.append(f"diffusion.{key}: got {show(d[key])}; allowed: {allowed}")
+    return out
+
+
+def _unet_problems(c: Any) -> list[str]:
+    """The UNet's arguments within params.yaml's limits (model.dim <= 1024, at most 8 dim_mults <= 16, ...)."""
+    if not isinstance(c, dict):
+        return [f"model_config: got {show(c)}; allowed: a mapping of Unet arguments"]
+    out = [f"model_config.{k}: missing key" for k in ("dim", "dim_mults") if k not in c]
+    mults = c.get("dim_mults")
+    checks = {
+        "dim": (lambda v: _int(v, 1, CAPS["model.dim"]), f"an integer in [1, {CAPS['model.dim']}]"),
+        "init_dim": (lambda v: v is None or _int(v, 1, 16 * CAPS["model.dim"]), "null or an integer in [1, 16384]"),
+        "out_dim": (lambda v: v is None or _int(v, 1, 64), "null or an integer in [1, 64]"),
+        "dim_mults": (lambda v: isinstance(v, (list, tuple)) and 1 <= len(v) <= 8 and all(_int(m, 1, 16) for m in v),
+                      "a list of 1 to 8 integers in [1, 16]"),
+        "channels": (lambda v: _int(v, 1, 64), "an integer in [1, 64]"),
+        "dropout": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1, "a number in [0, 1)"),
+        "resnet_block_groups": (lambda v: _int(v, 1, 1024), "an integer in [1, 1024]"),
+        "attn_heads": (lambda v: _int(v, 1, CAPS["model.attn_heads"]), f"an integer in [1, {CAPS['model.attn_heads']}]"),
+        "attn_dim_head": (lambda v: _int(v, 1, CAPS["model.attn_dim_head"]),
+                          f"an integer in [1, {CAPS['model.attn_dim_head']}]"),
+        "full_attn": (lambda v: v is None or isinstance(v, bool) or (isinstance(v, (list, tuple)) and isinstance(
+            mults, (list, tuple)) and len(v) == len(mults) and all(isinstance(a, bool) for a in v)),
+                      "null, true, false or one boolean per dim_mults entry"),
+    }
+    for key, (ok, allowed) in checks.items():
+        if key in c and not ok(c[key]):
+            out.append(f"model_config.{key}: got {show(c[key])}; allowed: {allowed}")
+    return out
+
+
+def check_description(spec: Any, source: str = "description", batch: int = 1) -> None:
+    """Refuse a description (a model file's, a checkpoint's) that is malformed, or whose model would not fit the
+    memory budget (parameters and a sampling forward at ``batch`` images, estimated from the description by
+    ddpm.limits), before anything is built: one ValueError line naming ``source``, the key, what it holds and what
+    is allowed. The checks are params.yaml's limits."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"{source}: not a model description (got {type(spec).__name__})")
+    problems = _diffusion_problems(spec.get("diffusion"), DIFFUSION_KEYS)
+    shape = spec.get("image_shape")
+    if not (isinstance(shape, (list, tuple)) and len(shape) == 3 and _int(shape[0], 1, 64)
+            and all(_int(x, 1, 1024) for x in shape[1:])):
+        problems.append(f"image_shape: got {show(shape)}; allowed: [channels in 1..64, height, width in 1..1024]")
+    unet = spec.get("model_class") == class_name(Unet)
+    if unet:
+        problems += _unet_problems(spec.get("model_config"))
+    if not problems and unet:
+        est = limits.unet_size(spec["model_config"], shape[1:])
+        line = limits.check_budget(limits.sampling_bytes(est, batch), (
+            f"model_config (dim={spec['model_config']['dim']}, dim_mults={list(spec['model_config']['dim_mults'])}: "
+            f"{limits.count(est['params'])} parameters) at image_shape={list(shape)}"))
+        problems += [line] if line else []
+    if problems:
+        raise ValueError(f"{source}: {'; '.join(problems[:3])}" + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""))
+
+
+def build_process(diffusion: dict[str, Any], device: torch.device | str = "cpu", source: str = "description"
+                  ) -> GaussianProcess:
+    """The process of a ``diffusion`` description: schedule, timesteps, objective, zero_terminal_snr, min_snr_gamma.
+    Checked first (ValueError naming ``source`` and the key): a ``timesteps`` of 1e10 never reaches the allocator."""
+    problems = _diffusion_problems(diffusion, ("schedule", "timesteps"), checked=("timesteps",))  # names: below
+    if problems:
+        raise ValueError(f"{source}: {'; '.join(problems)}")
     betas = get_beta_schedule(diffusion["schedule"], diffusion["timesteps"], diffusion.get("zero_terminal_snr", False))
     return GaussianProcess(betas, diffusion.get("objective", "pred_noise"), diffusion.get("min_snr_gamma"), device)
 
@@ -199,14 +349,16 @@ def build_process(diffusion: dict[str, Any], device: torch.device | str = "cpu")
 def build(spec: dict[str, Any], device: torch.device | str = "cpu", source: str = "description"
           ) -> tuple[nn.Module, GaussianProcess]:
     """(model, process) from a description (a checkpoint, an exported model or :func:`spec_from_params`)."""
-    cls = _MODEL_CLASSES.get(spec["model_class"])
+    cls = _MODEL_CLASSES.get(spec.get("model_class"))
     if cls is None:
         _check_model_class(spec, Path(source))
+        raise ValueError(f"{source}: model_class: missing key; allowed: {', '.join(sorted(_MODEL_CLASSES))}")
+    check_description(spec, source)
     try:
         model = cls(**spec["model_config"])
     except (TypeError, ValueError) as err:
         raise ValueError(f"{source}: model_config does not build {spec['model_class']}: {err}") from err
-    return model.to(device), build_process(spec["diffusion"], device)
+    return model.to(device), build_process(spec["diffusion"], device, source)
 
 
 def spec_from_params(p: Any, schedule: str, image_shape: tuple[int, ...], train_seed: int) -> dict[str, Any]:
@@ -239,6 +391,8 @@ def save_model(path: str | Path, metadata: dict[str, Any], ema: nn.Module, step:
 def load_model(path: str | Path, device: torch.device | str = "cpu", use_ema: bool = True):
     """Rebuild (model, process, file contents) from an exported model (or a resume checkpoint) alone."""
     ckpt = _read(path, (MODEL_FORMAT, CHECKPOINT_FORMAT))
+    if ckpt["format"] == CHECKPOINT_FORMAT:
+        verify_checkpoint(ckpt, path)
     key = "ema" if use_ema else "model"
     if key not in ckpt:
         raise ValueError(f"{str(path)!r} holds no {key!r} weights (an exported model keeps only the EMA weights)")

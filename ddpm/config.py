@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import re
+import reprlib
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any, Callable, Optional
 
 import yaml
 
+from . import limits
 from .grids import timestep_grid
 from .names import DATASETS, MULTISTEP_RULES, OBJECTIVES, SCHEDULES, SPACINGS, STEP_RULES
 
@@ -30,7 +32,25 @@ NATIVE_SIZES = {"digits": 8, "mnist": 28, "fashion_mnist": 28, "cifar10": 32}  #
 DATASET_SIZES = {"digits": 1797, "mnist": 60000, "fashion_mnist": 60000, "cifar10": 50000}  # train splits
 MAX_INT = 2**63 - 1  # int64: beyond it numpy and torch overflow deep inside
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding and torch.manual_seed both accept [0, 2**32)
+MAX_TIMESTEPS = 100_000  # also bounds a model file's description (ddpm.checkpoint)
 DEVICE_RE = re.compile(r"auto|cpu|cuda(:[0-9]{1,2})?")
+# Bounds on the file itself, checked on its YAML events before anything is built: a few KB of anchors and
+# aliases (a "billion laughs") would otherwise expand to gigabytes, and deep nesting overflows the stack.
+MAX_YAML_BYTES = 1 << 20  # the shipped params.yaml is about 6 KB
+MAX_YAML_NODES = 10_000  # after expanding aliases; the shipped file has about 100
+MAX_YAML_DEPTH = 16  # the shipped file nests 3 deep
+# The experiment grid: each (schedule, training seed, sample set) is a DVC stage, and `dvc status` slows with
+# their number (36,900 stages had not finished in 180 s); 18 ship.
+MAX_SEEDS, MAX_SAMPLERS, MAX_SAMPLE_SETS = 64, 64, 512
+_SHOW = reprlib.Repr()
+_SHOW.maxstring, _SHOW.maxother, _SHOW.maxlong = 80, 80, 60
+_SHOW.maxlist = _SHOW.maxtuple = _SHOW.maxdict = 10
+
+
+def show(value: Any) -> str:
+    """A bounded repr for error messages: a value never prints in full (an expanded YAML bomb, a 10^6 list)."""
+    r = _SHOW.repr(value)
+    return r if len(r) <= 200 else r[:197] + "..."
 
 
 Need = Callable[[bool, str, Any, str], None]  # need(cond, key, value, allowed): records a problem
@@ -134,7 +154,7 @@ def _parse_sampler(value: Any, key: str, problems: list[str]) -> Optional[Sample
         except ValueError:
             sc = None
     if sc is None or sc.key != value:
-        problems.append(f"{key}: got {value!r}; allowed: <rule>-eta<eta as a float>-<steps>, e.g. ddim-eta0.0-50 "
+        problems.append(f"{key}: got {show(value)}; allowed: <rule>-eta<eta as a float>-<steps>, e.g. ddim-eta0.0-50 "
                         "or dpmpp_2m-eta0.0-10 (the sample file's name)")
         return None
     return sc
@@ -223,7 +243,7 @@ def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         return _convert(value, inner, key, problems)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            problems.append(f"{key}: expected a list of {_type_name(typing.get_args(tp)[0])}, got {value!r}")
+            problems.append(f"{key}: expected a list of {_type_name(typing.get_args(tp)[0])}, got {show(value)}")
             return ()
         inner = typing.get_args(tp)[0]
         return tuple(_convert(v, inner, f"{key}[{i}]", problems) for i, v in enumerate(value))
@@ -238,13 +258,13 @@ def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         str: isinstance(value, str),
     }[tp]
     if not ok:
-        problems.append(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        problems.append(f"{key}: expected {_type_name(tp)}, got {show(value)}")
         return None
     if tp is float and not math.isfinite(value):
-        problems.append(f"{key}: got {value!r}; allowed: a finite number")
+        problems.append(f"{key}: got {show(value)}; allowed: a finite number")
         return None
     if tp is int and not -MAX_INT <= value <= MAX_INT:
-        problems.append(f"{key}: got {value!r}; allowed: an integer of at most {MAX_INT} in magnitude")
+        problems.append(f"{key}: got {show(value)}; allowed: an integer of at most {MAX_INT} in magnitude")
         return None
     return float(value) if tp is float else value
 
@@ -253,7 +273,7 @@ def _build(cls: Any, raw: Any, prefix: str, problems: list[str]) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        problems.append(f"{prefix or 'params'}: expected a mapping, got {raw!r}")
+        problems.append(f"{prefix or 'params'}: expected a mapping, got {show(raw)}")
         return cls()
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -262,10 +282,10 @@ def _build(cls: Any, raw: Any, prefix: str, problems: list[str]) -> Any:
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f"; did you mean {_join(prefix, close[0])!r}?" if close else ""
             problems.append(
-                f"{_join(prefix, key)}: unknown key{hint} (known keys here: {', '.join(fields)})"
+                f"{_join(prefix, show(key) if not isinstance(key, str) else key[:80])}: unknown key{hint} (known keys here: {', '.join(fields)})"
             )
     if cls is SamplerConfig and "eta" in raw and not isinstance(raw["eta"], float):
-        problems.append(f"{_join(prefix, 'eta')}: got {raw['eta']!r}; write it as a float (e.g. 0.0 or 0.5): "
+        problems.append(f"{_join(prefix, 'eta')}: got {show(raw['eta'])}; write it as a float (e.g. 0.0 or 0.5): "
                         "dvc.yaml names the sample files from it")
     kwargs = {}
     for name in fields:
@@ -290,11 +310,45 @@ def _check(p: Params, problems: list[str]) -> None:
     """Every range and combination check, one line per problem (key, value given, what is allowed)."""
     def need(cond: bool, key: str, value: Any, allowed: str) -> None:
         if not cond:
-            problems.append(f"{key}: got {value!r}; allowed: {allowed}")
+            problems.append(f"{key}: got {show(value)}; allowed: {allowed}")
 
     for check in (_check_top, _check_data_and_model, _check_diffusion, _check_train, _check_sample,
-                  _check_report_and_tracking):
+                  _check_report_and_tracking, _check_grid):
         check(p, need, problems)
+    if not problems:  # the estimate needs valid sizes
+        _check_memory(p, problems)
+
+
+def _check_grid(p: Params, need: Need, problems: list[str]) -> None:
+    """Each list, and the grid they span (one DVC sample stage per cell), is bounded."""
+    need(len(p.seeds) <= MAX_SEEDS, "seeds", f"a list of {len(p.seeds)}", f"at most {MAX_SEEDS} training seeds")
+    s = p.sample.samplers
+    need(len(s) <= MAX_SAMPLERS, "sample.samplers", f"a list of {len(s)}", f"at most {MAX_SAMPLERS} sample sets")
+    cells = len(p.seeds) * len(p.diffusion.schedules) * len(s)
+    need(cells <= MAX_SAMPLE_SETS, "seeds x diffusion.schedules x sample.samplers",
+         f"{len(p.seeds)} x {len(p.diffusion.schedules)} x {len(s)} = {cells} sample stages",
+         f"at most {MAX_SAMPLE_SETS} (ddpm.config.MAX_SAMPLE_SETS; split the grid over experiments)")
+
+
+def _check_memory(p: Params, problems: list[str]) -> None:
+    """Training and sampling memory, estimated from the UNet's structure (ddpm.limits), against the budget."""
+    size = p.data.image_size or NATIVE_SIZES.get(p.data.name)
+    if size is None:  # a folder at its native size: known once read (ddpm.data checks the decoded bytes)
+        size = 2 ** (len(p.model.dim_mults) - 1)
+    m, t, s = p.model, p.train, p.sample
+    config = dict(dim=m.dim, dim_mults=list(m.dim_mults), channels=p.data.channels or 3,
+                  attn_heads=m.attn_heads, attn_dim_head=m.attn_dim_head)
+    est = limits.unet_size(config, (size, size))
+    what = (f"the UNet of model.dim={m.dim}, model.dim_mults={list(m.dim_mults)} ({limits.count(est['params'])} "
+            f"parameters) at data.image_size={size}")
+    for line in (
+        limits.check_budget(limits.training_bytes(est, t.batch_size // t.grad_accum, t.nproc_per_node),
+                            f"{what}: training with train.batch_size={t.batch_size} / train.grad_accum={t.grad_accum}"),
+        limits.check_budget(limits.sampling_bytes(est, min(s.batch_size, s.n_samples), s.nproc_per_node),
+                            f"{what}: sampling with sample.batch_size={s.batch_size}"),
+    ):
+        if line:
+            problems.append(line)
 
 
 def _check_top(p: Params, need: Need, problems: list[str]) -> None:
@@ -302,7 +356,7 @@ def _check_top(p: Params, need: Need, problems: list[str]) -> None:
     need(p.timesteps >= 1, "timesteps", p.timesteps, "an integer >= 1")
     need(len(p.seeds) >= 1 and len(set(p.seeds)) == len(p.seeds) and all(0 <= k <= MAX_SEED for k in p.seeds),
          "seeds", list(p.seeds), f"a non-empty list of distinct integers in [0, {MAX_SEED}]")
-    need(p.timesteps <= 100_000, "timesteps", p.timesteps, "an integer in [1, 100000]")
+    need(p.timesteps <= MAX_TIMESTEPS, "timesteps", p.timesteps, f"an integer in [1, {MAX_TIMESTEPS}]")
     need(DEVICE_RE.fullmatch(p.device) is not None, "device", p.device, "auto, cpu, cuda or cuda:N")
 
 
@@ -458,15 +512,97 @@ def params_from_dict(raw: Any, source: str = "params.yaml") -> Params:
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate ``params.yaml``."""
+    """Read and validate ``params.yaml``: its size, nesting and expanded size are bounded first
+    (:func:`check_yaml`), so a hostile file fails in milliseconds with one line and builds nothing."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"parameters file {str(path)!r} not found")
+    size = path.stat().st_size
+    if size > MAX_YAML_BYTES:
+        raise ConfigError([f"the file holds {size} bytes; allowed: at most {MAX_YAML_BYTES} "
+                           "(ddpm.config.MAX_YAML_BYTES)"], str(path))
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError([f"not valid YAML: {err}"], str(path)) from err
+        text = path.read_text()
+        check_yaml(text, str(path))
+        raw = yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError, UnicodeDecodeError) as err:  # ValueError: an int of > 4300 digits
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError([f"not valid YAML: {' '.join(str(err).split())[:300]}"], str(path)) from err
     return params_from_dict(raw, str(path))
+
+
+def check_yaml(text: str, source: str = "params.yaml") -> None:
+    """Refuse YAML that nests deeper than MAX_YAML_DEPTH or whose aliases expand it past MAX_YAML_NODES, from its
+    event stream alone (the parsers keep a state stack, not recursion; nothing is expanded: an alias counts the
+    nodes its anchor holds), read lazily so a refusal comes within the first offending events. libyaml's parser
+    where present (PyYAML's own scanner takes seconds on a few KB of nested brackets); the pure-Python one, which
+    then loads the file, has the last word on what libyaml rejects. ConfigError names the key path and the limit."""
+    try:
+        _check_events(_events(text, getattr(yaml, "CSafeLoader", yaml.SafeLoader), source), source)
+    except yaml.YAMLError:
+        _check_events(_events(text, yaml.SafeLoader, source), source)
+
+
+def _check_events(events: Any, source: str) -> None:
+    stack: list[list[Any]] = []  # [path, is_mapping, expecting_key, pending key, size in nodes, anchor, index]
+    sizes: dict[str, int] = {}
+
+    def add(n: int, path: list[str]) -> None:
+        if stack:
+            stack[-1][4] += n
+            if stack[-1][4] > MAX_YAML_NODES or n > MAX_YAML_NODES:
+                raise ConfigError([f"{_path(path)}: the file holds more than {MAX_YAML_NODES} nodes, each alias (*name) "
+                                   f"counted as the nodes of its anchor (&name); allowed: at most {MAX_YAML_NODES} "
+                                   "(a 'billion laughs' file is refused, not expanded)"], source)
+
+    def child_path() -> list[str]:
+        if not stack:
+            return []
+        top = stack[-1]
+        if top[1]:
+            return top[0] + [top[3]] if not top[2] else top[0]
+        top[6] += 1
+        return top[0] + [f"[{top[6] - 1}]"]
+
+    def done(n: int, anchor: Any, path: list[str], is_key_scalar: Any = None) -> None:
+        if anchor is not None:
+            sizes[anchor] = n
+        if stack and stack[-1][1]:
+            if stack[-1][2]:
+                stack[-1][3] = is_key_scalar if isinstance(is_key_scalar, str) else "?"
+            stack[-1][2] = not stack[-1][2]
+        add(n, path)
+
+    for ev in events:
+        if isinstance(ev, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            path = child_path()
+            if len(stack) >= MAX_YAML_DEPTH:
+                raise ConfigError([f"{_path(path)}: nested more than {MAX_YAML_DEPTH} levels deep; allowed: at most "
+                                   f"{MAX_YAML_DEPTH} (ddpm.config.MAX_YAML_DEPTH)"], source)
+            stack.append([path, isinstance(ev, yaml.MappingStartEvent), True, None, 1, ev.anchor, 0])
+        elif isinstance(ev, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            path, _, _, _, n, anchor, _ = stack.pop()
+            done(n, anchor, path)
+        elif isinstance(ev, yaml.ScalarEvent):
+            path = child_path()
+            done(1, ev.anchor, path, ev.value[:80])
+        elif isinstance(ev, yaml.AliasEvent):
+            path = child_path()
+            done(sizes.get(ev.anchor, 1), None, path)
+
+
+def _events(text: str, loader: Any, source: str):
+    """YAML events; more than 2 x MAX_YAML_NODES + 4 of them (a start and an end per collection) hold too many nodes."""
+    for i, ev in enumerate(yaml.parse(text, Loader=loader)):
+        if i > 2 * MAX_YAML_NODES + 4:
+            raise ConfigError([f"the file holds more than {MAX_YAML_NODES} nodes; allowed: at most {MAX_YAML_NODES}"],
+                              source)
+        yield ev
+
+
+def _path(parts: list[str]) -> str:
+    return ".".join(parts).replace(".[", "[") or "(the top level)"
 
 
 def resolve_device(device: str = "auto"):

@@ -42,6 +42,7 @@ import torch
 from PIL import Image
 
 from ddpm.io import atomic_write_bytes
+from ddpm.limits import LimitError, decoded_cap, gib
 
 logger = logging.getLogger(__name__)
 
@@ -462,6 +463,10 @@ def _load_folder(root: Path, size_hw: tuple[int, int] | None, channels: int | No
     # Pass 2: decode, convert and resize one image at a time into the output array, so memory
     # holds the output plus a single decoded image (itself at most MAX_PIXELS).
     out_h, out_w = size_hw if size_hw is not None else sizes[0]
+    total, (cap, how) = len(paths) * channels * out_h * out_w, decoded_cap()
+    if total > cap:  # from the headers alone: nothing is decoded yet
+        raise LimitError(f"dataset 'folder': {root} holds {len(paths)} images of {channels}x{out_h}x{out_w} that "
+                         f"decode to {gib(total)}; allowed: at most {gib(cap)} ({how})")
     out = np.empty((len(paths), channels, out_h, out_w), dtype=np.uint8)
     for i, p in enumerate(paths):
         with _decode_errors(p), _open_image(p) as im:

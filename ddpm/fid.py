@@ -607,6 +607,35 @@ def save_featurizer(path: PathLike, featurizer: nn.Module, metrics: dict[str, An
     atomic_torch_save(payload, path)
 
 
+# the bounds of a classifier's description (featurizer.feature_dim's bound is params.yaml's)
+CLASSIFIER_BOUNDS = {"in_channels": (1, 64), "num_classes": (2, 100_000), "feature_dim": (2, 4096), "width": (1, 1024)}
+
+
+def classifier_params(c: dict[str, int]) -> int:
+    """Parameters of ClassifierFeaturizer(**c) (conv blocks without bias + BatchNorm, two linear layers)."""
+    w, f = c["width"], c["feature_dim"]
+    convs = 9 * (c["in_channels"] * w + w * w + w * 2 * w + 4 * w * w) + 2 * (w + w + 2 * w + 2 * w)
+    return convs + 2 * w * f + f + f * c["num_classes"] + c["num_classes"]
+
+
+def check_classifier_config(c: Any, source: str) -> None:
+    """Refuse a classifier description that is malformed, out of bounds or too large for the memory budget, before
+    building it: one ValueError line naming ``source`` and the key."""
+    from .config import show
+    from .limits import FLOAT_BYTES, check_budget, count
+
+    if not isinstance(c, dict):
+        raise ValueError(f"{source}: config: got {show(c)}; allowed: a mapping of {', '.join(CLASSIFIER_BOUNDS)}")
+    for key, (lo, hi) in CLASSIFIER_BOUNDS.items():
+        v = c.get(key, "<missing>")
+        if not (isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi):
+            raise ValueError(f"{source}: config.{key}: got {show(v)}; allowed: an integer in [{lo}, {hi}]")
+    n = classifier_params(c)
+    line = check_budget(FLOAT_BYTES * n, f"config (width={c['width']}: {count(n)} parameters)")
+    if line:
+        raise ValueError(f"{source}: {line}")
+
+
 def load_featurizer(path: PathLike, device: str = "cpu") -> nn.Module:
     """Load a :func:`save_featurizer` checkpoint; returns the featurizer in eval mode on ``device``
     with its saved ``metrics`` attribute. Raises ``FileNotFoundError`` (missing file),
@@ -625,6 +654,7 @@ def load_featurizer(path: PathLike, device: str = "cpu") -> nn.Module:
     kind = ckpt["kind"]
     metrics = ckpt.get("metrics") or {}
     if kind == "classifier":
+        check_classifier_config(ckpt.get("config"), f"featurizer checkpoint '{path}'")
         try:
             model: nn.Module = ClassifierFeaturizer(**ckpt["config"])
             model.load_state_dict(ckpt["state_dict"])

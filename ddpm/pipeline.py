@@ -13,11 +13,12 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
 from .io import atomic_save_npz, atomic_write_json, file_sha256  # noqa: F401  (re-exported for the stages)
+from .limits import load_npz, npz_headers
 from .names import sampler_label  # noqa: F401  (re-exported: the one spelling, see ddpm/names.py)
 
 PREPARED = Path("data/prepared")
@@ -61,11 +62,40 @@ def save_arrays(path: Path, **arrays: Any) -> None:
     atomic_save_npz(path, **arrays)
 
 
-def load_arrays(path: Path) -> dict[str, np.ndarray]:
+def load_arrays(path: Path, keys: Optional[Sequence[str]] = None) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` (all when None) of an ``.npz``; what they decode to is bounded from the zip and ``.npy``
+    headers before any is read (ddpm.limits.load_npz: DDPM_MAX_DECODED_GB), other keys are never read."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path} not found: run the stage that writes it (`dvc repro`)")
-    with np.load(path) as f:
-        return {k: f[k] for k in f.files}
+    return load_npz(path, keys)
+
+
+class SampleSetError(ValueError):
+    """A sample set that is not uint8 images of the prepared data's shape."""
+
+
+def prepared_image_shape(meta: Path = PREPARED / "meta.json") -> tuple[int, ...]:
+    """[C, H, W] of the prepared images (data/prepared/meta.json, written by the prepare stage)."""
+    shape = read_json(meta).get("image_shape")
+    if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(x, int) for x in shape)):
+        raise SampleSetError(f"{meta}: image_shape is {shape!r}; allowed: [C, H, W] integers (rerun prepare)")
+    return tuple(shape)
+
+
+def load_sample_set(path: Path, image_shape: Optional[Sequence[int]] = None) -> np.ndarray:
+    """The ``images`` of a samples ``.npz``, checked from its ``.npy`` header before any pixel is read: dtype uint8,
+    shape [n, C, H, W] with [C, H, W] = ``image_shape`` (the prepared data's). Anything else (16x16 samples against
+    8x8 data, NaN floats) raises SampleSetError naming the file, what it holds and what is allowed. The fid stage
+    and the report read sample sets through this."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} not found: run the stage that writes it (`dvc repro`)")
+    shape, dtype = npz_headers(path, ["images"])["images"]
+    want = list(image_shape) if image_shape is not None else None
+    if dtype != np.uint8 or len(shape) != 4 or (want is not None and list(shape[1:]) != want):
+        allowed = "[n, C, H, W]" if want is None else f"[n, {', '.join(map(str, want))}] (the prepared data's shape)"
+        raise SampleSetError(f"{path}: images are {dtype} of shape {list(shape)}; allowed: uint8 (0..255) of shape "
+                             f"{allowed}")
+    return load_npz(path, ["images"])["images"]
 
 
 def write_json(path: Path, obj: Any) -> None:

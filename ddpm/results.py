@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from . import pipeline
+from .limits import LimitError
 from .names import SCHEDULES, SPACINGS, STEP_RULES, sampler_label
 
 FID_COLUMNS = ("schedule", "sampler", "eta", "steps", "fid", "n_samples", "features",
@@ -237,10 +238,10 @@ def final_loss(df: pd.DataFrame) -> float | None:
 def _load_arrays(path: Path, key: str) -> np.ndarray:
     if not path.is_file():
         raise ResultsError(f"{path} not found: run the stage that writes it (`dvc repro`)")
-    with np.load(path, allow_pickle=False) as f:
-        if key not in f.files:
-            raise ResultsError(f"{path}: no array {key!r}; found: {', '.join(f.files)}")
-        return f[key]
+    try:
+        return pipeline.load_arrays(path, (key,))[key]  # bounded, and only this key is read
+    except LimitError as err:
+        raise ResultsError(str(err)) from err
 
 
 def _load_model_files(root: Path, schedules: tuple[str, ...], seeds: tuple[int, ...]) -> tuple[dict, dict]:
@@ -255,12 +256,13 @@ def _load_model_files(root: Path, schedules: tuple[str, ...], seeds: tuple[int, 
     return losses, curves
 
 
-def _load_samples(root: Path, rows: pd.DataFrame, seed: int) -> dict[tuple[str, str, int], np.ndarray]:
+def _load_samples(root: Path, rows: pd.DataFrame, seed: int, shape: tuple[int, ...]
+                  ) -> dict[tuple[str, str, int], np.ndarray]:
     out = {}
     for r in rows[rows["seed"] == seed].itertuples(index=False):
         path = inside(root, pipeline.sample_path(schedule=r.schedule, seed=seed, name=r.sampler, eta=float(r.eta),
                                                  steps=int(r.steps)))
-        out[(r.schedule, r.label, int(r.steps))] = _load_arrays(path, "images")
+        out[(r.schedule, r.label, int(r.steps))] = pipeline.load_sample_set(path, shape)
     return out
 
 
@@ -281,7 +283,7 @@ def load_results(p: Any, root: str | Path = ".") -> Results:
     losses, curves = _load_model_files(root, schedules, seeds)
     real = _load_arrays(root / pipeline.HOLDOUT, "images")[: p.report.forward_images]
     return Results(rows=rows, configs=aggregate(rows), floor=floor, seeds=seeds, schedules=schedules,
-                   losses=losses, fid_curves=curves, samples=_load_samples(root, rows, seeds[0]), real_images=real,
+                   losses=losses, fid_curves=curves, samples=_load_samples(root, rows, seeds[0], real.shape[1:]), real_images=real,
                    featurizer=featurizer, params=p.to_dict(), timesteps=int(p.timesteps),
                    zero_terminal_snr=bool(p.diffusion.zero_terminal_snr))
 

@@ -27,7 +27,8 @@ import torch.nn as nn
 
 from . import distributed as dist
 from .checkpoint import (CHECKPOINT_FORMAT, checkpoint_path, checkpoints_by_run, latest_valid_checkpoint,  # noqa: F401
-                         list_checkpoints, load_checkpoint, load_model, model_metadata, move_aside, prune)
+                         list_checkpoints, load_checkpoint, load_model, model_metadata, move_aside, prune,
+                         save_checkpoint)
 from .config import TrainConfig
 from .diffusion import GaussianProcess
 from .io import atomic_torch_save
@@ -245,7 +246,7 @@ class TrainLoop:
         if self.main:
             if path in self.others:  # never overwrite another run's checkpoint
                 self.others[self.others.index(path)] = move_aside(path)
-            atomic_torch_save(self._state(rng, per_rank), path)
+            save_checkpoint(path, self._state(rng, per_rank))  # sealed with its sha256
             self.own = prune(self.own + [(self.step, path)], self.s.keep_checkpoints)
         return path
 

@@ -10,8 +10,8 @@ import pandas as pd
 from ddpm.config import load_params, resolve_device
 from ddpm.fid import extract_features, fid_from_features, fid_interval, kid, load_featurizer
 from ddpm.io import atomic_path
-from ddpm.pipeline import (FEATURIZER, REPORTS, load_arrays, read_json, sample_key, sample_path, sampler_label,
-                           setup_logging, write_json)
+from ddpm.pipeline import (FEATURIZER, REPORTS, load_arrays, load_sample_set, prepared_image_shape, read_json,
+                           sample_key, sample_path, sampler_label, setup_logging, write_json)
 from ddpm.tracking import Tracker, pending_file
 
 COLUMNS = ["schedule", "sampler", "eta", "steps", "fid", "n_samples", "features", "seed", "spacing", "fid_lo",
@@ -29,7 +29,7 @@ def measure(feats, ref_feats) -> dict[str, float]:
 def _images(schedule, seed, s, n):
     """The images of one sample set and the content hash of the model that drew them (from its .json)."""
     path = sample_path(schedule, seed, s.name, s.eta, s.steps)
-    images = load_arrays(path)["images"]
+    images = load_sample_set(path, prepared_image_shape())  # uint8 of the prepared shape, or one line naming it
     if len(images) != n:
         raise SystemExit(f"{path} has {len(images)} images, expected sample.n_samples={n}")
     return images, read_json(path.with_suffix(".json")).get("model_sha256")
@@ -41,7 +41,7 @@ def main() -> None:
     device = resolve_device(p.device)
     n = p.sample.n_samples
     featurizer = load_featurizer(FEATURIZER / "featurizer.pt", device=str(device))
-    ref = load_arrays(FEATURIZER / "reference.npz")
+    ref = load_arrays(FEATURIZER / "reference.npz", ("features", "train_features", "holdout_features"))
     features, ref_feats, held = str(ref["features"]), ref["train_features"], ref["holdout_features"]
     if len(held) < n:
         raise SystemExit(f"sample.n_samples: got {n}, but the held-out set has only {len(held)} images and the FID "
