@@ -149,7 +149,15 @@ def workers(logs: list[str]) -> list[dict]:
     return [json.loads(line.split("WORKER ", 1)[1]) for log in logs for line in log.splitlines() if "WORKER {" in line]
 
 
-def check_two_nodes(copies: list[Path], logs: list[str], tmp_path: Path) -> list[dict]:
+@pytest.fixture(scope="module")
+def local_pair(tmp_path_factory) -> list[dict]:
+    """The same worker as two processes on one node (torch.multiprocessing, 127.0.0.1)."""
+    out = tmp_path_factory.mktemp("local")
+    spawn(_local_pair, out)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def check_two_nodes(copies: list[Path], logs: list[str], local_pair: list[dict]) -> list[dict]:
     seen = workers(logs)
     assert [(w["node"], w["rank"], w["world"]) for w in seen] == [("0", 0, 2), ("1", 1, 2)], seen
     assert [Path(w["cwd"]) for w in seen] == copies  # each node ran in its own copy
@@ -158,9 +166,7 @@ def check_two_nodes(copies: list[Path], logs: list[str], tmp_path: Path) -> list
     assert not (copies[0] / "out" / "rank1.pt").exists() and not (copies[1] / "out" / "rank0.pt").exists()
     check_like_one_process(ranks)  # like one process on the full batches (test_distributed's tolerances)
     # bit-identical to two processes on one node: the same maths, over another wire
-    spawn(_local_pair, tmp_path / "local")
-    for r in range(2):
-        local = torch.load(tmp_path / "local" / f"rank{r}.pt", weights_only=False)
+    for r, local in enumerate(local_pair):
         for key in ("model", "ema"):
             assert _max_diff(ranks[r][key], local[key]) == 0.0, key
         assert [h["loss"] for h in ranks[r]["history"]] == [h["loss"] for h in local["history"]]
@@ -179,19 +185,19 @@ def _local_pair(out) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_two_nodes_on_localhost_train_and_sample_like_one_process(tmp_path):
+def test_two_nodes_on_localhost_train_and_sample_like_one_process(tmp_path, local_pair):
     copies, logs = run_two_nodes(tmp_path, f"127.0.0.1:{free_port()}")
-    seen = check_two_nodes(copies, logs, tmp_path)
+    seen = check_two_nodes(copies, logs, local_pair)
     print("\n".join(f"node {w['node']}: rank {w['rank']} of {w['world']} (torchrun's rank {w['torchrun_rank']}), "
                     f"gloo on {w['gloo_ifname']}, store at {w['master_addr']}" for w in seen))
 
 
 @pytest.mark.timeout(300)
-def test_two_nodes_in_network_namespaces_over_a_veth_pair(tmp_path):
+def test_two_nodes_in_network_namespaces_over_a_veth_pair(tmp_path, local_pair):
     with veth_namespaces() as nodes:
         endpoint = f"{nodes[0][1]}:29500"  # node 0's address
         copies, logs = run_two_nodes(tmp_path, endpoint, [["ip", "netns", "exec", ns] for ns, _, _ in nodes])
-        seen = check_two_nodes(copies, logs, tmp_path)
+        seen = check_two_nodes(copies, logs, local_pair)
         for w, (_, addr, dev) in zip(seen, nodes):  # gloo on the veth, not lo; the workers' store on a veth
             assert w["gloo_ifname"] == dev and w["master_addr"] == nodes[1][1], w  # (torchrun's rank 0: node 1)
         assert seen[0]["torchrun_rank"] == "1"  # the rendezvous ordered node 1 (lower address) first
@@ -234,7 +240,7 @@ def clones(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("nodes")
     params = json.loads(json.dumps(TINY))
     params["diffusion"]["schedules"] = ["linear"]
-    params["train"].update(steps=240, checkpoint_every=40, log_every=20, fid_every=0, keep_checkpoints=2)
+    params["train"].update(steps=160, checkpoint_every=40, log_every=20, fid_every=0, keep_checkpoints=2)
     node0, env = make_repo(tmp / "node0", params)
     run(["dvc", "remote", "add", "-d", "local", str(tmp / "remote")], node0, env)
     run(["dvc", "repro", "featurizer"], node0, env)
@@ -302,7 +308,7 @@ def test_one_command_per_node_records_the_model_and_recovers(clones):
     resumed = [line for line in logs[1].splitlines() if "elastic restart 1, resuming at step" in line]
     assert len(resumed) == 1, "\n".join(l for log in logs for l in log.splitlines() if "train:" not in l)[-6000:]
     step = int(resumed[0].split("resuming at step ")[1].split()[0])
-    assert killed_after <= step < 240 and f"(step {step})" in logs[1]
+    assert killed_after <= step < 160 and f"(step {step})" in logs[1]
     assert model_sha(node0) == uninterrupted  # the same final weights (and file) as the uninterrupted run
     print(f"model.pt sha256 after the restart {model_sha(node0)}; uninterrupted {uninterrupted}")
     client, runs = train_runs(node0)
@@ -333,3 +339,23 @@ def test_a_node_that_never_rejoins_fails_the_job_and_writes_no_model(clones):
     assert "train@linear-0 failed (exit" in log and "--rdzv-timeout=8 s" in log, log[-3000:]
     assert not (node0 / "models" / "linear" / "seed0" / "model.pt").exists()  # no model, not half of one
     print("\n".join(line for line in log.splitlines() if "Rendezvous" in line or "train@linear-0 failed" in line))
+
+
+def _disagreeing_node(folder) -> None:
+    import stages.train as stage
+    from ddpm import distributed as dist
+
+    stage.PREPARED = folder  # both ranks read the same train.npz; rank 1 has other params or code
+    try:
+        stage.check_nodes_agree("linear-seed0-PARAMS-CODE" if dist.rank() == 0 else "linear-seed0-OTHER-CODE")
+    except SystemExit as err:
+        (folder / f"refused{dist.rank()}.txt").write_text(str(err))
+
+
+def test_nodes_with_other_params_or_code_refuse_to_train(tmp_path):
+    (tmp_path / "train.npz").write_bytes(b"the same images")
+    spawn(_disagreeing_node, tmp_path)
+    for r in range(2):  # every rank stops, with the same message
+        assert (tmp_path / f"refused{r}.txt").read_text() == (
+            "train: rank(s) [1] differ from rank 0 in params.yaml or code (the same git commit and params "
+            "everywhere): linear-seed0-OTHER-CODE vs linear-seed0-PARAMS-CODE")
