@@ -11,7 +11,8 @@ parameters, EMA, warm-up and AMP in ``ddpm.optim``.
 Under torchrun (``ddpm.distributed.init`` called first) the model trains in DistributedDataParallel:
 every rank draws the same global data order and takes its shard of each global batch of
 ``batch_size`` images, draws its own timesteps, noise and dropout (seeds offset by rank), and stores
-its RNG states in rank 0's checkpoints; only rank 0 calls ``on_log``/``on_eval`` and writes checkpoints.
+its RNG states in rank 0's checkpoints; only rank 0 calls ``on_log``/``on_eval``, writes checkpoints and
+reads them on resume, sending their contents to the other ranks (other nodes need not see its folder).
 """
 from __future__ import annotations
 
@@ -187,11 +188,14 @@ class TrainLoop:
     # --- checkpoints --------------------------------------------------------------------------------------
     def resume(self) -> None:
         """Continue from the newest valid checkpoint of this run (same ``run_key``), if any."""
-        self.own, self.others = checkpoints_by_run(self.ckpt_dir, self.run_key)
-        if self.others and self.main:
-            log.info("%d checkpoint(s) in %s belong to other parameters; left alone: %s", len(self.others),
-                     self.ckpt_dir, ", ".join(p.name for p in self.others))
-        ckpt = latest_valid_checkpoint(self.ckpt_dir, self.run_key)
+        ckpt = None
+        if self.main:  # rank 0's folder (other nodes need not see it): read there, sent to every rank
+            self.own, self.others = checkpoints_by_run(self.ckpt_dir, self.run_key)
+            if self.others:
+                log.info("%d checkpoint(s) in %s belong to other parameters; left alone: %s", len(self.others),
+                         self.ckpt_dir, ", ".join(p.name for p in self.others))
+            ckpt = latest_valid_checkpoint(self.ckpt_dir, self.run_key)
+        ckpt = dist.broadcast_object(ckpt)
         if ckpt is None:
             return
         self.model.load_state_dict(ckpt["model"])

@@ -10,19 +10,21 @@ The seed sets the initial weights, the data order and the training noise.
 Data parallel: with `train.nproc_per_node: N` (> 1) the stage re-executes itself as
 `python -m torch.distributed.run --standalone --nproc_per_node N -m stages.train <schedule> <seed>`
 (DistributedDataParallel; gloo on the CPU, NCCL on CUDA with rank r on cuda:LOCAL_RANK; the global batch
-stays train.batch_size). Launched by torchrun already, it runs as the rank it is given, e.g. on two
-machines with 8 GPUs each (run on both, NODE_RANK 0 and 1, HOST = node 0's address):
+stays train.batch_size). On several machines, one command per node (docs/scaling.md):
 
-    torchrun --nnodes 2 --node_rank NODE_RANK --nproc_per_node 8 --rdzv_backend c10d \
-        --rdzv_endpoint HOST:29500 --rdzv_id ddpm-linear -m stages.train linear 0
+    python -m stages.train --nnodes 2 --node-rank R --rdzv HOST:29500 [--max-restarts 1] linear 0
 
-Then the launch decides the world size (nnodes x nproc_per_node), not params.yaml. Only rank 0 logs to
-MLflow and writes checkpoints and outputs, which must be on storage that every node sees for a resume.
+Node 0 (at HOST) runs it through `dvc repro --force --single-item train@linear-0` (the layout travels in
+DDPM_* environment variables), so DVC records the model; every node then starts its torchrun agent
+(ddpm.distributed.launch_nodes). Rank 0 is on node 0; only it logs to MLflow and writes checkpoints and
+outputs. Launched by a torchrun of your own, the stage runs as the rank it is given.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import os
+import subprocess
 from pathlib import Path
 
 import pandas as pd
@@ -49,9 +51,15 @@ CODE = [Path("stages/train.py"), *Path("ddpm").glob("*.py")]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("schedule")
     parser.add_argument("seed", type=int)
+    parser.add_argument("--nnodes", type=int, default=1, help="machines in the run (default 1)")
+    parser.add_argument("--node-rank", type=int, default=0, help="this machine's rank, 0..nnodes-1 (0: HOST)")
+    parser.add_argument("--rdzv", metavar="HOST:PORT", help="node 0's address and a free port: the rendezvous")
+    parser.add_argument("--max-restarts", type=int, default=0, help="elastic restarts after a worker fails")
+    parser.add_argument("--rdzv-timeout", type=int, default=600, metavar="S",
+                        help="seconds a node waits for the others to (re)join before the job fails")
     args = parser.parse_args()
     log = setup_logging()
     p = load_params()
@@ -59,13 +67,51 @@ def main() -> None:
         raise SystemExit(f"schedule {args.schedule!r} is not in diffusion.schedules={list(p.diffusion.schedules)}")
     if args.seed not in p.seeds:
         raise SystemExit(f"seed {args.seed} is not in seeds={list(p.seeds)}")
+    item = [args.schedule, str(args.seed)]
+    nodes = node_layout(args)
+    if nodes is not None and not dist.launched_by_torchrun():
+        if nodes.node_rank == 0 and "DVC_STAGE" not in os.environ and Path(".dvc").is_dir():
+            raise SystemExit(repro_on_node0(args.schedule, args.seed, p, nodes, log))
+        raise SystemExit(dist.launch_nodes("stages.train", item, nodes, p.train.nproc_per_node,
+                                           f"ddpm-train-{args.schedule}-seed{args.seed}"))
     if p.train.nproc_per_node > 1 and not dist.launched_by_torchrun():
-        raise SystemExit(dist.relaunch("stages.train", [args.schedule, str(args.seed)], p.train.nproc_per_node))
+        raise SystemExit(dist.relaunch("stages.train", item, p.train.nproc_per_node))
     device = dist.init(resolve_device(p.device))
     try:
         run(args.schedule, args.seed, p, device, log)
     finally:
         dist.destroy()
+
+
+def node_layout(args) -> "dist.Nodes | None":
+    """The multi-node layout from the flags, else from the environment (``dvc repro`` passes it so); None
+    for one machine. Never a params.yaml key: where a model trains does not change it."""
+    if args.rdzv is None and args.nnodes == 1:
+        return dist.Nodes.from_env() if not dist.launched_by_torchrun() else None
+    if args.rdzv is None:
+        raise SystemExit(f"--nnodes {args.nnodes} needs --rdzv HOST:PORT (node 0's address and a free port)")
+    try:
+        return dist.Nodes(args.nnodes, args.node_rank, args.rdzv, args.max_restarts, args.rdzv_timeout)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+
+
+def repro_on_node0(schedule: str, seed: int, p, nodes: "dist.Nodes", log) -> int:
+    """Node 0 trains through ``dvc repro --force --single-item train@<schedule>-<seed>``, the layout in the
+    environment: DVC then records the model in dvc.lock as for any run (no ``dvc commit -f``), and a later
+    ``dvc repro`` finds the stage up to date. ``--force``: the other nodes wait for this one, so it trains
+    even when DVC finds the stage up to date; ``--single-item``: prepare and featurizer are not rerun here
+    (the other nodes pulled their outputs)."""
+    from stages.item import items
+
+    stage = next(name for name, it in items("train", p).items() if it == {"schedule": schedule, "seed": seed})
+    cmd = ["dvc", "repro", "--force", "--single-item", stage]
+    log.info("node 0 of %d: %s (rendezvous at %s)", nodes.nnodes, " ".join(cmd), nodes.endpoint)
+    code = subprocess.run(cmd, env={**os.environ, **nodes.to_env()}).returncode
+    if code:
+        log.error("%s failed (exit %d): nothing recorded in dvc.lock; a node that did not (re)join within "
+                  "--rdzv-timeout=%d s shows as a RendezvousTimeoutError above", stage, code, nodes.rdzv_timeout)
+    return code
 
 
 class FidCurve:
@@ -102,8 +148,9 @@ def run_key(schedule: str, seed: int, p) -> str:
     return f"{schedule}-seed{seed}-{p.params_hash(TRAIN_KEYS)}-{code}"
 
 
-def start_tracking(schedule: str, seed: int, p, key: str) -> tuple[Tracker, str]:
-    """The MLflow run; an interrupted run continues its own, so its loss curve stays in one place."""
+def start_tracking(schedule: str, seed: int, p, key: str, log, restart: int = 0) -> tuple[Tracker, str]:
+    """The MLflow run; an interrupted run continues its own (its id is in the checkpoints), so its loss curve
+    stays in one place, also after torchrun's elastic restart (tagged ``elastic_restarts``)."""
     tracker = Tracker(enabled=p.tracking.enabled, experiment=p.tracking.experiment,
                       pending_path=pending_file(f"train-{schedule}-seed{seed}"))
     previous = latest_valid_checkpoint(checkpoint_dir(schedule, seed), key)
@@ -115,7 +162,29 @@ def start_tracking(schedule: str, seed: int, p, key: str) -> tuple[Tracker, str]
             params={**p.flat(), "schedule": schedule, "train_seed": seed, "world_size": dist.world_size()},
             tags={"kind": "train", "schedule": schedule, "seed": str(seed)},
         )
+    if restart:
+        step = previous["step"] if previous else 0
+        log.info("train %s seed %d: elastic restart %d, resuming at step %d in MLflow run %s", schedule, seed,
+                 restart, step, run_id)
+        tracker.set_tags(run_id, {"elastic_restarts": restart})
+        tracker.log_metrics(run_id, [{"step": step, "elastic_restart": restart}])
     return tracker, run_id
+
+
+def check_nodes_agree(key: str) -> int:
+    """Every process trains the same thing: the same run key (params.yaml, code) and training images,
+    which each node reads from its own checkout. Returns torchrun's elastic restart count: the most over
+    the nodes (the agent whose worker failed counts a restart; the others restart theirs uncounted)."""
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if dist.world_size() == 1:
+        return restart
+    seen = dist.all_gather_object((key, file_sha256(PREPARED / "train.npz"), restart))
+    for what, i in (("params.yaml or code (the same git commit and params everywhere)", 0),
+                    ("data/prepared/train.npz (pull the prepare stage's outputs)", 1)):
+        odd = [r for r, v in enumerate(seen) if v[i] != seen[0][i]]
+        if odd:
+            raise SystemExit(f"train: rank(s) {odd} differ from rank 0 in {what}: {seen[odd[0]][i]} vs {seen[0][i]}")
+    return max(v[2] for v in seen)
 
 
 def run(schedule: str, seed: int, p, device: torch.device, log) -> None:
@@ -139,9 +208,10 @@ def run(schedule: str, seed: int, p, device: torch.device, log) -> None:
     settings = TrainSettings.from_config(t, amp=t.amp or speed.autocast_dtype is not None,
                                          channels_last=speed.train_channels_last,
                                          compile=speed.compile)
+    restart = check_nodes_agree(key)
     tracker = run_id = on_eval = None
     if main:  # the other ranks only train: no FID, no MLflow, no files
-        tracker, run_id = start_tracking(schedule, seed, p, key)
+        tracker, run_id = start_tracking(schedule, seed, p, key, log, restart)
         on_eval = FidCurve(p, process, shape, device, speed, tracker, run_id, log)
         meta["mlflow_run_id"], meta["mlflow_writer_key"] = run_id, tracker.writer_key(run_id)  # resume only
         log.info("train %s seed %d: %d steps of %d images, T=%d, %s, on %s x %d processes", schedule, seed,

@@ -1,4 +1,4 @@
-"""The programs the tests drive (dvc, chromium, g++, a C compiler), found the same way by the tests and by `.ci/run`.
+"""The programs the tests drive (dvc, chromium, g++, a C compiler, ip), found the same way by the tests and by `.ci/run`.
 
 `need(tool)` returns the program's path; when it is missing the test is skipped on a developer's
 machine, but fails under `CI=true`, so a CI image without chromium cannot pass by skipping the
@@ -12,8 +12,9 @@ import shutil
 import sys
 
 TOOLS = {"dvc": ("dvc",), "chromium": ("chromium", "chromium-browser"), "g++": ("g++",),
-         "cc": ("cc", "gcc", "clang")}  # cc: ddpm/kernels.c (the names ddpm.kernels looks for, after $CC)
-APT = {"chromium": "chromium", "g++": "g++", "cc": "gcc"}  # dvc comes with requirements.txt
+         "cc": ("cc", "gcc", "clang"),  # cc: ddpm/kernels.c (the names ddpm.kernels looks for, after $CC)
+         "ip": ("ip",)}  # ip netns: tests/test_multinode.py's two nodes on their own network
+APT = {"chromium": "chromium", "g++": "g++", "cc": "gcc", "ip": "iproute2"}  # dvc comes with requirements.txt
 
 
 def find(tool: str) -> str | None:

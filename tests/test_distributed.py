@@ -154,18 +154,11 @@ def exact_runs(tmp_path_factory):
     return out
 
 
-def test_ddp_steps_equal_one_process_on_the_full_batch(exact_runs):
-    tmp_path = exact_runs
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+def check_like_one_process(ranks: list[dict]) -> None:
+    """Two ranks' recorded 3-step runs (``_exact_worker``'s rank files) against one process trained on the
+    same full batches: the same gradients, and weights within the stated tolerances (used by
+    tests/test_multinode.py for two nodes too)."""
     calls = [ranks[0]["calls"], ranks[1]["calls"]]
-    assert len(calls[0]) == len(calls[1]) == 3 * 2  # 3 steps x grad_accum 2, per rank
-    for c0, c1 in zip(*calls):
-        assert len(c0[0]) == len(c1[0]) == 16 // 2 // 2  # global batch 16 = 2 micro-batches x 2 ranks x 4
-        assert not torch.equal(c0[2], c1[2]), "both ranks drew the same noise"
-    # only rank 0 wrote checkpoints, with one RNG state per rank
-    ckpt = load_checkpoint(checkpoint_path(tmp_path / "full", 3))
-    assert len(ckpt["rng_per_rank"]) == 2 and not torch.equal(ckpt["rng_per_rank"][0]["noise"],
-                                                              ckpt["rng_per_rank"][1]["noise"])
     # one process on the full batches: the ranks' (x0, t, noise) concatenated in rank order
     replay = [tuple(torch.cat([c0[i], c1[i]]) for i in range(3)) for c0, c1 in zip(*calls)]
     model, process = tiny(replay=replay)
@@ -201,6 +194,21 @@ def test_ddp_steps_equal_one_process_on_the_full_batch(exact_runs):
             assert _max_diff(got, exp) < 3 * EXACT["lr"], key
         for a, b in zip(r["history"], ref.history):
             assert a["step"] == b["step"] and abs(a["loss"] - b["loss"]) < 1e-6, (a, b)
+
+
+def test_ddp_steps_equal_one_process_on_the_full_batch(exact_runs):
+    tmp_path = exact_runs
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    calls = [ranks[0]["calls"], ranks[1]["calls"]]
+    assert len(calls[0]) == len(calls[1]) == 3 * 2  # 3 steps x grad_accum 2, per rank
+    for c0, c1 in zip(*calls):
+        assert len(c0[0]) == len(c1[0]) == 16 // 2 // 2  # global batch 16 = 2 micro-batches x 2 ranks x 4
+        assert not torch.equal(c0[2], c1[2]), "both ranks drew the same noise"
+    # only rank 0 wrote checkpoints, with one RNG state per rank
+    ckpt = load_checkpoint(checkpoint_path(tmp_path / "full", 3))
+    assert len(ckpt["rng_per_rank"]) == 2 and not torch.equal(ckpt["rng_per_rank"][0]["noise"],
+                                                              ckpt["rng_per_rank"][1]["noise"])
+    check_like_one_process(ranks)
     # resume of the 2-rank run from its step-2 checkpoint: bit-identical to the uninterrupted run
     for rank in range(2):
         resumed = torch.load(tmp_path / f"resumed{rank}.pt", weights_only=False)
