@@ -59,9 +59,10 @@ def serve(args: argparse.Namespace) -> int:
         return 0
     cmd = serve_command(uri, args.host, args.port)
     url = f"http://{args.host}:{args.port}"
-    # MLflow 3.17 picks GenAI or classic pages from `workflowType`, not from the experiment's tag
-    print(f"MLflow UI on {tracking.redact_uri(uri)}: {url}  (runs tables: "
-          f"{url}/#/experiments/<id>/runs?workflowType=machine_learning)", flush=True)
+    print(f"MLflow UI on {tracking.redact_uri(uri)}: {url}", flush=True)
+    # MLflow 3.17 picks GenAI or classic pages from `workflowType`, not from the experiment's tag alone
+    for name, eid in tracking.experiments(uri).items():
+        print(f"  {name}: {url}/#/experiments/{eid}/runs?workflowType=machine_learning", flush=True)
     if args.dry_run:
         print(" ".join(tracking.redact_uri(c) for c in cmd))
         return 0

@@ -711,6 +711,21 @@ def import_pending(path: str | os.PathLike, uri: str | None = None) -> dict[str,
 
 # --------------------------------------------------------------------------- comparison table
 
+@_redacted
+def experiments(uri: str | None = None) -> dict[str, str]:
+    """{name: id} of the store's experiments, each given the :data:`EXPERIMENT_TAGS` it lacks; {} for a
+    SQLite file that does not exist (none is created)."""
+    uri = uri or default_tracking_uri()
+    path = sqlite_path(uri)
+    if path is not None and not path.exists():
+        return {}
+    client = _open_client(uri)
+    found = list(client.search_experiments(max_results=1000))
+    for exp in found:
+        _tag_experiment(client, exp)
+    return {e.name: e.experiment_id for e in found}
+
+
 def _empty_table():
     import pandas as pd
     dtypes = {"start_time": "datetime64[ns, UTC]", "eta": "float64",
