@@ -10,7 +10,8 @@ import pandas as pd
 from ddpm.config import load_params, resolve_device
 from ddpm.fid import extract_features, fid_from_features, fid_interval, kid, load_featurizer
 from ddpm.io import atomic_path
-from ddpm.pipeline import FEATURIZER, REPORTS, load_arrays, sample_path, sampler_label, setup_logging, write_json
+from ddpm.pipeline import (FEATURIZER, FID_CSV, FID_SUMMARY, load_arrays, sample_path, sampler_label, setup_logging,
+                           write_json)
 
 COLUMNS = ["schedule", "sampler", "eta", "steps", "fid", "n_samples", "features", "seed", "spacing", "fid_lo",
            "fid_hi", "kid", "kid_std"]
@@ -56,9 +57,9 @@ def main() -> None:
                 log.info("fid %s seed %d %s x%d: %.3f [%.3f, %.3f] (floor %.3f)", schedule, seed,
                          sampler_label(s.name, s.eta), s.steps, m["fid"], m["fid_lo"], m["fid_hi"], floor["fid"])
     table = pd.DataFrame(rows, columns=COLUMNS)
-    with atomic_path(REPORTS / "fid.csv") as tmp:
+    with atomic_path(FID_CSV) as tmp:
         table.to_csv(tmp, index=False, float_format="%.6g")
-    write_json(REPORTS / "fid_summary.json", {
+    write_json(FID_SUMMARY, {
         "features": features, "fid_floor": floor["fid"], "fid_floor_lo": floor["fid_lo"],
         "fid_floor_hi": floor["fid_hi"], "kid_floor": floor["kid"], "kid_floor_std": floor["kid_std"],
         "n_samples": n, "interval": INTERVAL})

@@ -35,8 +35,8 @@ from ddpm.config import load_params, resolve_device
 from ddpm.data import model_to_uint8
 from ddpm.fid import feature_statistics, fid_from_images, frechet_distance, load_featurizer
 from ddpm.io import atomic_path
-from ddpm.pipeline import (FEATURIZER, PREPARED, checkpoint_dir, file_sha256, load_arrays, model_dir, setup_logging,
-                           write_json)
+from ddpm.pipeline import (FEATURIZER, FID_CURVE_CSV, LOSS_CSV, PREPARED, TRAIN_JSON, checkpoint_dir, file_sha256,
+                           load_arrays, model_dir, setup_logging, write_json)
 from ddpm.samplers import StepRule, sample_images
 from ddpm.speed import Speed, tune_allocator
 from ddpm.tracking import Tracker, kernel_tags, pending_file
@@ -173,7 +173,7 @@ def write_outputs(schedule: str, seed: int, result: TrainResult, meta: dict, tra
     save_model(out / "model.pt", {k: v for k, v in meta.items() if k != "mlflow_run_id"}, result.ema, result.step)
     losses = pd.DataFrame(result.history)
     fid_curve = pd.DataFrame(result.extra.get("eval", []), columns=["step", "fid", "floor"])
-    for name, df in (("loss.csv", losses), ("fid_curve.csv", fid_curve)):
+    for name, df in ((LOSS_CSV, losses), (FID_CURVE_CSV, fid_curve)):
         with atomic_path(out / name) as tmp:
             df.to_csv(tmp, index=False)
         tracker.log_artifact(run_id, out / name)
@@ -181,7 +181,7 @@ def write_outputs(schedule: str, seed: int, result: TrainResult, meta: dict, tra
     summary = {"schedule": schedule, "seed": seed, "steps": result.step, "final_loss": float(tail.mean()),
                "skipped_steps": result.extra.get("skipped_steps", 0), "world_size": dist.world_size(),
                "kernels": meta["kernels"]}
-    write_json(out / "train.json", summary)  # a pure function of the inputs: run ids and resumes go to MLflow
+    write_json(out / TRAIN_JSON, summary)  # a pure function of the inputs: run ids and resumes go to MLflow
     # the fid and report stages find this run by the model's content hash (sample .json files record it)
     resumed = "none" if result.resumed_from is None else result.resumed_from
     tracker.set_tags(run_id, {"model_sha256": file_sha256(out / "model.pt"), "resumed_from": resumed,
