@@ -31,6 +31,10 @@ CHECK = textwrap.dedent('''
     print("ddpm from", here)
     assert here.is_relative_to(Path(sys.prefix).resolve()), (here, sys.prefix)
     assert kernels.SOURCE.is_file(), kernels.SOURCE  # ddpm/kernels.c, package data
+    import shutil
+    if any(shutil.which(c) for c in ("cc", "gcc", "clang")):  # built from the installed source
+        assert kernels.library() is not None
+        print("kernels built from", kernels.SOURCE)
     entry = fid.SHIPPED_RULERS["digits"]
     ruler = fid.load_ruler(fid.RULERS_DIR / entry["file"], entry["sha256"])  # sha256-checked on load
     print("ruler", entry["file"], "loads:", type(ruler).__name__)
