@@ -28,14 +28,13 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from ddpm.config import load_params  # noqa: E402
-from ddpm.diffusion import GaussianProcess  # noqa: E402
-from ddpm.samplers import StepRule, sample_loop  # noqa: E402
-from ddpm.schedules import get_beta_schedule  # noqa: E402
-from ddpm.speed import Speed, sampling_model, to_channels_last  # noqa: E402
-from ddpm.unet import Unet  # noqa: E402
+from ddpm.config import load_params
+from ddpm.diffusion import GaussianProcess
+from ddpm.samplers import StepRule, sample_loop
+from ddpm.schedules import get_beta_schedule
+from ddpm.speed import Speed, sampling_model, to_channels_last
+from ddpm.unet import Unet
 
 
 
@@ -65,7 +64,9 @@ def unet_at(rev: str):
             (pkg / name).write_text(shown.stdout)
         elif name == "unet.py":
             raise SystemExit(f"git show {rev}:ddpm/unet.py failed: {shown.stderr.strip()}")
-    sys.path.insert(0, str(pkg.parent))
+    spec = importlib.util.spec_from_file_location("ddpm_base", pkg / "__init__.py", submodule_search_locations=[str(pkg)])
+    sys.modules["ddpm_base"] = importlib.util.module_from_spec(spec)  # a package of its own; no sys.path entry
+    spec.loader.exec_module(sys.modules["ddpm_base"])
     return importlib.import_module("ddpm_base.unet").Unet
 
 

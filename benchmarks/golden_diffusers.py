@@ -13,18 +13,16 @@ Only ``write_golden`` imports diffusers, so the tests can import this module wit
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from ddpm.diffusion import GaussianProcess  # noqa: E402
-from ddpm.samplers import StepRule  # noqa: E402
-from ddpm.schedules import get_beta_schedule  # noqa: E402
+from ddpm.diffusion import GaussianProcess
+from ddpm.samplers import StepRule
+from ddpm.schedules import get_beta_schedule
 
 GOLDEN = ROOT / "tests" / "data" / "golden_diffusers.npz"
 T = 1000

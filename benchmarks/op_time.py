@@ -13,21 +13,16 @@ from __future__ import annotations
 
 import argparse
 import collections
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from ddpm.diffusion import GaussianProcess  # noqa: E402
-from ddpm.schedules import get_beta_schedule  # noqa: E402
-from ddpm.speed import tune_allocator  # noqa: E402
-from ddpm.unet import Unet  # noqa: E402
-from default_path import sample_block, train_block  # noqa: E402  (benchmarks/, this script's folder)
+from ddpm.diffusion import GaussianProcess
+from ddpm.schedules import get_beta_schedule
+from ddpm.speed import tune_allocator
+from ddpm.unet import Unet
+from default_path import sample_block, train_block  # benchmarks/, this script's folder
 
 
 class OpTimer(TorchDispatchMode):

@@ -33,7 +33,6 @@ import sys
 import time
 from dataclasses import replace
 from importlib.metadata import version
-from pathlib import Path
 from typing import Callable
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # denoising-diffusion-pytorch draws a progress bar per sample
@@ -41,15 +40,12 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # denoising-diffusion-pytorch draws 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from ddpm.diffusion import GaussianProcess  # noqa: E402
-from ddpm.samplers import StepRule, sample_loop  # noqa: E402
-from ddpm.schedules import get_beta_schedule  # noqa: E402
-from ddpm.speed import Speed, sampling_model, tune_allocator  # noqa: E402
-from ddpm.train import TrainSettings, train  # noqa: E402
-from ddpm.unet import Unet  # noqa: E402
+from ddpm.diffusion import GaussianProcess
+from ddpm.samplers import StepRule, sample_loop
+from ddpm.schedules import get_beta_schedule
+from ddpm.speed import Speed, sampling_model, tune_allocator
+from ddpm.train import TrainSettings, train
+from ddpm.unet import Unet
 
 try:
     import denoising_diffusion_pytorch as ddp_lib

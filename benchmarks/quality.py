@@ -28,20 +28,18 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from ddpm.config import load_params  # noqa: E402
-from ddpm.data import model_to_uint8, uint8_to_model  # noqa: E402
-from ddpm.diffusion import GaussianProcess  # noqa: E402
-from ddpm.fid import extract_features, feature_statistics, frechet_distance, load_featurizer  # noqa: E402
-from ddpm.pipeline import FEATURIZER, PREPARED, load_arrays  # noqa: E402
-from ddpm.samplers import StepRule, sample_images  # noqa: E402
-from ddpm.schedules import get_beta_schedule  # noqa: E402
-from ddpm.speed import Speed  # noqa: E402
-from ddpm.train import EMA, TrainSettings, train  # noqa: E402
-from ddpm.unet import Unet  # noqa: E402
-from peers import diffusers_model, lucid_setup  # noqa: E402
+from ddpm.config import load_params
+from ddpm.data import model_to_uint8, uint8_to_model
+from ddpm.diffusion import GaussianProcess
+from ddpm.fid import extract_features, feature_statistics, frechet_distance, load_featurizer
+from ddpm.pipeline import FEATURIZER, PREPARED, load_arrays
+from ddpm.samplers import StepRule, sample_images
+from ddpm.schedules import get_beta_schedule
+from ddpm.speed import Speed
+from ddpm.train import EMA, TrainSettings, train
+from ddpm.unet import Unet
+from peers import diffusers_model, lucid_setup
 
 T, LR, WARMUP, BATCH = 1000, 1e-3, 100, 128
 

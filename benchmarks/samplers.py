@@ -16,19 +16,16 @@ import argparse
 import collections
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ddpm.data import model_to_uint8  # noqa: E402
-from ddpm.fid import extract_features, feature_statistics, frechet_distance, load_featurizer  # noqa: E402
-from ddpm.pipeline import load_arrays  # noqa: E402
-from ddpm.samplers import StepRule, sample_images  # noqa: E402
-from ddpm.train import load_model  # noqa: E402
+from ddpm.data import model_to_uint8
+from ddpm.fid import extract_features, feature_statistics, frechet_distance, load_featurizer
+from ddpm.pipeline import load_arrays
+from ddpm.samplers import StepRule, sample_images
+from ddpm.train import load_model
 
 N = 400
 CONFIGS = [(n, s, "linspace") for n, steps in (("ddim", (10, 20, 50, 100)), ("dpmpp_2m", (5, 10, 15, 20, 50)),

@@ -202,8 +202,9 @@ class Trainer:
                              f"{diffusion_model.channels}")
         if inception_block_idx != 2048:
             raise ValueError(f"inception_block_idx: only 2048 (pool3, the FID standard) is supported, got {inception_block_idx}")
-        if mixed_precision_type not in (None, "fp16", "bf16", "no"):
-            raise ValueError(f"mixed_precision_type must be 'fp16', 'bf16' or 'no', got {mixed_precision_type!r}")
+        if mixed_precision_type not in (None, "bf16", "no"):  # amp=True autocasts to bf16 (ddpm.optim.amp_settings)
+            raise ValueError(f"mixed_precision_type: got {mixed_precision_type!r}; allowed: 'bf16' (with amp=True), 'no' "
+                             "or None (fp16 is used only by itself, with a grad scaler, on a GPU without bf16)")
         _check_training_memory(diffusion_model, train_batch_size)
         self.data = load_dataset("folder", root=self.folder, image_size=diffusion_model.image_size,
                                  channels=diffusion_model.channels)
@@ -230,7 +231,6 @@ class Trainer:
         self._fid = self._fid_reference(inception_weights) if calculate_fid and dist.is_main() else None
         self.result = None
         self.fid_history: list[dict[str, float]] = []
-        self.best_fid = math.inf
 
     def _fid_reference(self, inception_weights: Optional[str | Path]) -> tuple[nn.Module, tuple]:
         """(InceptionV3, statistics of the real images); fails here, before any training, with the paths

@@ -40,7 +40,8 @@ from .unet import Unet
 log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "ddpm-checkpoint/1"
 MODEL_FORMAT = "ddpm-model/1"
-EXPORT_KEYS = ("model_class", "model_config", "diffusion", "image_shape", "params", "train_seed")
+EXPORT_KEYS = ("model_class", "model_config", "diffusion", "image_shape", "params", "train_seed",
+               "kernels")  # kernels: ddpm.kernels.kernel_record() of the run that trained it
 _CKPT_RE = re.compile(r"^ckpt-(\d+)(?:-[0-9a-f]{8})?\.pt$")  # -<8 hex>: another run's, moved aside
 _MODEL_CLASSES: dict[str, type] = {}
 

@@ -126,7 +126,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    """One sample set per schedule: a step rule, its eta (DDIM) and its step count, written in params.yaml
+    """One sample set, drawn from every schedule x training seed's model: a step rule, its eta (DDIM) and its
+    step count, written in params.yaml
     as the sample file's stem ``<name>-eta<eta>-<steps>`` (e.g. ``ddim-eta0.0-50``): DVC then names each
     sample stage by its set, so adding or removing a set never reruns another."""
 
@@ -189,7 +190,7 @@ class Params:
     seeds: tuple[int, ...] = (0,)  # training seeds: one model per schedule and seed (init, data order, noise)
     timesteps: int = 1000
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    fast: bool = True  # channels_last + torch.compile (+ bf16 autocast on CUDA): see ddpm/speed.py
+    fast: bool = True  # channels_last and the fused CPU kernels; on CUDA torch.compile + bf16 autocast (ddpm/speed.py)
     data: DataConfig = field(default_factory=DataConfig)
     featurizer: FeaturizerConfig = field(default_factory=FeaturizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

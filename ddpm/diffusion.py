@@ -107,23 +107,3 @@ class GaussianProcess:
         """t ~ Uniform{0..T-1} [batch], drawn from ``generator``."""
         return torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=device)
 
-
-# --- conversions between the three parameterisations (float64-safe, any broadcastable shapes) ------
-def x0_from_eps(x_t: torch.Tensor, eps: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
-    """Invert eq. 4: x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab)."""
-    return (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
-
-
-def eps_from_x0(x_t: torch.Tensor, x0: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
-    """eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab)."""
-    return (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
-
-
-def x0_eps_from_v(x_t: torch.Tensor, v: torch.Tensor, ab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Salimans & Ho 2022, Sec. 4: x0 = sqrt(ab) x_t - sqrt(1 - ab) v; eps = sqrt(1 - ab) x_t + sqrt(ab) v."""
-    a, b = ab.sqrt(), (1 - ab).sqrt()
-    return a * x_t - b * v, b * x_t + a * v
-
-
-def v_from_x0_eps(x0: torch.Tensor, eps: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
-    return ab.sqrt() * eps - (1 - ab).sqrt() * x0

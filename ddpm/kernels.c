@@ -322,3 +322,24 @@ int ddpm_attention16(const float *qkv, float *out, int64_t n, int64_t heads, int
     }
     return 0;
 }
+
+/* The widest vector instruction set this build was compiled for (-march=native decides): recorded with every
+   model file and run that the kernels computed (ddpm/kernels.py, kernel_record). */
+const char *ddpm_isa(void)
+{
+#if defined(__AVX512F__)
+    return "avx512";
+#elif defined(__AVX2__)
+    return "avx2";
+#elif defined(__AVX__)
+    return "avx";
+#elif defined(__SSE4_2__)
+    return "sse4.2";
+#elif defined(__ARM_FEATURE_SVE)
+    return "sve";
+#elif defined(__ARM_NEON)
+    return "neon";
+#else
+    return "generic";
+#endif
+}

@@ -10,9 +10,11 @@ with OpenMP, ``-O3 -march=native``) into a cache folder (``$DDPM_KERNEL_CACHE``,
 ``$XDG_CACHE_HOME/ddpm/kernels`` or ``~/.cache/ddpm/kernels``) under a name that hashes the source, the
 compiler and the CPU, and loaded with ``ctypes``.
 
-Where it cannot be built (no compiler, no OpenMP) or ``DDPM_CPU_KERNELS=0``, :func:`library` returns None
-once, with one warning, and every caller keeps its PyTorch path: the same maths, rounded differently in the
-last bits. The kernels take float32 channels_last maps on a CPU outside ``torch.compile``; anything else
+Where it cannot be built (no compiler, no OpenMP), with ``DDPM_CPU_KERNELS=0``, or after :func:`disable` (the
+pipeline's ``fast: false``), :func:`library` returns None (a failed build says so once, as a warning) and every
+caller keeps its PyTorch path: the same maths, rounded differently in the last bits. Since they change the
+bits, :func:`kernel_record` says whether they ran in this process and for which instruction set; every
+exported model file and every training and sampling run records it. The kernels take float32 channels_last maps on a CPU outside ``torch.compile``; anything else
 (CUDA, bf16 autocast, NCHW) keeps PyTorch's ops.
 """
 from __future__ import annotations
@@ -29,12 +31,12 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "group_norm_act", "group_norm_act_train", "attention16", "library"]
+__all__ = ["available", "group_norm_act", "group_norm_act_train", "attention16", "library", "disable", "kernel_record"]
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC"]
-_state: dict[str, object] = {}  # "lib": the loaded library or None, once tried
+_state: dict[str, object] = {}  # "lib": the library or None, once tried; "why": why None; "calls": how many ran
 
 
 def _compiler() -> str | None:
@@ -69,13 +71,17 @@ def _build(cc: str, target: Path) -> None:
         os.replace(lib, target)
 
 
+def _off(why: str) -> None:
+    _state["why"] = why
+
+
 def _load() -> ctypes.CDLL | None:
     if os.environ.get("DDPM_CPU_KERNELS", "1") == "0":
-        return None
+        return _off("DDPM_CPU_KERNELS=0")
     cc = _compiler()
     if cc is None:
         log.warning("ddpm.kernels: no C compiler ($CC, cc, gcc or clang) found; training and sampling keep PyTorch's ops")
-        return None
+        return _off("no C compiler")
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
         key = hashlib.sha256("\0".join([SOURCE.read_text(encoding="utf-8"), version, " ".join(FLAGS), platform.machine(),
@@ -86,13 +92,14 @@ def _load() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(target))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         log.warning("ddpm.kernels: could not build the CPU kernels (%s); training and sampling keep PyTorch's ops", e)
-        return None
+        return _off(f"build failed: {str(e)[:200]}")
     i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.ddpm_group_norm_act.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, ctypes.c_float, c_int,
                                         ptr, ptr, c_int]
     lib.ddpm_group_norm_act_backward.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64,
                                                  c_int, ptr, ptr, ptr, c_int]
     lib.ddpm_attention16.argtypes = [ptr, ptr, i64, i64, i64, c_int]
+    lib.ddpm_isa.argtypes, lib.ddpm_isa.restype = [], ctypes.c_char_p
     for f in (lib.ddpm_group_norm_act, lib.ddpm_group_norm_act_backward, lib.ddpm_attention16):
         f.restype = c_int
     return lib
@@ -103,6 +110,36 @@ def library() -> ctypes.CDLL | None:
     if "lib" not in _state:
         _state["lib"] = _load()
     return _state["lib"]  # type: ignore[return-value]
+
+
+def disable(why: str) -> None:
+    """Keep PyTorch's ops for the rest of this process (the pipeline's ``fast: false``); ``why`` is recorded."""
+    _state["lib"] = None
+    _off(why)
+
+
+def kernel_record(device: torch.device | str = "cpu") -> dict[str, object]:
+    """Whether the fused kernels ran in this process (for a model on ``device``) and for which instruction set:
+    ``{"fused_kernels": bool, "isa": "avx512" | "avx2" | ... | None, "aten_isa": PyTorch's own CPU kernels'
+    set ("AVX512", "AVX2", "DEFAULT"), "reason": why not (only when they did not run)}``."""
+    rec: dict[str, object] = {"fused_kernels": False, "isa": None, "aten_isa": torch.backends.cpu.get_cpu_capability()}
+    lib = _state.get("lib")
+    if lib is not None:
+        rec["isa"] = lib.ddpm_isa().decode()
+    if torch.device(device).type != "cpu":
+        rec["reason"] = f"{torch.device(device).type} device: PyTorch's ops"
+    elif _state.get("calls"):
+        rec["fused_kernels"] = True
+    elif "lib" in _state and lib is None:
+        rec["reason"] = str(_state.get("why", "unavailable"))
+    else:
+        rec["reason"] = "no call applied (they take float32 channels_last maps outside torch.compile)"
+    return rec
+
+
+def _ran(out: torch.Tensor) -> torch.Tensor:
+    _state["calls"] = int(_state.get("calls", 0)) + 1  # type: ignore[call-overload]
+    return out
 
 
 def _cpu_f32(*ts: torch.Tensor) -> bool:
@@ -155,7 +192,7 @@ def group_norm_act(x: torch.Tensor, norm: torch.nn.GroupNorm, scale_shift: torch
     if torch.is_grad_enabled() or not _applies(x, norm, scale_shift) or library() is None:
         return None
     ss = scale_shift.contiguous() if scale_shift is not None else None
-    return _gn_forward(x, norm.weight, norm.bias, ss, norm.num_groups, norm.eps, silu, stats=False)[0]
+    return _ran(_gn_forward(x, norm.weight, norm.bias, ss, norm.num_groups, norm.eps, silu, stats=False)[0])
 
 
 class _GroupNormAct(torch.autograd.Function):
@@ -195,7 +232,7 @@ def group_norm_act_train(x: torch.Tensor, norm: torch.nn.GroupNorm, scale_shift:
     if not _applies(x, norm, scale_shift) or library() is None:
         return None
     ss = scale_shift.contiguous() if scale_shift is not None else None
-    return _GroupNormAct.apply(x, norm.weight, norm.bias, ss, norm.num_groups, norm.eps, silu)
+    return _ran(_GroupNormAct.apply(x, norm.weight, norm.bias, ss, norm.num_groups, norm.eps, silu))
 
 
 def attention16(qkv: torch.Tensor, heads: int, dim_head: int) -> torch.Tensor | None:
@@ -209,4 +246,4 @@ def attention16(qkv: torch.Tensor, heads: int, dim_head: int) -> torch.Tensor | 
     out = qkv.new_empty(qkv.shape[0], 16, heads * dim_head)
     if library().ddpm_attention16(qkv.data_ptr(), out.data_ptr(), qkv.shape[0], heads, dim_head, torch.get_num_threads()):
         return None
-    return out
+    return _ran(out)

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -41,6 +42,17 @@ TRAIN_JSON = "train.json"  # in model_dir(schedule, seed)
 def sample_path(schedule: str, seed: int, name: str, eta: float, steps: int) -> Path:
     """samples/<schedule>/seed<k>/<name>-eta<eta>-<steps>.npz, spelt as dvc.yaml's matrix interpolates it."""
     return SAMPLES / schedule / f"seed{int(seed)}" / f"{name}-eta{float(eta)!r}-{steps}.npz"
+
+
+def slug(text: Any) -> str:
+    """A file-name / metric-key safe token of a label: ``ddim-eta0.5`` -> ``ddim-eta0p5``."""
+    s = re.sub(r"[^A-Za-z0-9_-]+", "-", str(text).replace(".", "p")).strip("-")
+    return s or "x"
+
+
+def grid_name(schedule: str, label: str, steps: int) -> str:
+    """reports/figures/<this>: the report's sample grid of one sample set (first training seed)."""
+    return f"samples_{slug(schedule)}_{slug(label)}_{int(steps)}.png"
 
 
 def model_dir(schedule: str, seed: int) -> Path:

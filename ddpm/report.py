@@ -31,6 +31,7 @@ from . import figures as F
 from .data import make_image_grid
 from .figures import fmt_num
 from .io import atomic_write_bytes, atomic_write_text
+from .pipeline import grid_name, slug
 from .results import TIE_RULE, Results, final_loss, winners_by_steps
 
 __all__ = ["build_report", "summary_metrics", "build_document", "Document"]
@@ -91,11 +92,6 @@ def figure(name: str | None, alt: str, caption: str, pixel: bool = False) -> Blo
 # ------------------------------------------------------------------------------------------------
 # Formatting
 # ------------------------------------------------------------------------------------------------
-def slug(text: Any) -> str:
-    """A file-name / metric-key safe token of a label: ``ddim-eta0.5`` -> ``ddim-eta0p5``."""
-    s = re.sub(r"[^A-Za-z0-9_-]+", "-", str(text).replace(".", "p")).strip("-")
-    return s or "x"
-
 
 def fmt_interval(lo: float, hi: float) -> str:
     return f"[{fmt_num(lo)}, {fmt_num(hi)}]"
@@ -247,10 +243,6 @@ def params_table(params: Mapping[str, Any]) -> Block | None:
 # ------------------------------------------------------------------------------------------------
 # Sample grids
 # ------------------------------------------------------------------------------------------------
-def grid_name(schedule: str, label: str, steps: int) -> str:
-    return f"samples_{slug(schedule)}_{slug(label)}_{int(steps)}.png"
-
-
 def draw_grids(r: Results, grid_images: int, grid_scale: int) -> dict[tuple[str, str, int], tuple[str, bytes]]:
     out = {}
     for key, imgs in r.samples.items():

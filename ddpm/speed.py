@@ -1,16 +1,17 @@
-"""How the same maths runs fast: one switch (``fast`` in params.yaml) for channels_last, torch.compile
-and, on CUDA, bf16 autocast. Nothing here changes what is computed beyond float rounding.
+"""How the same maths runs fast: one switch (``fast`` in params.yaml) for channels_last, the fused CPU kernels
+(``ddpm.kernels``: the train and sample stages turn them off with ``fast: false``, and record whether they ran) and,
+on CUDA, torch.compile and bf16 autocast. Nothing here changes what is computed beyond float rounding.
 
 What each part buys was measured side by side (``python benchmarks/peers.py``, README "Performance"):
 - channels_last: the layout oneDNN's and cuDNN's fastest convolutions use; everywhere (on a 2-core CPU
   eager training runs 5-10% faster in it, inductor's graphs are even).
-- flat parameters (``ddpm.train.FlatParams``, always on): the optimizer, clipping and EMA each run one
+- flat parameters (``ddpm.optim.FlatParams``, always on): the optimizer, clipping and EMA each run one
   kernel over one buffer.
 - torch.compile (inductor), on CUDA: fuses GroupNorm, SiLU, scale-shift and residual adds into few kernels.
   Not on a CPU: there eager channels_last, with the Unet's linear layers on oneDNN and its attention
   written out, beats inductor's graphs at every size measured (see ``Speed.resolve``). It falls back to
   eager, with one warning, wherever compiling fails (no C++ compiler, an unsupported op).
-- bf16 autocast on CUDA (fp16 with a grad scaler where bf16 is missing; see ``train.amp_settings``).
+- bf16 autocast on CUDA (fp16 with a grad scaler where bf16 is missing; see ``ddpm.optim.amp_settings``).
 - the process's allocator keeps freed memory (:func:`tune_allocator`; the train and sample stages call it).
 """
 from __future__ import annotations

@@ -280,9 +280,18 @@ def _artifact_location(uri: str, experiment: str) -> str | None:
     return str(path.parent / "mlruns" / safe)
 
 
+def _tag_experiment(client, exp) -> None:
+    """Give an experiment made before :data:`EXPERIMENT_TAGS` (or by hand) the tags it lacks; a value
+    someone chose (in the UI's selector) stays."""
+    for key, value in EXPERIMENT_TAGS.items():
+        if key not in exp.tags:
+            client.set_experiment_tag(exp.experiment_id, key, value)
+
+
 def _experiment_id(client, uri: str, name: str, create: bool = True) -> str | None:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        _tag_experiment(client, exp)
         return exp.experiment_id
     if not create:
         return None
@@ -360,6 +369,12 @@ def _send_tags(client, run_id: str, tags: dict[str, str]) -> None:
     objs = [RunTag(k, v) for k, v in tags.items()]
     for chunk in _chunks(objs, MAX_TAGS_PER_BATCH):
         client.log_batch(run_id, tags=chunk, synchronous=True)
+
+
+def kernel_tags(record: dict | None) -> dict[str, str]:
+    """A kernel record (:func:`ddpm.kernels.kernel_record`, kept in model files, train.json and sample .json files)
+    as run tags: kernels.fused_kernels, kernels.isa, kernels.aten_isa, kernels.reason."""
+    return {f"kernels.{k}": str(v) for k, v in (record or {}).items() if v is not None}
 
 
 def _str_params(params: dict | None) -> dict[str, str]:
@@ -979,6 +994,21 @@ def import_pending(path: str | os.PathLike, uri: str | None = None, root: str | 
 
 # --------------------------------------------------------------------------- comparison table
 
+@_redacted
+def experiments(uri: str | None = None) -> dict[str, str]:
+    """{name: id} of the store's experiments, each given the :data:`EXPERIMENT_TAGS` it lacks; {} for a
+    SQLite file that does not exist (none is created)."""
+    uri = uri or default_tracking_uri()
+    path = sqlite_path(uri)
+    if path is not None and not path.exists():
+        return {}
+    client = _open_client(uri)
+    found = list(client.search_experiments(max_results=1000))
+    for exp in found:
+        _tag_experiment(client, exp)
+    return {e.name: e.experiment_id for e in found}
+
+
 def _empty_table():
     import pandas as pd
     dtypes = {"start_time": "datetime64[ns, UTC]", "eta": "float64",
@@ -1063,13 +1093,15 @@ def seed_summary(df):
 
 # --------------------------------------------------------------------------- CLI
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ddpm.tracking", description=__doc__.split("\n")[0])
+def parser(prog: str = "python -m ddpm.tracking") -> argparse.ArgumentParser:
+    """The CLI's parser; ``ddpm`` (ddpm/cli.py) offers each of its subcommands under its own name."""
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("table", help="compare sampling runs (sorted by FID)")
     t.add_argument("--experiment", default=None, help="experiment name (default: all)")
     t.add_argument("--filter", default="", help="MLflow filter, e.g. \"params.schedule = 'cosine'\"")
-    t.add_argument("--uri", default=None, help="tracking URI (default: %(prog)s's default_tracking_uri)")
+    t.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI, else mlflow.db at "
+                   "$DVC_ROOT or the current directory)")
     t.add_argument("--csv", action="store_true", help="print CSV instead of a table")
     t.add_argument("--seeds", action="store_true",
                    help="one row per configuration: FID and KID as mean and sd over training seeds")
@@ -1078,7 +1110,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--uri", default=None)
     p.add_argument("--root", default=None, help="project root whose output folders artifacts may come from "
                    "(default: $DVC_ROOT or the current directory)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m ddpm.tracking") -> int:
+    args = parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     install_log_redaction()
     uri = args.uri or default_tracking_uri()

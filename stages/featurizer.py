@@ -16,7 +16,8 @@ from ddpm.fid import (InceptionFeaturizer, extract_features, feature_space_id, f
                       file_sha256, load_ruler, resolve_inception_weights, save_featurizer, shipped_ruler,
                       train_classifier)
 from ddpm.io import atomic_path
-from ddpm.pipeline import FEATURIZER, PREPARED, load_arrays, read_json, save_arrays, setup_logging, write_json
+from ddpm.pipeline import (FEATURIZER, FEATURIZER_METRICS, HOLDOUT, PREPARED, load_arrays, read_json, save_arrays,
+                           setup_logging, write_json)
 
 
 def _train(p, train, holdout, seed, device):
@@ -51,7 +52,7 @@ def main() -> None:
     p = load_params()
     f, d = p.featurizer, p.data
     device = resolve_device(p.device)
-    train, holdout = load_arrays(PREPARED / "train.npz"), load_arrays(PREPARED / "holdout.npz")
+    train, holdout = load_arrays(PREPARED / "train.npz"), load_arrays(HOLDOUT)
     recipe = {"kind": f.kind, "feature_dim": f.feature_dim, "epochs": f.epochs, "batch_size": f.batch_size,
               "lr": f.lr, "image_size": d.image_size, "channels": d.channels}
     shipped = shipped_ruler(d.name, recipe)
@@ -77,7 +78,7 @@ def main() -> None:
     mu, sigma = feature_statistics(feats)
     save_arrays(FEATURIZER / "reference.npz", mu=mu, sigma=sigma, train_features=feats, holdout_features=held,
                 features=np.array(features))
-    write_json(FEATURIZER / "metrics.json", {"kind": f.kind, "features": features, "feature_dim": net.feature_dim,
+    write_json(FEATURIZER_METRICS, {"kind": f.kind, "features": features, "feature_dim": net.feature_dim,
                                              **metrics})
     log.info("featurizer: %s, reference statistics of %d real images", features, len(feats))
 

@@ -1,7 +1,7 @@
 """fid: FID, its 95% interval and KID of every sample set (schedule x training seed x sampler x steps), and the floor.
 
 Writes reports/fid.csv (columns: COLUMNS; contract 2) and reports/fid_summary.json (contract 3), both pure
-functions of their inputs (no timings); logs one nested MLflow run per sample set under its training run.
+functions of their inputs (no timings). The track stage mirrors them into MLflow.
 """
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ import pandas as pd
 from ddpm.config import load_params, resolve_device
 from ddpm.fid import extract_features, fid_from_features, fid_interval, kid, load_featurizer
 from ddpm.io import atomic_path
-from ddpm.pipeline import (FEATURIZER, REPORTS, load_arrays, load_sample_set, prepared_image_shape, read_json,
-                           sample_key, sample_path, sampler_label, setup_logging, write_json)
-from ddpm.tracking import Tracker, pending_file
+from ddpm.pipeline import (FEATURIZER, FID_CSV, FID_SUMMARY, load_arrays, load_sample_set, prepared_image_shape,
+                           sample_path, sampler_label, setup_logging, write_json)
 
 COLUMNS = ["schedule", "sampler", "eta", "steps", "fid", "n_samples", "features", "seed", "spacing", "fid_lo",
            "fid_hi", "kid", "kid_std"]
@@ -27,12 +26,12 @@ def measure(feats, ref_feats) -> dict[str, float]:
 
 
 def _images(schedule, seed, s, n):
-    """The images of one sample set and the content hash of the model that drew them (from its .json)."""
+    """The images of one sample set."""
     path = sample_path(schedule, seed, s.name, s.eta, s.steps)
     images = load_sample_set(path, prepared_image_shape())  # uint8 of the prepared shape, or one line naming it
     if len(images) != n:
         raise SystemExit(f"{path} has {len(images)} images, expected sample.n_samples={n}")
-    return images, read_json(path.with_suffix(".json")).get("model_sha256")
+    return images
 
 
 def main() -> None:
@@ -47,44 +46,23 @@ def main() -> None:
         raise SystemExit(f"sample.n_samples: got {n}, but the held-out set has only {len(held)} images and the FID "
                          f"floor needs as many; allowed: at most {len(held)} (or raise data.holdout_fraction)")
     floor = measure(held[:n], ref_feats)
-    rows, keys = [], []
+    rows = []
     for schedule in p.diffusion.schedules:
         for seed in p.seeds:
             for s in p.sample.samplers:
-                images, model_sha256 = _images(schedule, seed, s, n)
+                images = _images(schedule, seed, s, n)
                 m = measure(extract_features(featurizer, images, device=device), ref_feats)
                 rows.append({"schedule": schedule, "sampler": s.name, "eta": s.eta, "steps": s.steps, "n_samples": n,
                              "features": features, "seed": seed, "spacing": p.sample.spacing, **m})
-                keys.append((sample_key(images), model_sha256))
                 log.info("fid %s seed %d %s x%d: %.3f [%.3f, %.3f] (floor %.3f)", schedule, seed,
                          sampler_label(s.name, s.eta), s.steps, m["fid"], m["fid_lo"], m["fid_hi"], floor["fid"])
     table = pd.DataFrame(rows, columns=COLUMNS)
-    with atomic_path(REPORTS / "fid.csv") as tmp:
+    with atomic_path(FID_CSV) as tmp:
         table.to_csv(tmp, index=False, float_format="%.6g")
-    write_json(REPORTS / "fid_summary.json", {
+    write_json(FID_SUMMARY, {
         "features": features, "fid_floor": floor["fid"], "fid_floor_lo": floor["fid_lo"],
         "fid_floor_hi": floor["fid_hi"], "kid_floor": floor["kid"], "kid_floor_std": floor["kid_std"],
         "n_samples": n, "interval": INTERVAL})
-    _log_mlflow(p, table, keys, floor["fid"], n)
-
-
-def _log_mlflow(p, table, keys, floor, n) -> None:
-    tracker = Tracker(enabled=p.tracking.enabled, experiment=p.tracking.experiment,
-                      pending_path=pending_file("fid"))
-    for row, (key, model_sha256) in zip(table.itertuples(index=False), keys):
-        parent = tracker.train_run(model_sha256)  # the training run is tagged with its model's hash
-        # a sample set already logged under this parent (same images) needs no new run
-        if parent and tracker.find_runs(tags={"sample_key": key}, parent_run_id=parent):
-            continue
-        run = tracker.start_run(
-            f"{row.schedule}-seed{row.seed}-{sampler_label(row.sampler, row.eta)}-{row.steps}",
-            params={"schedule": row.schedule, "seed": row.seed, "sampler": row.sampler, "eta": row.eta,
-                    "steps": row.steps, "spacing": row.spacing, "features": row.features, "timesteps": p.timesteps,
-                    "n_samples": n, "objective": p.diffusion.objective},
-            tags={"kind": "sample", "sample_key": key, "schedule": row.schedule}, parent_run_id=parent)
-        tracker.log_metrics(run, [{"step": 0, "fid": row.fid, "fid_lo": row.fid_lo, "fid_hi": row.fid_hi,
-                                   "kid": row.kid, "kid_std": row.kid_std, "fid_floor": floor}])
-        tracker.end_run(run)
 
 
 if __name__ == "__main__":

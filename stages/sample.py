@@ -18,6 +18,7 @@ import argparse
 import sys
 
 from ddpm import distributed as dist
+from ddpm import kernels
 from ddpm.checkpoint import load_model
 from ddpm.config import ConfigError, load_params, resolve_device
 from ddpm.data import model_to_uint8
@@ -61,6 +62,8 @@ def run(args: argparse.Namespace, p, device, log) -> None:
     speed = Speed.resolve(p.fast, device)
     if p.fast:
         tune_allocator()  # fewer page faults: freed tensors' memory is reused (ddpm.speed)
+    else:
+        kernels.disable("fast: false")  # plain eager float32: PyTorch's ops
     net = sampling_model(model, speed)
     log.info("sample %s: %d images, %s, %d steps, on %s x %d processes", args.schedule, s.n_samples, rule.label,
              args.steps, device, dist.world_size())
@@ -76,6 +79,7 @@ def run(args: argparse.Namespace, p, device, log) -> None:
         "schedule": args.schedule, "seed": args.seed, "sampler": args.sampler, "eta": args.eta, "steps": args.steps,
         "spacing": p.sample.spacing, "n_samples": s.n_samples, "world_size": dist.world_size(),
         "model_sha256": file_sha256(model_dir(args.schedule, args.seed) / "model.pt"),  # finds the training run
+        "kernels": kernels.kernel_record(device),  # whether the fused CPU kernels drew these bits (ddpm.kernels)
     })
     log.info("sample %s: %s x%d done in %.1f s", args.schedule, rule.label, args.steps, t["seconds"])
 

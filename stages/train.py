@@ -31,16 +31,17 @@ import pandas as pd
 import torch
 
 from ddpm import distributed as dist
+from ddpm import kernels
 from ddpm.checkpoint import build, latest_valid_checkpoint, remove_run_checkpoints, save_model, spec_from_params
 from ddpm.config import load_params, resolve_device
 from ddpm.data import model_to_uint8
 from ddpm.fid import feature_statistics, fid_from_images, frechet_distance, load_featurizer
 from ddpm.io import atomic_path
-from ddpm.pipeline import (FEATURIZER, PREPARED, checkpoint_dir, file_sha256, load_arrays, model_dir, setup_logging,
-                           write_json)
+from ddpm.pipeline import (FEATURIZER, FID_CURVE_CSV, LOSS_CSV, PREPARED, TRAIN_JSON, checkpoint_dir, file_sha256,
+                           load_arrays, model_dir, setup_logging, write_json)
 from ddpm.samplers import StepRule, sample_images
 from ddpm.speed import Speed, tune_allocator
-from ddpm.tracking import Tracker, pending_file
+from ddpm.tracking import Tracker, kernel_tags, pending_file
 from ddpm.train import TrainResult, TrainSettings, train
 
 # the params a trained model depends on (declared for this stage in dvc.yaml): a checkpoint made with
@@ -193,6 +194,8 @@ def run(schedule: str, seed: int, p, device: torch.device, log) -> None:
     speed = Speed.resolve(p.fast, device)
     if p.fast:
         tune_allocator()  # fewer page faults: freed tensors' memory is reused (ddpm.speed)
+    else:
+        kernels.disable("fast: false")  # plain eager float32: PyTorch's ops
     if world != p.train.nproc_per_node and main:
         log.warning("train.nproc_per_node=%d but torchrun started %d processes: the launch decides",
                     p.train.nproc_per_node, world)
@@ -237,21 +240,24 @@ def write_outputs(schedule: str, seed: int, result: TrainResult, meta: dict, tra
     """model.pt (exported: description + EMA weights), loss.csv, fid_curve.csv, train.json; timings to MLflow."""
     out = model_dir(schedule, seed)
     # the exported model is a DVC output: no run-varying values (the MLflow run id stays in the resume checkpoints)
+    meta["kernels"] = kernels.kernel_record(next(result.ema.parameters()).device)  # they change the bits: recorded
     save_model(out / "model.pt", {k: v for k, v in meta.items() if not k.startswith("mlflow_")}, result.ema,
                result.step)
     losses = pd.DataFrame(result.history)
     fid_curve = pd.DataFrame(result.extra.get("eval", []), columns=["step", "fid", "floor"])
-    for name, df in (("loss.csv", losses), ("fid_curve.csv", fid_curve)):
+    for name, df in ((LOSS_CSV, losses), (FID_CURVE_CSV, fid_curve)):
         with atomic_path(out / name) as tmp:
             df.to_csv(tmp, index=False)
         tracker.log_artifact(run_id, out / name)
     tail = losses["loss"].iloc[-max(1, len(losses) // 10):]
     summary = {"schedule": schedule, "seed": seed, "steps": result.step, "final_loss": float(tail.mean()),
-               "skipped_steps": result.extra.get("skipped_steps", 0), "world_size": dist.world_size()}
-    write_json(out / "train.json", summary)  # a pure function of the inputs: run ids and resumes go to MLflow
+               "skipped_steps": result.extra.get("skipped_steps", 0), "world_size": dist.world_size(),
+               "kernels": meta["kernels"]}
+    write_json(out / TRAIN_JSON, summary)  # a pure function of the inputs: run ids and resumes go to MLflow
     # the fid and report stages find this run by the model's content hash (sample .json files record it)
     resumed = "none" if result.resumed_from is None else result.resumed_from
-    tracker.set_tags(run_id, {"model_sha256": file_sha256(out / "model.pt"), "resumed_from": resumed})
+    tracker.set_tags(run_id, {"model_sha256": file_sha256(out / "model.pt"), "resumed_from": resumed,
+                              **kernel_tags(meta["kernels"])})
     tracker.log_metrics(run_id, [{"step": result.step, "final_loss": summary["final_loss"],
                                   "train_seconds": result.seconds, "images_per_second": result.images_per_second,
                                   "skipped_steps": summary["skipped_steps"]}])

@@ -1,14 +1,11 @@
 import os
-import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[1]  # on sys.path through pyproject.toml's [tool.pytest.ini_options]
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
-
-import torch  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -51,6 +51,13 @@ def test_bad_arguments_are_clear():
         d(torch.rand(2, 3, 16, 16))
 
 
+def test_mixed_precision_type_fp16_is_refused_not_ignored(tmp_path, png_folder):
+    diffusion = GaussianDiffusion(Unet(dim=8, dim_mults=(1, 2)), image_size=16, timesteps=10)
+    with pytest.raises(ValueError, match="mixed_precision_type: got 'fp16'; allowed: 'bf16'"):
+        Trainer(diffusion, str(png_folder(2, (16, 16, 3))), amp=True, mixed_precision_type="fp16",
+                calculate_fid=False, results_folder=str(tmp_path / "r"))
+
+
 def test_any_module_with_forward_x_t_and_channels():
     class Tiny(torch.nn.Module):
         channels = 1

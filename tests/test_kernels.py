@@ -245,3 +245,35 @@ def test_built_once_into_the_cache_under_a_hashed_name(fresh):
     mtime = built[0].stat().st_mtime_ns
     kernels._state.clear()
     assert kernels.library() is not None and os.stat(built[0]).st_mtime_ns == mtime  # loaded, not rebuilt
+
+
+def test_kernel_record_says_whether_they_ran_and_for_which_isa(fresh):
+    """Issue 25 item 4: the record names the instruction set once a kernel has run, and why not otherwise."""
+    need("cc")
+    before = kernels.kernel_record("cpu")
+    assert before["fused_kernels"] is False and "reason" in before  # nothing ran yet in this (fresh) state
+    assert before["aten_isa"] == torch.backends.cpu.get_cpu_capability()
+    with torch.no_grad():
+        assert kernels.group_norm_act(_cl(2, 16, 4, 4), _norm(16, 8)) is not None
+    rec = kernels.kernel_record("cpu")
+    assert rec["fused_kernels"] is True and "reason" not in rec
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    expected = "avx512" if " avx512f" in flags else "avx2" if " avx2" in flags else None
+    assert rec["isa"] in {"avx512", "avx2", "avx", "sse4.2", "sve", "neon", "generic"}
+    if expected:  # -march=native targets what this CPU has
+        assert rec["isa"] == expected
+    assert kernels.kernel_record("cuda") == {"fused_kernels": False, "isa": rec["isa"], "aten_isa": rec["aten_isa"],
+                                             "reason": "cuda device: PyTorch's ops"}
+
+
+def test_kernel_record_when_switched_off(fresh, monkeypatch):
+    monkeypatch.setenv("DDPM_CPU_KERNELS", "0")
+    assert kernels.library() is None
+    assert kernels.kernel_record()["reason"] == "DDPM_CPU_KERNELS=0"
+    monkeypatch.delenv("DDPM_CPU_KERNELS")
+    kernels._state.clear()
+    kernels.disable("fast: false")  # what the train and sample stages do with fast: false
+    with torch.no_grad():
+        assert kernels.group_norm_act(_cl(2, 16, 4, 4), _norm(16, 8)) is None  # PyTorch's ops
+    rec = kernels.kernel_record()
+    assert rec["fused_kernels"] is False and rec["reason"] == "fast: false" and rec["isa"] is None

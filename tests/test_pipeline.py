@@ -97,6 +97,13 @@ def test_repro_writes_the_outputs(repo):
     assert curve["floor"].nunique() == 1 and curve["floor"].iloc[0] > 0  # real vs real at the curve's own count
     info = json.loads((path / "models" / "linear" / "seed0" / "train.json").read_text())
     assert not {"seconds", "images_per_second"} & set(info)  # no timings in DVC outputs
+    # issue 25 item 4: the kernels' record (fast: false turns them off) in the model file, train.json, sample .json
+    import torch
+
+    off = {"fused_kernels": False, "isa": None, "aten_isa": torch.backends.cpu.get_cpu_capability(),
+           "reason": "fast: false"}
+    assert torch.load(ckpt, weights_only=True)["kernels"] == off and info["kernels"] == off
+    assert json.loads((path / "samples" / "linear" / "seed0" / "ddim-eta0.0-3.json").read_text())["kernels"] == off
 
 
 def test_mlflow_runs_form_the_comparison_table(repo):
@@ -109,6 +116,13 @@ def test_mlflow_runs_form_the_comparison_table(repo):
     table = pd.read_csv(StringIO(r.stdout))
     assert len(table) == 4 and set(table["schedule"]) == {"linear", "cosine"}
     assert set(table["sampler"]) == {"ddpm", "ddim"} and table["parent_run_id"].notna().all()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("tiny")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    for run in client.search_runs([exp.experiment_id], "tags.kind != 'report'"):  # train and sample runs
+        assert run.data.tags["kernels.fused_kernels"] == "False" and run.data.tags["kernels.reason"] == "fast: false"
 
 
 def test_force_repro_is_reproducible(repo):
@@ -130,12 +144,13 @@ def test_force_repro_is_reproducible(repo):
 
 def test_rerun_rules(repo):
     path, env, _ = repo
-    assert ran_stages(run(["dvc", "repro"], path, env)) == set()  # nothing changed, nothing runs
+    assert ran_stages(run(["dvc", "repro"], path, env)) == {"track"}  # nothing changed, nothing runs but the mirror
     params = yaml.safe_load((path / "params.yaml").read_text())
     params["sample"]["samplers"] = ["ddpm-eta0.0-3", "dpmpp_2m-eta0.0-5", "ddim-eta0.0-3"]  # a set inserted
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     ran = ran_stages(run(["dvc", "repro"], path, env))
-    assert ran == {"sample@linear-0-dpmpp_2m-eta0.0-5", "sample@cosine-0-dpmpp_2m-eta0.0-5", "fid", "report"}, ran
+    assert ran == {"sample@linear-0-dpmpp_2m-eta0.0-5", "sample@cosine-0-dpmpp_2m-eta0.0-5", "fid", "report",
+                   "track"}, ran
     fid = pd.read_csv(path / "reports" / "fid.csv")
     assert len(fid) == 6 and set(fid["spacing"]) == {"linspace"}
     assert json.loads((path / "samples" / "linear" / "seed0" / "dpmpp_2m-eta0.0-5.json").read_text())["spacing"] == \
@@ -143,11 +158,11 @@ def test_rerun_rules(repo):
     params["sample"]["samplers"] = ["dpmpp_2m-eta0.0-5"]  # removing sets leaves no stale rows behind
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     ran = ran_stages(run(["dvc", "repro"], path, env))
-    assert ran == {"fid", "report"}, ran
+    assert ran == {"fid", "report", "track"}, ran
     assert list(pd.read_csv(path / "reports" / "fid.csv")["sampler"].unique()) == ["dpmpp_2m"]
     params["report"]["grid_scale"] = 3  # a report param: the report only
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert ran_stages(run(["dvc", "repro"], path, env)) == {"report"}
+    assert ran_stages(run(["dvc", "repro"], path, env)) == {"report", "track"}
     run(["git", "add", "-A"], path, env)
     run(["git", "commit", "-qm", "steps"], path, env)
 

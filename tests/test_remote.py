@@ -2,15 +2,18 @@
 
 Runs the tiny pipeline in a temporary git repository, commits, pushes to a local-folder remote
 (`dvc remote add -d local DIR`), clones the repository into a fresh folder and pulls: `dvc status`
-and `dvc repro` there find nothing to do, and every pipeline output is byte-identical to the
-original's. This fails if an output is neither in git nor in the DVC cache (a `cache: false` output
+and `dvc repro` there find nothing to do but the MLflow mirror (track), and every pipeline output is
+byte-identical to the original's; MLflow in the clone then holds every result (issue 25 item 6). This fails if an output is neither in git nor in the DVC cache (a `cache: false` output
 in a gitignored folder is never pushed, so the clone would miss it and rerun its stage).
 """
 import copy
+import io
+import sys
+
+import pandas as pd
 
 from tests.test_pipeline import TINY, make_repo, ran_stages, run
 
-UP_TO_DATE = "Data and pipelines are up to date."
 OUTPUTS = ("data/prepared", "featurizer", "models", "samples", "reports")
 
 
@@ -25,7 +28,8 @@ def test_push_clone_pull_is_up_to_date(tmp_path):
     params["sample"]["samplers"] = ["ddpm-eta0.0-3"]
     src, env = make_repo(tmp_path / "src", params)
     ran = ran_stages(run(["dvc", "repro"], src, env))
-    assert {"prepare", "featurizer", "train@linear-0", "sample@linear-0-ddpm-eta0.0-3", "fid", "report"} == ran, ran
+    assert {"prepare", "featurizer", "train@linear-0", "sample@linear-0-ddpm-eta0.0-3", "fid", "report",
+            "track"} == ran, ran
     assert not (src / "checkpoints" / "linear").exists()  # removed after a finished run, never pushed
     run(["dvc", "remote", "add", "-d", "local", str(tmp_path / "remote")], src, env)
     run(["git", "add", "-A"], src, env)
@@ -39,10 +43,9 @@ def test_push_clone_pull_is_up_to_date(tmp_path):
     assert not (clone / "models").exists() and (clone / "reports" / "report.md").is_file()  # git has reports/
     run(["dvc", "pull"], clone, env)
     status = run(["dvc", "status"], clone, env)
-    assert UP_TO_DATE in status, status
+    assert status.split() == ["track:", "always", "changed"], status  # the MLflow mirror runs every time
     out = run(["dvc", "repro"], clone, env)
-    assert ran_stages(out) == set() and UP_TO_DATE in out, out[-3000:]
-    assert not (clone / "mlflow.db").exists()  # no stage ran, so none logged
+    assert ran_stages(out) == {"track"}, out[-3000:]  # only the mirror: every output was pulled
     assert (clone / "dvc.lock").read_bytes() == (src / "dvc.lock").read_bytes()
     before, after = _files(src, OUTPUTS), _files(clone, OUTPUTS)
     assert sorted(after) == sorted(before)
@@ -50,3 +53,28 @@ def test_push_clone_pull_is_up_to_date(tmp_path):
     assert {"models/linear/seed0/model.pt", "featurizer/metrics.json", "samples/linear/seed0/ddpm-eta0.0-3.json",
             "reports/report.html", "reports/metrics.json"} <= set(after)
 
+
+    # MLflow in the clone holds what the workspace holds, though DVC skipped train, fid and report there
+    table = _table(clone, env)
+    fid = pd.read_csv(clone / "reports" / "fid.csv")
+    assert len(table) == len(fid) == 1 and table["parent_run_id"].notna().all()
+    assert table["fid"].tolist() == fid["fid"].tolist() and table["kid"].tolist() == fid["kid"].tolist()
+    assert table[["fid_lo", "fid_hi", "fid_floor"]].notna().all().all()
+    assert ran_stages(run(["dvc", "repro"], clone, env)) == {"track"}
+    assert _table(clone, env)["run_id"].tolist() == table["run_id"].tolist()  # a rerun adds no run
+    assert _runs(clone) == {"report": 1, "sample": 1, "train": 1}
+
+
+def _table(repo, env) -> pd.DataFrame:
+    """`ddpm table --csv` in ``repo`` (the console script's code, run from the checkout under test)."""
+    out = run([sys.executable, "-m", "ddpm.cli", "table", "--csv"], repo, env)
+    return pd.read_csv(io.StringIO(out))
+
+
+def _runs(repo) -> dict[str, int]:
+    """Runs per kind tag in ``repo``'s mlflow.db."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    kinds = [r.data.tags.get("kind") for r in client.search_runs([e.experiment_id for e in client.search_experiments()])]
+    return {k: kinds.count(k) for k in sorted(set(kinds))}

@@ -473,6 +473,49 @@ def test_new_experiments_open_on_the_training_runs_table(store):
     assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
 
 
+def test_existing_experiments_get_the_kind_tag_and_a_chosen_one_stays(tmp_path):
+    """Issue 25 item 6: experiments made before the tag (or by hand) get it when the pipeline next logs, or when
+    `ddpm serve` lists them; a kind someone chose in the UI stays."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = tr._open_client(uri)
+    old, chosen = client.create_experiment("old"), client.create_experiment("chosen")
+    client.set_experiment_tag(chosen, "mlflow.experimentKind", "genai_development")
+    assert "mlflow.experimentKind" not in MlflowClient(uri).get_experiment(old).tags
+    tk = tr.Tracker(True, "old", uri=uri)
+    tk.end_run(tk.start_run("r"))
+    assert MlflowClient(uri).get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert tr.experiments(uri) == {"Default": "0", "old": old, "chosen": chosen}
+    tags = {e.name: e.tags.get("mlflow.experimentKind") for e in MlflowClient(uri).search_experiments()}
+    assert tags == {"Default": "custom_model_development", "old": "custom_model_development",
+                    "chosen": "genai_development"}
+    assert tr.experiments(f"sqlite:///{tmp_path / 'none.db'}") == {} and not (tmp_path / "none.db").exists()
+
+
+def test_ddpm_cli_reaches_every_tracking_subcommand_and_serves(store, tmp_path, capsys, monkeypatch):
+    from ddpm import cli
+
+    names = set(cli.tracking_commands())
+    assert {"table", "import-pending"} <= names  # and whatever ddpm.tracking's parser adds, by its name
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    help_ = capsys.readouterr().out
+    assert all(n in help_ for n in (*names, "serve"))
+    assert cli.main(["table", "--uri", store["uri"], "--experiment", "ddpm", "--csv"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 3  # header + the store's two sample runs
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://user:s3cret-token@host:5000")
+    assert cli.main(["serve"]) == 0  # a server already: nothing to start, no secret printed
+    out = capsys.readouterr().out
+    assert "s3cret-token" not in out and "http://***@host:5000" in out
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert cli.main(["serve", "--uri", store["uri"], "--port", "5123", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    eid = tr.experiments(store["uri"])["ddpm"]
+    assert f"ddpm: http://127.0.0.1:5123/#/experiments/{eid}/runs?workflowType=machine_learning" in out
+    assert f"-m mlflow ui --backend-store-uri {store['uri']} --host 127.0.0.1 --port 5123" in out
+
+
 def test_table_shows_intervals_first_and_run_ids_last(store):
     tk = tr.Tracker(True, "ddpm-intervals", uri=store["uri"])
     parent = tk.start_run("train", {"schedule": "cosine", "seed": 1, "timesteps": 100}, {"kind": "train"})
