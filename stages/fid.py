@@ -8,22 +8,41 @@ from __future__ import annotations
 import pandas as pd
 
 from ddpm.config import load_params, resolve_device
-from ddpm.fid import extract_features, fid_from_features, fid_interval, kid, load_featurizer
+from ddpm.fid import extract_features, fid_from_features, fid_infinity, fid_interval, kid, load_featurizer
 from ddpm.io import atomic_path
 from ddpm.pipeline import (FEATURIZER, REPORTS, load_arrays, read_json, sample_key, sample_path, sampler_label,
                            setup_logging, write_json)
 from ddpm.tracking import Tracker, pending_file
 
 COLUMNS = ["schedule", "sampler", "eta", "steps", "fid", "n_samples", "features", "seed", "spacing", "fid_lo",
-           "fid_hi", "kid", "kid_std"]
+           "fid_hi", "kid", "kid_std", "fid_inf"]
 INTERVAL = "95% bootstrap interval for E[FID] at n_samples (basic bootstrap of both feature sets, 200 resamples)"
+FID_INF = ("fid_inf: FID-infinity (Chong & Forsyth 2020): the line FID(k) = a + b / k fitted to subsets of k of the n "
+           "features, extrapolated to 1 / k = 0; comparable across n (the reference's own bias stays in every value)")
 
 
 def measure(feats, ref_feats) -> dict[str, float]:
     """fid (plug-in), fid_lo, fid_hi and kid, kid_std of features [N, D] against the reference features."""
     lo, hi = fid_interval(feats, ref_feats)
     k, k_std = kid(feats, ref_feats)
-    return {"fid": fid_from_features(feats, ref_feats), "fid_lo": lo, "fid_hi": hi, "kid": k, "kid_std": k_std}
+    return {"fid": fid_from_features(feats, ref_feats), "fid_lo": lo, "fid_hi": hi, "kid": k, "kid_std": k_std,
+            "fid_inf": fid_infinity(feats, ref_feats)[0]}
+
+
+def floor_at(held, ref_feats, n: int) -> tuple[dict[str, float], int]:
+    """The real-vs-real floor at n samples and the held-out count it was measured on: measured on n held-out
+    images when there are as many; else on all m of them and carried from m to n along their FID-infinity
+    line (its value at n; the interval shifted with it, its width that of m images: conservative)."""
+    m = min(n, len(held))
+    floor = measure(held[:m], ref_feats)
+    if m < n:
+        a, b = fid_infinity(held[:m], ref_feats)
+        if a != a:  # NaN: too few held-out images for the fit
+            raise SystemExit(f"sample.n_samples: got {n}, but the held-out set of {m} images is too small to carry the "
+                             f"FID floor to n; allowed: at most {m} (or raise data.holdout_fraction)")
+        shift = a + b / n - floor["fid"]
+        floor.update(fid=floor["fid"] + shift, fid_lo=max(floor["fid_lo"] + shift, 0.0), fid_hi=floor["fid_hi"] + shift)
+    return floor, m
 
 
 def _images(schedule, seed, s, n):
@@ -43,10 +62,7 @@ def main() -> None:
     featurizer = load_featurizer(FEATURIZER / "featurizer.pt", device=str(device))
     ref = load_arrays(FEATURIZER / "reference.npz")
     features, ref_feats, held = str(ref["features"]), ref["train_features"], ref["holdout_features"]
-    if len(held) < n:
-        raise SystemExit(f"sample.n_samples: got {n}, but the held-out set has only {len(held)} images and the FID "
-                         f"floor needs as many; allowed: at most {len(held)} (or raise data.holdout_fraction)")
-    floor = measure(held[:n], ref_feats)
+    floor, floor_real = floor_at(held, ref_feats, n)
     rows, keys = [], []
     for schedule in p.diffusion.schedules:
         for seed in p.seeds:
@@ -64,7 +80,8 @@ def main() -> None:
     write_json(REPORTS / "fid_summary.json", {
         "features": features, "fid_floor": floor["fid"], "fid_floor_lo": floor["fid_lo"],
         "fid_floor_hi": floor["fid_hi"], "kid_floor": floor["kid"], "kid_floor_std": floor["kid_std"],
-        "n_samples": n, "interval": INTERVAL})
+        "n_samples": n, "interval": INTERVAL, "fid_floor_inf": floor["fid_inf"], "fid_floor_real_images": floor_real,
+        "fid_inf": FID_INF})
     _log_mlflow(p, table, keys, floor["fid"], n)
 
 

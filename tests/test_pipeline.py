@@ -81,7 +81,8 @@ def test_repro_writes_the_outputs(repo):
     assert ran_stages(out) >= {"prepare", "featurizer", "train@linear-0", "train@cosine-0", "fid", "report"}
     fid = pd.read_csv(path / "reports" / "fid.csv")
     assert list(fid.columns) == ["schedule", "sampler", "eta", "steps", "fid", "n_samples", "features", "seed",
-                                 "spacing", "fid_lo", "fid_hi", "kid", "kid_std"]
+                                 "spacing", "fid_lo", "fid_hi", "kid", "kid_std", "fid_inf"]
+    assert np.isfinite(fid["fid_inf"]).all()  # n = 24 > D + 2 = 10: the FID-infinity fit has its sizes
     assert (fid["fid_lo"] < fid["fid_hi"]).all() and (fid["kid_std"] > 0).all()
     assert fid["features"].str.fullmatch(r"classifier-8d-[0-9a-f]{8}").all()
     assert len(fid) == 2 * 2 * 1 and (fid["n_samples"] == 24).all() and (fid["fid"] >= 0).all()
