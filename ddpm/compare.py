@@ -18,15 +18,17 @@ FIDs ``fid [C]`` and the replicates ``draws [B, C]``. Any contrast w (a differen
 differences) gets its effect ``w . fid``, its interval and a two-sided bootstrap p-value from
 ``draws @ w`` (:meth:`PairedBootstrap.contrast`).
 
-Interval (the "basic", centred bootstrap of :func:`ddpm.fid.fid_interval`): with c = draws @ w minus its
-mean, the 95% interval is [theta - q_97.5(c), theta - q_2.5(c)]. The target is the contrast of the
-*expected* plug-in FIDs at these sample counts. Only the spread of the bootstrap distribution is used,
-never its location: a bootstrap FID is biased upwards by about c/N on top of the plug-in's own c/N
-(Chong & Forsyth 2020), so a percentile interval would sit one bias too high; for a difference of
-cells at the same N much of that bias cancels, and centring removes the rest. Calibrated on Gaussians
-with a known difference (tests/test_compare.py, benchmarks/interval_coverage.py). The p-value is the
-smallest level at which that interval excludes 0: p = 2 min(P*(c >= theta), P*(c <= theta)), with the
-usual +1 in numerator and denominator.
+Interval: only the spread of the bootstrap distribution is used, never its location. A bootstrap FID is
+biased upwards by about c/N on top of the plug-in's own c/N (Chong & Forsyth 2020), so a percentile
+interval would sit one bias too high (see :func:`ddpm.fid.fid_interval`); for a difference of cells at the
+same N much of that bias cancels, and centring removes the rest. The target is the contrast of the
+*expected* plug-in FIDs at these sample counts. Default (``normal``): theta -/+ 1.96 sd*, with sd* the
+replicates' standard deviation, and p = 2 Phi(-|theta| / sd*). Why not the percentiles (``basic``,
+available): a tail count resolves p only down to 1/(B + 1), while Holm over the 36 verdicts of the
+default grid tests its smallest p at 0.05 x 0.8 / 18 = 0.0022; the sd* of 1000 replicates is within about
+2% of its limit, and a contrast of FIDs (differences, averages of differences) is close to normal.
+Calibrated on Gaussians with a known difference (tests/test_compare.py; benchmarks/interval_coverage.py,
+results in benchmarks/results/interval_coverage_paired.txt, both methods side by side).
 
 Training seeds (:func:`estimate`): with one seed the bootstrap interval is the answer and does not hold
 training noise (say so). With S >= 2 seeds the contrast is computed per seed and the interval is the
@@ -50,12 +52,20 @@ Public API::
     PairedBootstrap.contrast(weights: {key: w}) -> Estimate (bootstrap)
     estimate(boot, weights_per_seed: list[{key: w}]) -> Estimate (bootstrap for one, t for several)
     holm(p, weights=None) -> adjusted p [K]
-    set_label(label, steps) -> "ddim-eta0-10";  split_set("ddim-eta0-10") -> ("ddim-eta0", 10)
+    set_label(label, steps) -> "ddim-eta0-10" (from ddpm.names);  split_set("ddim-eta0-10") -> ("ddim-eta0", 10)
     question_table(boot, schedules, sets, seeds, alpha=0.05, main_share=0.8) -> DataFrame (COLUMNS)
     pairs_table(boot, pairs, seeds, family, alpha=0.05) -> DataFrame (COLUMNS), Holm over the pairs
+    grid_comparisons(cells, reference, n_boot=1000, seed=0) -> DataFrame: question_table + ranking pairs
+    ranking_pairs({(schedule, set): fid}) -> the pairs a ranking states (best vs every other; per step count)
+    save_features(path, cells, reference) / load_features(file) -> (cells, reference)
+
+Features file (``reports/features.npz``, what ``python -m ddpm.tracking compare`` pairs across experiments):
+``keys`` [C] str "schedule|seed|set", ``features`` [C, N, D] and ``reference`` [M, D], float32 when that is
+exact (the featurizers compute in float32, so it is), else float64.
 """
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 from typing import Any, Hashable, Mapping, Sequence
@@ -64,9 +74,10 @@ import numpy as np
 import pandas as pd
 
 from .fid import _frechet_batch, _one_thread, _weighted_statistics, fid_from_features
+from .names import set_label
 
-__all__ = ["COLUMNS", "Estimate", "PairedBootstrap", "estimate", "holm", "pairs_table", "paired_bootstrap",
-           "question_table", "set_label", "split_set"]
+__all__ = ["COLUMNS", "Estimate", "PairedBootstrap", "estimate", "holm", "load_features", "pairs_table",
+           "grid_comparisons", "paired_bootstrap", "question_table", "ranking_pairs", "save_features", "set_label", "split_set"]
 
 COLUMNS = ["question", "kind", "a", "b", "effect", "lo", "hi", "p", "p_holm", "verdict", "family", "family_size",
            "method"]
@@ -234,11 +245,6 @@ def holm(p: Sequence[float], weights: Sequence[float] | None = None) -> np.ndarr
 # ------------------------------------------------------------------------------------------------
 # The questions of a schedule x sample-set grid; pairs of configurations
 # ------------------------------------------------------------------------------------------------
-def set_label(label: str, steps: int) -> str:
-    """The name of a sample set in a cell key: ``<sampler label>-<steps>`` (``ddim-eta0-10``)."""
-    return f"{label}-{int(steps)}"
-
-
 def split_set(name: str) -> tuple[str, int]:
     label, steps = name.rsplit("-", 1)
     return label, int(steps)
@@ -320,10 +326,11 @@ def question_table(boot: PairedBootstrap, schedules: Sequence[str], sets: Sequen
         rows.append(_row(f"does {a} vs {b} depend on the {over[:-1]}? (largest departure {worst})",
                          "interaction", a, b, Estimate(float("nan"), float("nan"), float("nan"), p_int,
                                                        "Bonferroni min over levels"), "questions"))
+    if not rows:  # one schedule and one set: nothing to compare
+        return pd.DataFrame(columns=COLUMNS)
     df = pd.DataFrame(rows)
     n_main = int((df["kind"] != "interaction").sum())
-    n_int = len(df) - n_main
-    w = np.where(df["kind"] != "interaction", main_share / n_main, (1.0 - main_share) / max(1, n_int))
+    w = np.where(df["kind"] != "interaction", main_share / n_main, (1.0 - main_share) / n_main)
     return _verdicts(df, w, alpha)
 
 
@@ -339,3 +346,79 @@ def pairs_table(boot: PairedBootstrap, pairs: Sequence[tuple[tuple[str, str], tu
     if not rows:
         return pd.DataFrame(columns=COLUMNS)
     return _verdicts(pd.DataFrame(rows), None, alpha)
+
+
+def ranking_pairs(fids: Mapping[tuple[str, str], float]) -> list[tuple[tuple[str, str], tuple[str, str]]]:
+    """The comparisons a ranking of configurations (schedule, set) by FID states: the best against every other
+    one, and at each step count with several samplers, the best there against each other sampler's best
+    configuration at that step count (as :func:`ddpm.results.winners_by_steps` reads them). Finite FIDs only."""
+    finite = sorted((f, c) for c, f in fids.items() if math.isfinite(f))
+    if not finite:
+        return []
+    best = finite[0][1]
+    pairs = [(best, c) for _, c in finite[1:]]
+    for steps in sorted({split_set(c[1])[1] for _, c in finite}):
+        firsts: dict[str, tuple[str, str]] = {}
+        for _, c in finite:  # sorted by FID: the first of each sampler label is its best at this step count
+            label, st = split_set(c[1])
+            if st == steps:
+                firsts.setdefault(label, c)
+        win, *others = firsts.values()
+        pairs += [(win, c) for c in others if (win, c) not in pairs]
+    return pairs
+
+
+def grid_comparisons(cells: Mapping[tuple[str, int, str], Any], reference: Any, *, n_boot: int = 1000,
+                     seed: int = 0) -> pd.DataFrame:
+    """Everything the report states about a grid of cells (schedule, seed, set): the question table (family
+    ``questions``) and the ranking's pairs (family ``ranking``, Holm over its own pairs); columns COLUMNS.
+    Schedules, seeds and sets are taken in the cells' order; every combination must be present."""
+    boot = paired_bootstrap(cells, reference, n_boot=n_boot, seed=seed)
+    schedules, seeds, sets = ([*dict.fromkeys(k[i] for k in cells)] for i in range(3))
+    missing = [(a, b, c) for a in schedules for b in seeds for c in sets if (a, b, c) not in cells]
+    if missing:
+        raise ValueError(f"grid_comparisons: the grid is incomplete, missing cells {missing[:3]}")
+    fids = {(sc, s): float(np.mean([boot.fid[boot.index((sc, k, s))] for k in seeds]))
+            for sc in schedules for s in sets}
+    ranking = pairs_table(boot, ranking_pairs(fids), seeds, "ranking")
+    return pd.concat([question_table(boot, schedules, sets, seeds), ranking], ignore_index=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# The features file
+# ------------------------------------------------------------------------------------------------
+def _compact(a: np.ndarray) -> np.ndarray:
+    a32 = a.astype(np.float32)
+    return a32 if np.array_equal(a32.astype(a.dtype), a) else a
+
+
+def save_features(path, cells: Mapping[tuple[str, int, str], Any], reference: Any) -> None:
+    """Write every cell's features (one sample count) and the reference to ``path`` (npz, atomic)."""
+    from .io import atomic_save_npz
+
+    keys = list(cells)
+    sizes = {np.shape(cells[k]) for k in keys}
+    if len(sizes) != 1:
+        raise ValueError(f"save_features: cells must share one shape [N, D]; got {sorted(sizes)}")
+    feats = np.stack([np.asarray(cells[k]) for k in keys])
+    atomic_save_npz(path, keys=np.array([f"{sc}|{int(seed)}|{s}" for sc, seed, s in keys]),
+                    features=_compact(feats), reference=_compact(np.asarray(reference)))
+
+
+def load_features(source) -> tuple[dict[tuple[str, int, str], np.ndarray], np.ndarray]:
+    """Read :func:`save_features`'s file (a path, a file object or bytes): ({(schedule, seed, set): [N, D]},
+    reference [M, D]); never unpickles."""
+    if isinstance(source, bytes):
+        source = io.BytesIO(source)
+    with np.load(source, allow_pickle=False) as f:
+        missing = {"keys", "features", "reference"} - set(f.files)
+        if missing:
+            raise ValueError(f"features file: missing array(s) {', '.join(sorted(missing))}; found {f.files}")
+        keys, feats, ref = [str(k) for k in f["keys"]], f["features"], f["reference"]
+    if feats.ndim != 3 or len(keys) != len(feats):
+        raise ValueError(f"features file: {len(keys)} keys for features of shape {feats.shape}")
+    cells = {}
+    for k, x in zip(keys, feats):
+        sc, seed, s = k.split("|")
+        cells[(sc, int(seed), s)] = x.astype(np.float64)
+    return cells, ref.astype(np.float64)

@@ -114,3 +114,39 @@ def test_difference_intervals_cover_a_known_difference():
         e = compare.paired_bootstrap(dict(enumerate(feats)), ref, n_boot=200, seed=i).contrast({0: 1.0, 1: -1.0})
         hits.append(e.lo <= target <= e.hi)
     assert np.mean(hits) >= 0.93
+
+
+def test_ranking_pairs_name_best_and_per_step_winners():
+    fids = {("a", "ddim-eta0-10"): 3.0, ("b", "ddim-eta0-10"): 2.0, ("a", "dpmpp_2m-10"): 4.0,
+            ("b", "dpmpp_2m-10"): 5.0, ("a", "ddim-eta0-20"): 1.0, ("b", "dpmpp_2m-20"): 1.5, ("a", "x-20"): float("nan")}
+    pairs = compare.ranking_pairs(fids)
+    best = ("a", "ddim-eta0-20")
+    assert pairs[:4] == [(best, ("b", "dpmpp_2m-20")), (best, ("b", "ddim-eta0-10")), (best, ("a", "ddim-eta0-10")),
+                         (best, ("a", "dpmpp_2m-10"))]
+    # at 10 steps ddim (b, 2.0) beats dpmpp_2m's best (a, 4.0); at 20 the pair is already there
+    assert pairs[5:] == [(("b", "ddim-eta0-10"), ("a", "dpmpp_2m-10"))] and len(pairs) == 6
+
+
+def test_grid_comparisons_and_features_file_round_trip(tmp_path):
+    rng = np.random.default_rng(6)
+    cells = _grid_cells(rng, {("cosine", SETS[1]): 0.6}, n=120, d=4)
+    cells = {k: v.astype(np.float32).astype(np.float64) for k, v in cells.items()}
+    ref = rng.normal(size=(300, 4)).astype(np.float32)
+    compare.save_features(tmp_path / "f.npz", cells, ref)
+    back, ref_back = compare.load_features(tmp_path / "f.npz")
+    assert list(back) == list(cells) and all(np.array_equal(back[k], cells[k]) for k in cells)
+    assert np.array_equal(ref_back, ref) and np.load(tmp_path / "f.npz")["features"].dtype == np.float32
+    table = compare.grid_comparisons(back, ref_back, n_boot=100)
+    assert list(table.columns) == compare.COLUMNS
+    q, r = table[table["family"] == "questions"], table[table["family"] == "ranking"]
+    assert len(q) == 2 * (3 + 1) and set(r["family_size"]) == {len(r)}
+    best = r["a"].iloc[0]
+    vs_best = r[r["a"] == best].set_index("b")
+    assert len(vs_best) == 5 and best not in vs_best.index
+    assert vs_best.loc["cosine/" + SETS[1], "verdict"] == best + " better"  # the shifted cell is clearly worse
+    assert q["question"].iloc[0].startswith("linear vs cosine, averaged over the sample sets")
+    with pytest.raises(ValueError, match="incomplete"):
+        compare.grid_comparisons({k: v for k, v in back.items() if k != ("linear", 0, SETS[0])}, ref_back, n_boot=50)
+    with pytest.raises(ValueError, match="missing array"):
+        np.savez(tmp_path / "bad.npz", keys=np.array(["a|0|s-1"]))
+        compare.load_features(tmp_path / "bad.npz")
