@@ -1,12 +1,16 @@
-"""fid: FID, its 95% interval and KID of every sample set (schedule x training seed x sampler x steps), and the floor.
+"""fid: FID, its 95% interval and KID of every sample set (schedule x training seed x sampler x steps), and the floor;
+the paired comparisons of the grid.
 
-Writes reports/fid.csv (columns: COLUMNS; contract 2) and reports/fid_summary.json (contract 3), both pure
+Writes reports/fid.csv (columns: COLUMNS; contract 2), reports/fid_summary.json (contract 3),
+reports/comparisons.csv (ddpm.compare.COLUMNS: the question table and the ranking's pairs, each family Holm-adjusted)
+and reports/features.npz (every set's features and the reference, for `python -m ddpm.tracking compare`), all pure
 functions of their inputs (no timings); logs one nested MLflow run per sample set under its training run.
 """
 from __future__ import annotations
 
 import pandas as pd
 
+from ddpm import compare
 from ddpm.config import load_params, resolve_device
 from ddpm.fid import extract_features, fid_from_features, fid_infinity, fid_interval, kid, load_featurizer
 from ddpm.io import atomic_path
@@ -19,6 +23,7 @@ COLUMNS = ["schedule", "sampler", "eta", "steps", "fid", "n_samples", "features"
 INTERVAL = "95% bootstrap interval for E[FID] at n_samples (basic bootstrap of both feature sets, 200 resamples)"
 FID_INF = ("fid_inf: FID-infinity (Chong & Forsyth 2020): the line FID(k) = a + b / k fitted to subsets of k of the n "
            "features, extrapolated to 1 / k = 0; comparable across n (the reference's own bias stays in every value)")
+N_BOOT = 1000  # replicates of the paired bootstrap (18 cells: about 3 s)
 
 
 def measure(feats, ref_feats) -> dict[str, float]:
@@ -54,6 +59,15 @@ def _images(schedule, seed, s, n):
     return images, read_json(path.with_suffix(".json")).get("model_sha256")
 
 
+def write_comparisons(p, cells, ref_feats) -> None:
+    """reports/features.npz and reports/comparisons.csv: the paired bootstrap of every cell (seeded by params' seed),
+    the questions of the schedule x sample-set grid, and the pairs the report's ranking states."""
+    compare.save_features(REPORTS / "features.npz", cells, ref_feats)
+    table = compare.grid_comparisons(cells, ref_feats, n_boot=N_BOOT, seed=p.seed)
+    with atomic_path(REPORTS / "comparisons.csv") as tmp:
+        table.to_csv(tmp, index=False, float_format="%.6g")
+
+
 def main() -> None:
     log = setup_logging()
     p = load_params()
@@ -63,12 +77,14 @@ def main() -> None:
     ref = load_arrays(FEATURIZER / "reference.npz")
     features, ref_feats, held = str(ref["features"]), ref["train_features"], ref["holdout_features"]
     floor, floor_real = floor_at(held, ref_feats, n)
-    rows, keys = [], []
+    rows, keys, cells = [], [], {}
     for schedule in p.diffusion.schedules:
         for seed in p.seeds:
             for s in p.sample.samplers:
                 images, model_sha256 = _images(schedule, seed, s, n)
-                m = measure(extract_features(featurizer, images, device=device), ref_feats)
+                feats = extract_features(featurizer, images, device=device)
+                cells[(schedule, seed, compare.set_label(sampler_label(s.name, s.eta), s.steps))] = feats
+                m = measure(feats, ref_feats)
                 rows.append({"schedule": schedule, "sampler": s.name, "eta": s.eta, "steps": s.steps, "n_samples": n,
                              "features": features, "seed": seed, "spacing": p.sample.spacing, **m})
                 keys.append((sample_key(images), model_sha256))
@@ -82,6 +98,7 @@ def main() -> None:
         "fid_floor_hi": floor["fid_hi"], "kid_floor": floor["kid"], "kid_floor_std": floor["kid_std"],
         "n_samples": n, "interval": INTERVAL, "fid_floor_inf": floor["fid_inf"], "fid_floor_real_images": floor_real,
         "fid_inf": FID_INF})
+    write_comparisons(p, cells, ref_feats)
     _log_mlflow(p, table, keys, floor["fid"], n)
 
 
