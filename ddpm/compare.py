@@ -285,16 +285,17 @@ def _minus(w1: dict, w2: dict) -> dict:
     return {k: w1.get(k, 0.0) - w2.get(k, 0.0) for k in set(w1) | set(w2)}
 
 
-def _interaction(boot, main_a, main_b, levels, seeds) -> tuple[float, str]:
-    """p that some per-level difference departs from the main effect (Bonferroni minimum over the levels of
-    the p-value of level difference - main effect), and the level departing most with its departure."""
+def _interaction(boot, main_a, main_b, levels, seeds) -> tuple[Estimate, str]:
+    """Whether some per-level difference departs from the main effect: the departure (level difference - main
+    effect) of the most significant level, with its interval, and p = Bonferroni minimum over the levels."""
     main = _pair(main_a, main_b, seeds)
     found = []
     for level, la, lb in levels:
         e = estimate(boot, [_minus(lw, mw) for lw, mw in zip(_pair(la, lb, seeds), main)])
-        found.append((e.p, -abs(e.effect), f"{level}: {e.effect:+.3g}"))
-    p, _, worst = min(found)
-    return min(1.0, len(levels) * p), worst
+        found.append((e.p, -abs(e.effect), level, e))
+    p, _, level, e = min(found, key=lambda f: f[:2])
+    return Estimate(e.effect, e.lo, e.hi, min(1.0, len(levels) * p),
+                    f"{e.method}; Bonferroni min over {len(levels)} levels"), level
 
 
 def _row(question, kind, a, b, e: Estimate, family) -> dict:
@@ -315,17 +316,17 @@ def _verdicts(df: pd.DataFrame, weights, alpha: float) -> pd.DataFrame:
 def question_table(boot: PairedBootstrap, schedules: Sequence[str], sets: Sequence[str], seeds: Sequence[int],
                    *, alpha: float = 0.05, main_share: float = 0.8) -> pd.DataFrame:
     """Main effects (schedule pairs over the sets; set pairs over the schedules) and one interaction
-    check per main effect; effect = FID(a) - FID(b) (negative: a better). Verdicts by weighted Holm at
+    check per main effect; effect = FID(a) - FID(b) (negative: a better); an interaction row's effect is the
+    departure from the main effect at its most significant level. Verdicts by weighted Holm at
     ``alpha`` over all rows (main effects share ``main_share`` of the weight). Columns: COLUMNS."""
     rows = []
     for kind, a, b, cells_a, cells_b, levels in _main_effects(list(schedules), list(sets)):
         e = estimate(boot, _pair(cells_a, cells_b, seeds))
         over = "sample sets" if kind == "schedule" else "schedules"
         rows.append(_row(f"{a} vs {b}, averaged over the {over}", kind, a, b, e, "questions"))
-        p_int, worst = _interaction(boot, cells_a, cells_b, levels, seeds)
-        rows.append(_row(f"does {a} vs {b} depend on the {over[:-1]}? (largest departure {worst})",
-                         "interaction", a, b, Estimate(float("nan"), float("nan"), float("nan"), p_int,
-                                                       "Bonferroni min over levels"), "questions"))
+        dep, level = _interaction(boot, cells_a, cells_b, levels, seeds)
+        rows.append(_row(f"does {a} vs {b} depend on the {over[:-1]}? largest departure at {level}",
+                         "interaction", a, b, dep, "questions"))
     if not rows:  # one schedule and one set: nothing to compare
         return pd.DataFrame(columns=COLUMNS)
     df = pd.DataFrame(rows)

@@ -14,8 +14,8 @@ from ddpm import compare
 from ddpm.config import load_params, resolve_device
 from ddpm.fid import extract_features, fid_from_features, fid_interval, kid, load_featurizer
 from ddpm.io import atomic_path
-from ddpm.pipeline import (FEATURIZER, REPORTS, load_arrays, read_json, sample_key, sample_path, sampler_label,
-                           setup_logging, write_json)
+from ddpm.pipeline import (COMPARISONS_CSV, FEATURES_NPZ, FEATURIZER, REPORTS, load_arrays, read_json, sample_key,
+                           sample_path, sampler_label, setup_logging, write_json)
 from ddpm.tracking import Tracker, pending_file
 
 COLUMNS = ["schedule", "sampler", "eta", "steps", "fid", "n_samples", "features", "seed", "spacing", "fid_lo",
@@ -43,9 +43,9 @@ def _images(schedule, seed, s, n):
 def write_comparisons(p, cells, ref_feats) -> None:
     """reports/features.npz and reports/comparisons.csv: the paired bootstrap of every cell (seeded by params' seed),
     the questions of the schedule x sample-set grid, and the pairs the report's ranking states."""
-    compare.save_features(REPORTS / "features.npz", cells, ref_feats)
+    compare.save_features(FEATURES_NPZ, cells, ref_feats)
     table = compare.grid_comparisons(cells, ref_feats, n_boot=N_BOOT, seed=p.seed)
-    with atomic_path(REPORTS / "comparisons.csv") as tmp:
+    with atomic_path(COMPARISONS_CSV) as tmp:
         table.to_csv(tmp, index=False, float_format="%.6g")
 
 
