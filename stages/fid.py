@@ -40,10 +40,10 @@ def _images(schedule, seed, s, n):
     return images, read_json(path.with_suffix(".json")).get("model_sha256")
 
 
-def write_comparisons(p, cells, ref_feats) -> None:
+def write_comparisons(p, cells, ref_feats, space: str) -> None:
     """reports/features.npz and reports/comparisons.csv: the paired bootstrap of every cell (seeded by params' seed),
     the questions of the schedule x sample-set grid, and the pairs the report's ranking states."""
-    compare.save_features(FEATURES_NPZ, cells, ref_feats)
+    compare.save_features(FEATURES_NPZ, cells, ref_feats, space=space)
     table = compare.grid_comparisons(cells, ref_feats, n_boot=N_BOOT, seed=p.seed)
     with atomic_path(COMPARISONS_CSV) as tmp:
         table.to_csv(tmp, index=False, float_format="%.6g")
@@ -81,7 +81,7 @@ def main() -> None:
         "features": features, "fid_floor": floor["fid"], "fid_floor_lo": floor["fid_lo"],
         "fid_floor_hi": floor["fid_hi"], "kid_floor": floor["kid"], "kid_floor_std": floor["kid_std"],
         "n_samples": n, "interval": INTERVAL})
-    write_comparisons(p, cells, ref_feats)
+    write_comparisons(p, cells, ref_feats, features)
     _log_mlflow(p, table, keys, floor["fid"], n)
 
 
