@@ -83,8 +83,9 @@ import pandas as pd
 from .fid import _frechet_batch, _one_thread, _weighted_statistics, fid_from_features
 from .names import set_label
 
-__all__ = ["COLUMNS", "Estimate", "PairedBootstrap", "estimate", "holm", "load_features", "pairs_table",
-           "grid_comparisons", "paired_bootstrap", "question_table", "ranking_pairs", "save_features", "set_label", "split_set"]
+__all__ = ["COLUMNS", "Estimate", "PairedBootstrap", "cross_table", "estimate", "grid_comparisons", "holm",
+           "load_features", "pairs_table", "paired_bootstrap", "question_table", "ranking_pairs", "save_features",
+           "set_label", "split_set"]
 
 COLUMNS = ["question", "kind", "a", "b", "effect", "lo", "hi", "p", "p_holm", "verdict", "family", "family_size",
            "method"]
@@ -315,8 +316,8 @@ def _verdicts(df: pd.DataFrame, weights, alpha: float) -> pd.DataFrame:
     df["family_size"] = len(df)
     sig = df["p_holm"] <= alpha
     is_inter = df["kind"] == "interaction"
-    df["verdict"] = np.where(~sig, "tie", np.where(is_inter, "interaction",
-                                                   np.where(df["effect"] < 0, df["a"] + " better", df["b"] + " better")))
+    better = np.where(df["effect"] < 0, df["a"], df["b"]) + " better"
+    df["verdict"] = np.where(~sig, "tie", np.where(is_inter, "interaction", better))
     return df[COLUMNS]
 
 

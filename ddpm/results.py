@@ -1,9 +1,9 @@
 """The experiment's results as one object, read from the pipeline's outputs; the statistics the report states.
 
 :func:`load_results` reads ``reports/fid.csv``, ``reports/fid_summary.json``, ``reports/comparisons.csv``,
-``featurizer/metrics.json``, each model's ``loss.csv`` and ``fid_curve.csv`` (``models/<schedule>/seed<k>/``), the sample sets of the
-first training seed and a few held-out images, and returns a :class:`Results`. Nothing here draws or
-formats: :mod:`ddpm.figures` draws and :mod:`ddpm.report` renders.
+``featurizer/metrics.json``, each model's ``loss.csv`` and ``fid_curve.csv`` (``models/<schedule>/seed<k>/``),
+the sample sets of the first training seed and a few held-out images, and returns a :class:`Results`.
+Nothing here draws or formats: :mod:`ddpm.figures` draws and :mod:`ddpm.report` renders.
 
 Aggregation over training seeds (:func:`aggregate`): one row per configuration (schedule, sampler, eta,
 spacing, steps). With one seed, its FID interval is the one in ``fid.csv`` and KID's sd is ``kid_std``.
@@ -283,7 +283,8 @@ def load_results(p: Any, root: str | Path = ".") -> Results:
     schedules = tuple(dict.fromkeys(rows["schedule"]))
     losses, curves = _load_model_files(root, schedules, seeds)
     real = _load_arrays(root / pipeline.HOLDOUT, "images")[: p.report.forward_images]
-    return Results(rows=rows, configs=aggregate(rows, comparisons), comparisons=comparisons, floor=floor, seeds=seeds, schedules=schedules,
+    return Results(rows=rows, configs=aggregate(rows, comparisons), comparisons=comparisons, floor=floor, seeds=seeds,
+                   schedules=schedules,
                    losses=losses, fid_curves=curves, samples=_load_samples(root, rows, seeds[0]), real_images=real,
                    featurizer=featurizer, params=p.to_dict(), timesteps=int(p.timesteps),
                    zero_terminal_snr=bool(p.diffusion.zero_terminal_snr))

@@ -54,8 +54,10 @@ def comparisons(fid: pd.DataFrame) -> pd.DataFrame:
     configurations, effect FID(a) - FID(b) with half-width sqrt(h_a^2 + h_b^2) (h: half of each fid interval),
     resolved when that excludes 0; family ``questions``: schedule pairs over the sets and set pairs over the
     schedules, the same way, each with an interaction row that is never flagged."""
-    df = fid.assign(set=[set_label(sampler_label(n, e), st) for n, e, st in zip(fid["sampler"], fid["eta"], fid["steps"])])
-    g = df.groupby(["schedule", "set"], sort=False).agg(fid=("fid", "mean"), lo=("fid_lo", "mean"), hi=("fid_hi", "mean"))
+    df = fid.assign(set=[set_label(sampler_label(n, e), st)
+                         for n, e, st in zip(fid["sampler"], fid["eta"], fid["steps"])])
+    g = df.groupby(["schedule", "set"], sort=False).agg(fid=("fid", "mean"), lo=("fid_lo", "mean"),
+                                                        hi=("fid_hi", "mean"))
     g = g[np.isfinite(g["fid"])]
     half = (g["hi"] - g["lo"]) / 2
     names = [f"{a}/{b}" for a, b in g.index]

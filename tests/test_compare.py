@@ -118,7 +118,8 @@ def test_difference_intervals_cover_a_known_difference():
 
 def test_ranking_pairs_name_best_and_per_step_winners():
     fids = {("a", "ddim-eta0-10"): 3.0, ("b", "ddim-eta0-10"): 2.0, ("a", "dpmpp_2m-10"): 4.0,
-            ("b", "dpmpp_2m-10"): 5.0, ("a", "ddim-eta0-20"): 1.0, ("b", "dpmpp_2m-20"): 1.5, ("a", "x-20"): float("nan")}
+            ("b", "dpmpp_2m-10"): 5.0, ("a", "ddim-eta0-20"): 1.0, ("b", "dpmpp_2m-20"): 1.5,
+            ("a", "x-20"): float("nan")}
     pairs = compare.ranking_pairs(fids)
     best = ("a", "ddim-eta0-20")
     assert pairs[:4] == [(best, ("b", "dpmpp_2m-20")), (best, ("b", "ddim-eta0-10")), (best, ("a", "ddim-eta0-10")),

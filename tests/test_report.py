@@ -83,7 +83,8 @@ def test_markdown_fid_table_floor_and_links(built, tree):
     for ref in refs:
         assert not ref.startswith(("http:", "https:", "/")), ref
         assert (res["markdown"].parent / ref).is_file(), ref
-    for section in ("## FID", "## Questions of the design", "## Samples", "## Training", "## Noise schedules", "## Featurizer", "## Parameters"):
+    for section in ("## FID", "## Questions of the design", "## Samples", "## Training", "## Noise schedules",
+                    "## Featurizer", "## Parameters"):
         assert section in md
     assert "## Run times" not in md  # timings are no DVC output (outputs are pure functions of their inputs)
     assert "97.5%" in md  # featurizer validation accuracy
@@ -401,14 +402,16 @@ def test_ties_follow_the_paired_comparisons_not_overlap(tmp_path):
     comp = rf.comparisons(df)
     rank = comp["family"] == "ranking"
     comp.loc[rank, ["lo", "hi"]] = np.c_[comp.loc[rank, "effect"] - 0.1, comp.loc[rank, "effect"] + 0.1]
-    comp.loc[rank, "verdict"] = np.where(comp.loc[rank, "effect"] < 0, comp.loc[rank, "a"], comp.loc[rank, "b"]) + " better"
+    better = np.where(comp.loc[rank, "effect"] < 0, comp.loc[rank, "a"], comp.loc[rank, "b"])
+    comp.loc[rank, "verdict"] = better + " better"
     comp.to_csv(root / "reports" / "comparisons.csv", index=False)
     r = load_results(rf.params(), root)
     assert list(r.configs["steps"]) == [20, 50, 10] and not r.configs["tie"].any()
     second = r.configs.iloc[1]  # FID(50 steps) - FID(20 steps) = 0.2 with the paired interval [0.1, 0.3]
     assert (second["vs_best"], second["vs_best_lo"], second["vs_best_hi"]) == pytest.approx((0.2, 0.1, 0.3))
     md = build_report(tmp_path / "out", r, grid_images=4, grid_scale=1)["markdown"].read_text(encoding="utf-8")
-    assert "| 0.2 \\[0.1, 0.3\\] |  |" in md and f"No other configuration is indistinguishable from it ({TIE_RULE})" in md
+    assert "| 0.2 \\[0.1, 0.3\\] |  |" in md
+    assert f"No other configuration is indistinguishable from it ({TIE_RULE})" in md
     assert "## Questions of the design" in md and "ddpm-10 vs ddpm-20, averaged" in md
     q = comp[(comp["family"] == "questions") & (comp["kind"] != "interaction")]
     resolved = int((q["verdict"] != "tie").sum())
