@@ -124,13 +124,15 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=100)
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--target-draws", type=int, default=4000)
+    ap.add_argument("--cases", default=None, help="comma-separated indices into PAIRED_CASES (default: all)")
     args = ap.parse_args()
     if args.part == "single":
         for shift, scale in [(0.0, 1.0), (0.05, 1.2), (0.3, 2.0)]:
             r = case(shift, scale, args.reps)
             print(f"shift {shift} scale {scale}: " + ", ".join(f"{k} {v:.4g}" for k, v in r.items()), flush=True)
         return
-    for name in PAIRED_CASES:
+    names = list(PAIRED_CASES)
+    for name in [names[int(i)] for i in args.cases.split(",")] if args.cases else names:
         r = paired_case(name, args.reps, args.n_boot, args.target_draws)
         ci = {m: wilson(round(r[f"coverage_{m}"] * args.reps), args.reps) for m in ("normal", "basic")}
         print(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in r.items())

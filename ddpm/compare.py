@@ -57,11 +57,18 @@ Public API::
     pairs_table(boot, pairs, seeds, family, alpha=0.05) -> DataFrame (COLUMNS), Holm over the pairs
     grid_comparisons(cells, reference, n_boot=1000, seed=0) -> DataFrame: question_table + ranking pairs
     ranking_pairs({(schedule, set): fid}) -> the pairs a ranking states (best vs every other; per step count)
-    save_features(path, cells, reference) / load_features(file) -> (cells, reference)
+    cross_table(cells_a, ref_a, cells_b, ref_b, n_boot=1000, seed=0) -> DataFrame: B - A per configuration + pooled
+    save_features(path, cells, reference, space="") / load_features(file) -> (cells, reference, space)
 
 Features file (``reports/features.npz``, what ``python -m ddpm.tracking compare`` pairs across experiments):
 ``keys`` [C] str "schedule|seed|set", ``features`` [C, N, D] and ``reference`` [M, D], float32 when that is
-exact (the featurizers compute in float32, so it is), else float64.
+exact (the featurizers compute in float32, so it is), else float64; ``space`` the feature space id
+(:func:`ddpm.fid.feature_space_id`).
+
+Across experiments (:func:`cross_table`, ``python -m ddpm.tracking compare A B``): the cells of A and B with
+the same (schedule, seed, set) pair up. Both sides are resampled with one index draw per replicate (valid
+whenever the pairs (a_i, b_i) are i.i.d. over i; with the same sampler seed and n they also share x_T, which
+is what makes pairing pay); one reference draw when both references are the same array, else one each.
 """
 from __future__ import annotations
 
@@ -76,8 +83,9 @@ import pandas as pd
 from .fid import _frechet_batch, _one_thread, _weighted_statistics, fid_from_features
 from .names import set_label
 
-__all__ = ["COLUMNS", "Estimate", "PairedBootstrap", "estimate", "holm", "load_features", "pairs_table",
-           "grid_comparisons", "paired_bootstrap", "question_table", "ranking_pairs", "save_features", "set_label", "split_set"]
+__all__ = ["COLUMNS", "Estimate", "PairedBootstrap", "cross_table", "estimate", "grid_comparisons", "holm",
+           "load_features", "pairs_table", "paired_bootstrap", "question_table", "ranking_pairs", "save_features",
+           "set_label", "split_set"]
 
 COLUMNS = ["question", "kind", "a", "b", "effect", "lo", "hi", "p", "p_holm", "verdict", "family", "family_size",
            "method"]
@@ -285,16 +293,17 @@ def _minus(w1: dict, w2: dict) -> dict:
     return {k: w1.get(k, 0.0) - w2.get(k, 0.0) for k in set(w1) | set(w2)}
 
 
-def _interaction(boot, main_a, main_b, levels, seeds) -> tuple[float, str]:
-    """p that some per-level difference departs from the main effect (Bonferroni minimum over the levels of
-    the p-value of level difference - main effect), and the level departing most with its departure."""
+def _interaction(boot, main_a, main_b, levels, seeds) -> tuple[Estimate, str]:
+    """Whether some per-level difference departs from the main effect: the departure (level difference - main
+    effect) of the most significant level, with its interval, and p = Bonferroni minimum over the levels."""
     main = _pair(main_a, main_b, seeds)
     found = []
     for level, la, lb in levels:
         e = estimate(boot, [_minus(lw, mw) for lw, mw in zip(_pair(la, lb, seeds), main)])
-        found.append((e.p, -abs(e.effect), f"{level}: {e.effect:+.3g}"))
-    p, _, worst = min(found)
-    return min(1.0, len(levels) * p), worst
+        found.append((e.p, -abs(e.effect), level, e))
+    p, _, level, e = min(found, key=lambda f: f[:2])
+    return Estimate(e.effect, e.lo, e.hi, min(1.0, len(levels) * p),
+                    f"{e.method}; Bonferroni min over {len(levels)} levels"), level
 
 
 def _row(question, kind, a, b, e: Estimate, family) -> dict:
@@ -307,25 +316,25 @@ def _verdicts(df: pd.DataFrame, weights, alpha: float) -> pd.DataFrame:
     df["family_size"] = len(df)
     sig = df["p_holm"] <= alpha
     is_inter = df["kind"] == "interaction"
-    df["verdict"] = np.where(~sig, "tie", np.where(is_inter, "interaction",
-                                                   np.where(df["effect"] < 0, df["a"] + " better", df["b"] + " better")))
+    better = np.where(df["effect"] < 0, df["a"], df["b"]) + " better"
+    df["verdict"] = np.where(~sig, "tie", np.where(is_inter, "interaction", better))
     return df[COLUMNS]
 
 
 def question_table(boot: PairedBootstrap, schedules: Sequence[str], sets: Sequence[str], seeds: Sequence[int],
                    *, alpha: float = 0.05, main_share: float = 0.8) -> pd.DataFrame:
     """Main effects (schedule pairs over the sets; set pairs over the schedules) and one interaction
-    check per main effect; effect = FID(a) - FID(b) (negative: a better). Verdicts by weighted Holm at
+    check per main effect; effect = FID(a) - FID(b) (negative: a better); an interaction row's effect is the
+    departure from the main effect at its most significant level. Verdicts by weighted Holm at
     ``alpha`` over all rows (main effects share ``main_share`` of the weight). Columns: COLUMNS."""
     rows = []
     for kind, a, b, cells_a, cells_b, levels in _main_effects(list(schedules), list(sets)):
         e = estimate(boot, _pair(cells_a, cells_b, seeds))
         over = "sample sets" if kind == "schedule" else "schedules"
         rows.append(_row(f"{a} vs {b}, averaged over the {over}", kind, a, b, e, "questions"))
-        p_int, worst = _interaction(boot, cells_a, cells_b, levels, seeds)
-        rows.append(_row(f"does {a} vs {b} depend on the {over[:-1]}? (largest departure {worst})",
-                         "interaction", a, b, Estimate(float("nan"), float("nan"), float("nan"), p_int,
-                                                       "Bonferroni min over levels"), "questions"))
+        dep, level = _interaction(boot, cells_a, cells_b, levels, seeds)
+        rows.append(_row(f"does {a} vs {b} depend on the {over[:-1]}? largest departure at {level}",
+                         "interaction", a, b, dep, "questions"))
     if not rows:  # one schedule and one set: nothing to compare
         return pd.DataFrame(columns=COLUMNS)
     df = pd.DataFrame(rows)
@@ -392,7 +401,7 @@ def _compact(a: np.ndarray) -> np.ndarray:
     return a32 if np.array_equal(a32.astype(a.dtype), a) else a
 
 
-def save_features(path, cells: Mapping[tuple[str, int, str], Any], reference: Any) -> None:
+def save_features(path, cells: Mapping[tuple[str, int, str], Any], reference: Any, space: str = "") -> None:
     """Write every cell's features (one sample count) and the reference to ``path`` (npz, atomic)."""
     from .io import atomic_save_npz
 
@@ -402,12 +411,12 @@ def save_features(path, cells: Mapping[tuple[str, int, str], Any], reference: An
         raise ValueError(f"save_features: cells must share one shape [N, D]; got {sorted(sizes)}")
     feats = np.stack([np.asarray(cells[k]) for k in keys])
     atomic_save_npz(path, keys=np.array([f"{sc}|{int(seed)}|{s}" for sc, seed, s in keys]),
-                    features=_compact(feats), reference=_compact(np.asarray(reference)))
+                    features=_compact(feats), reference=_compact(np.asarray(reference)), space=np.array(str(space)))
 
 
-def load_features(source) -> tuple[dict[tuple[str, int, str], np.ndarray], np.ndarray]:
+def load_features(source) -> tuple[dict[tuple[str, int, str], np.ndarray], np.ndarray, str]:
     """Read :func:`save_features`'s file (a path, a file object or bytes): ({(schedule, seed, set): [N, D]},
-    reference [M, D]); never unpickles."""
+    reference [M, D], feature space id); never unpickles."""
     if isinstance(source, bytes):
         source = io.BytesIO(source)
     with np.load(source, allow_pickle=False) as f:
@@ -415,10 +424,38 @@ def load_features(source) -> tuple[dict[tuple[str, int, str], np.ndarray], np.nd
         if missing:
             raise ValueError(f"features file: missing array(s) {', '.join(sorted(missing))}; found {f.files}")
         keys, feats, ref = [str(k) for k in f["keys"]], f["features"], f["reference"]
+        space = str(f["space"]) if "space" in f.files else ""
     if feats.ndim != 3 or len(keys) != len(feats):
         raise ValueError(f"features file: {len(keys)} keys for features of shape {feats.shape}")
     cells = {}
     for k, x in zip(keys, feats):
         sc, seed, s = k.split("|")
         cells[(sc, int(seed), s)] = x.astype(np.float64)
-    return cells, ref.astype(np.float64)
+    return cells, ref.astype(np.float64), space
+
+
+def cross_table(cells_a: Mapping, ref_a: Any, cells_b: Mapping, ref_b: Any, *, n_boot: int = 1000,
+                seed: int = 0, alpha: float = 0.05) -> pd.DataFrame:
+    """B - A for every configuration (schedule, set) present on both sides (averaged over their common
+    training seeds), and pooled over those configurations; Holm over all of these rows. Columns COLUMNS
+    (a = "B", b = "A": verdicts read "A better", "B better" or "tie"; the question names the configuration)."""
+    common = [k for k in cells_a if k in cells_b]
+    if not common:
+        raise ValueError(f"no cell in common: A has {list(cells_a)[:3]}..., B has {list(cells_b)[:3]}...")
+    same_ref = np.shape(ref_a) == np.shape(ref_b) and np.array_equal(ref_a, ref_b)
+    cells = {("A", *k): cells_a[k] for k in common} | {("B", *k): cells_b[k] for k in common}
+    refs = {"A": ref_a} if same_ref else {"A": ref_a, "B": ref_b}
+    boot = paired_bootstrap(cells, refs, cell_reference={k: "A" if same_ref else k[0] for k in cells},
+                            n_boot=n_boot, seed=seed)
+    configs = list(dict.fromkeys((sc, s) for sc, _, s in common))
+    seeds = [*dict.fromkeys(k[1] for k in common)]
+
+    def weights(which) -> list[dict]:
+        return [{("B", sc, sd, s): 1.0 / len(which) for sc, s in which} | {("A", sc, sd, s): -1.0 / len(which)
+                                                                            for sc, s in which} for sd in seeds]
+    # effect = FID(B) - FID(A), so B is the row's "a" (negative: B better)
+    rows = [_row(f"{sc}/{s}: B - A", "config", "B", "A", estimate(boot, weights([(sc, s)])), "across")
+            for sc, s in configs]
+    rows.append(_row(f"all {len(configs)} configurations: B - A", "pooled", "B", "A", estimate(boot, weights(configs)),
+                     "across"))
+    return _verdicts(pd.DataFrame(rows), None, alpha)

@@ -14,8 +14,8 @@ from ddpm import compare
 from ddpm.config import load_params, resolve_device
 from ddpm.fid import extract_features, fid_from_features, fid_infinity, fid_interval, kid, load_featurizer
 from ddpm.io import atomic_path
-from ddpm.pipeline import (FEATURIZER, REPORTS, load_arrays, read_json, sample_key, sample_path, sampler_label,
-                           setup_logging, write_json)
+from ddpm.pipeline import (COMPARISONS_CSV, FEATURES_NPZ, FEATURIZER, REPORTS, load_arrays, read_json, sample_key,
+                           sample_path, sampler_label, setup_logging, write_json)
 from ddpm.tracking import Tracker, pending_file
 
 COLUMNS = ["schedule", "sampler", "eta", "steps", "fid", "n_samples", "features", "seed", "spacing", "fid_lo",
@@ -59,12 +59,12 @@ def _images(schedule, seed, s, n):
     return images, read_json(path.with_suffix(".json")).get("model_sha256")
 
 
-def write_comparisons(p, cells, ref_feats) -> None:
+def write_comparisons(p, cells, ref_feats, space: str) -> None:
     """reports/features.npz and reports/comparisons.csv: the paired bootstrap of every cell (seeded by params' seed),
     the questions of the schedule x sample-set grid, and the pairs the report's ranking states."""
-    compare.save_features(REPORTS / "features.npz", cells, ref_feats)
+    compare.save_features(FEATURES_NPZ, cells, ref_feats, space=space)
     table = compare.grid_comparisons(cells, ref_feats, n_boot=N_BOOT, seed=p.seed)
-    with atomic_path(REPORTS / "comparisons.csv") as tmp:
+    with atomic_path(COMPARISONS_CSV) as tmp:
         table.to_csv(tmp, index=False, float_format="%.6g")
 
 
@@ -98,7 +98,7 @@ def main() -> None:
         "fid_floor_hi": floor["fid_hi"], "kid_floor": floor["kid"], "kid_floor_std": floor["kid_std"],
         "n_samples": n, "interval": INTERVAL, "fid_floor_inf": floor["fid_inf"], "fid_floor_real_images": floor_real,
         "fid_inf": FID_INF})
-    write_comparisons(p, cells, ref_feats)
+    write_comparisons(p, cells, ref_feats, features)
     _log_mlflow(p, table, keys, floor["fid"], n)
 
 

@@ -9,10 +9,11 @@ import pandas as pd
 
 from ddpm.config import load_params
 from ddpm.io import atomic_path, atomic_write_json
-from ddpm.pipeline import FID_CSV, REPORT_METRICS, REPORTS, file_sha256, model_dir, sample_key, setup_logging
+from ddpm.pipeline import (COMPARISONS_CSV, FID_CSV, REPORT_METRICS, REPORTS, file_sha256, model_dir, sample_key,
+                           setup_logging)
 from ddpm.report import build_report, summary_metrics
 from ddpm.results import Results, load_results
-from ddpm.tracking import Tracker, pending_file
+from ddpm.tracking import Tracker, log_comparisons, pending_file
 
 
 def write_plot_data(r: Results) -> None:
@@ -48,6 +49,7 @@ def log_to_mlflow(p, r: Results, out: dict, metrics: dict) -> None:
     for path in (out["markdown"], out["html"], FID_CSV, REPORT_METRICS):
         tracker.log_artifact(run, path)
     tracker.log_artifacts(run, REPORTS / "figures", "figures")
+    log_comparisons(tracker, run, COMPARISONS_CSV)  # the question table: `python -m ddpm.tracking table --questions`
     tracker.end_run(run)
     for (schedule, label, steps), images in r.samples.items():
         parent = parents[(schedule, r.seeds[0])]

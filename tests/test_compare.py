@@ -118,7 +118,8 @@ def test_difference_intervals_cover_a_known_difference():
 
 def test_ranking_pairs_name_best_and_per_step_winners():
     fids = {("a", "ddim-eta0-10"): 3.0, ("b", "ddim-eta0-10"): 2.0, ("a", "dpmpp_2m-10"): 4.0,
-            ("b", "dpmpp_2m-10"): 5.0, ("a", "ddim-eta0-20"): 1.0, ("b", "dpmpp_2m-20"): 1.5, ("a", "x-20"): float("nan")}
+            ("b", "dpmpp_2m-10"): 5.0, ("a", "ddim-eta0-20"): 1.0, ("b", "dpmpp_2m-20"): 1.5,
+            ("a", "x-20"): float("nan")}
     pairs = compare.ranking_pairs(fids)
     best = ("a", "ddim-eta0-20")
     assert pairs[:4] == [(best, ("b", "dpmpp_2m-20")), (best, ("b", "ddim-eta0-10")), (best, ("a", "ddim-eta0-10")),
@@ -132,8 +133,9 @@ def test_grid_comparisons_and_features_file_round_trip(tmp_path):
     cells = _grid_cells(rng, {("cosine", SETS[1]): 0.6}, n=120, d=4)
     cells = {k: v.astype(np.float32).astype(np.float64) for k, v in cells.items()}
     ref = rng.normal(size=(300, 4)).astype(np.float32)
-    compare.save_features(tmp_path / "f.npz", cells, ref)
-    back, ref_back = compare.load_features(tmp_path / "f.npz")
+    compare.save_features(tmp_path / "f.npz", cells, ref, space="classifier-4d-0000")
+    back, ref_back, space = compare.load_features(tmp_path / "f.npz")
+    assert space == "classifier-4d-0000"
     assert list(back) == list(cells) and all(np.array_equal(back[k], cells[k]) for k in cells)
     assert np.array_equal(ref_back, ref) and np.load(tmp_path / "f.npz")["features"].dtype == np.float32
     table = compare.grid_comparisons(back, ref_back, n_boot=100)
@@ -150,3 +152,21 @@ def test_grid_comparisons_and_features_file_round_trip(tmp_path):
     with pytest.raises(ValueError, match="missing array"):
         np.savez(tmp_path / "bad.npz", keys=np.array(["a|0|s-1"]))
         compare.load_features(tmp_path / "bad.npz")
+
+
+def test_cross_table_pairs_cells_across_experiments():
+    rng = np.random.default_rng(7)
+    a = _grid_cells(rng, {}, n=150, d=4)
+    # B: the same noise per index, every cell a little worse; one cell only in A
+    b = {k: v + 0.6 for k, v in a.items()}
+    extra = ("linear", 0, "ddpm-100")
+    a[extra] = rng.normal(size=(150, 4))
+    ref = rng.normal(size=(300, 4))
+    t = compare.cross_table(a, ref, b, ref.copy(), n_boot=200)
+    assert len(t) == 6 + 1 and set(t["family_size"]) == {7} and not t["a"].str.contains("ddpm-100").any()
+    pooled = t[t["kind"] == "pooled"].iloc[0]
+    per = t[t["kind"] == "config"]
+    assert pooled["effect"] == pytest.approx(per["effect"].mean()) and pooled["effect"] > 0
+    assert pooled["verdict"] == "A better" and pooled["hi"] - pooled["lo"] < (per["hi"] - per["lo"]).mean()
+    with pytest.raises(ValueError, match="no cell in common"):
+        compare.cross_table({extra: a[extra]}, ref, b, ref, n_boot=50)
