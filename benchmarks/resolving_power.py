@@ -163,7 +163,7 @@ def cmd_power(a, p) -> str:
     for n in a.n:
         sub = {k: v[:n] for k, v in cells.items()}
         t = time.perf_counter()
-        for v in sub.values():  # what the fid stage computes per cell besides the comparisons
+        for v in sub.values() if a.stage_maths else ():  # what the fid stage computes per cell besides comparisons
             fid_interval(v, ref), kid(v, ref), fid_infinity(v, ref)
         table = compare.grid_comparisons(sub, ref, n_boot=1000, seed=p.seed)
         maths = time.perf_counter() - t
@@ -276,6 +276,8 @@ def main() -> None:
     pw.add_argument("--features", type=Path, nargs="+", required=True)
     pw.add_argument("--n", type=int, nargs="+", default=[400, 1000, 2000])
     pw.add_argument("--project", type=int, nargs="*", default=[2000, 4000, 8000])
+    pw.add_argument("--no-stage-maths", dest="stage_maths", action="store_false",
+                    help="time only the comparisons, not the per-cell interval, KID and FID-infinity")
     aa = sub.add_parser("aa")
     aa.add_argument("--schedule", default="cosine")
     aa.add_argument("--set", default="ddim-eta0-10")
