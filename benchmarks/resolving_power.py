@@ -116,7 +116,7 @@ def _load(files) -> tuple[dict, np.ndarray, dict]:
     """Cells, reference and timings merged over draw files (e.g. one per schedule, drawn in parallel)."""
     cells, ref, timing = {}, None, {"chunks": {}, "features_s": 0.0, "rates": []}
     for f in files:
-        c, r = compare.load_features(f)
+        c, r, _ = compare.load_features(f)
         if ref is not None and not np.array_equal(ref, r):
             raise SystemExit(f"{f}: another reference set")
         cells.update(c)

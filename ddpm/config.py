@@ -145,7 +145,7 @@ class SampleConfig:
     samplers: tuple[SamplerConfig, ...] = tuple(SamplerConfig(n, 0.0, k) for n, k in (
         ("ddpm", 100), ("ddim", 10), ("ddim", 20), ("dpmpp_2m", 10), ("dpmpp_2m", 20), ("dpmpp_2m_sde", 20)))
     spacing: str = "linspace"  # timestep grid of every rule: linspace | trailing | leading (diffusers' definitions)
-    n_samples: int = 400  # images per sample set; every FID uses this count (may exceed the held-out set)
+    n_samples: int = 1000  # images per sample set; every FID uses this count (may exceed the held-out set)
     batch_size: int = 400
     nproc_per_node: int = 1  # > 1: chunks split over torchrun processes, merged in order (same images)
 
