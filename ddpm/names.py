@@ -19,3 +19,9 @@ def sampler_label(name: str, eta: float) -> str:
     """The label of a step rule everywhere (logs, MLflow run names, report, metric keys, figure names):
     ``ddpm``, ``ddpm_large``, ``ddim-eta0``, ``ddim-eta0.5``; eta shows only where the rule uses it."""
     return f"{name}-eta{float(eta):g}" if name == "ddim" else str(name)
+
+
+def set_label(label: str, steps: int) -> str:
+    """The name of a sample set in comparisons (``reports/comparisons.csv``, ``reports/features.npz``):
+    ``<sampler label>-<steps>``, e.g. ``ddim-eta0-10``."""
+    return f"{label}-{int(steps)}"

@@ -31,6 +31,8 @@ REPORTS = Path("reports")
 # File names, spelled here once (dvc.yaml spells them too: it cannot import Python)
 FID_CSV = REPORTS / "fid.csv"
 FID_SUMMARY = REPORTS / "fid_summary.json"
+COMPARISONS_CSV = REPORTS / "comparisons.csv"  # ddpm.compare: the question table and the ranking's pairs
+FEATURES_NPZ = REPORTS / "features.npz"  # every sample set's features + the reference (tracking's `compare`)
 REPORT_METRICS = REPORTS / "metrics.json"
 FEATURIZER_METRICS = FEATURIZER / "metrics.json"
 HOLDOUT = PREPARED / "holdout.npz"

@@ -166,7 +166,7 @@ def _best(r: Results) -> list[Span]:
 
 def _winners(r: Results) -> list[Span]:
     parts = []
-    for steps, win, tied in winners_by_steps(r.configs):
+    for steps, win, tied in winners_by_steps(r.configs, r.comparisons):
         tie_txt = f", tied with {', '.join(tied)}" if tied else ", ahead of every other sampler"
         parts.append(f"at {steps} steps {win['label']} ({win['schedule']}, FID {fmt_num(win['fid'])} "
                      f"{fmt_interval(win['fid_lo'], win['fid_hi'])}){tie_txt}")
@@ -192,31 +192,91 @@ def _training(r: Results) -> list[Span]:
     return out
 
 
+def _questions(r: Results) -> list[Span]:
+    q = main_questions(r)
+    if not len(q):
+        return []
+    resolved = int((q["verdict"] != "tie").sum())
+    return [Span(f"Questions of the design: {resolved} of {len(q)} main effects resolved at 95% family-wise "
+                 f"({int(q['family_size'].iloc[0])} verdicts, Holm). ")]
+
+
 def summary(r: Results) -> list[Span]:
-    return _scope(r) + _best(r) + _winners(r) + _training(r)
+    return _scope(r) + _best(r) + _winners(r) + _questions(r) + _training(r)
 
 
 # ------------------------------------------------------------------------------------------------
 # Tables
 # ------------------------------------------------------------------------------------------------
 FID_HEADER = ["#", "schedule", "sampler", "eta", "spacing", "steps", "seeds", "FID", "95% interval", "FID / floor",
-              "KID", "vs best"]
+              "KID", "FID − best [95%]", "vs best"]
 
 
 def fid_table(r: Results) -> Block:
     fl = r.floor
     rows = [["", "real vs real (floor)", "", "", "", "", "", fmt_num(fl.fid), fmt_interval(fl.lo, fl.hi), "1.00",
-             fmt_pm(fl.kid, fl.kid_std), ""]]
+             fmt_pm(fl.kid, fl.kid_std), "", ""]]
     classes = ["floor"]
     for _, c in r.configs.iterrows():
         ratio = f"{c['fid'] / fl.fid:.2f}" if fl.fid > 0 and math.isfinite(c["fid"]) else "n/a"
         mark = "best" if c["rank"] == 1 and math.isfinite(c["fid"]) else "tie" if c["tie"] else ""
+        diff = (f"{fmt_num(c['vs_best'])} {fmt_interval(c['vs_best_lo'], c['vs_best_hi'])}"
+                if math.isfinite(c["vs_best"]) else "")
         rows.append([str(c["rank"]), c["schedule"], c["label"], f"{float(c['eta']):g}", c["spacing"],
                      str(int(c["steps"])), str(c["n_seeds"]), fmt_pm(c["fid"], c["fid_sd"]),
-                     fmt_interval(c["fid_lo"], c["fid_hi"]), ratio, fmt_pm(c["kid"], c["kid_sd"]), mark])
+                     fmt_interval(c["fid_lo"], c["fid_hi"]), ratio, fmt_pm(c["kid"], c["kid_sd"]), diff, mark])
         classes.append(mark)
     return Block("table", header=FID_HEADER, rows=rows, classes=classes, css="fid",
-                 align=["r", "l", "l", "r", "l", "r", "r", "r", "r", "r", "r", "l"])
+                 align=["r", "l", "l", "r", "l", "r", "r", "r", "r", "r", "r", "r", "l"])
+
+
+def main_questions(r: Results) -> pd.DataFrame:
+    q = r.comparisons[r.comparisons["family"] == "questions"]
+    return q[q["kind"] != "interaction"]
+
+
+def _interaction_text(r: Results, a: str, b: str) -> str:
+    q = r.comparisons
+    row = q[(q["family"] == "questions") & (q["kind"] == "interaction") & (q["a"] == a) & (q["b"] == b)]
+    if not len(row) or row["verdict"].iloc[0] == "tie":
+        return "no"
+    i = row.iloc[0]
+    return f"yes: at {i['question'].rsplit(' at ', 1)[-1]}, {fmt_num(i['effect'])} {fmt_interval(i['lo'], i['hi'])}"
+
+
+QUESTION_HEADER = ["question", "effect (FID a − b)", "95% interval", "verdict", "interaction"]
+
+
+def questions_table(r: Results) -> Block:
+    rows = [[c["question"], fmt_num(c["effect"]), fmt_interval(c["lo"], c["hi"]), c["verdict"],
+             _interaction_text(r, c["a"], c["b"])] for _, c in main_questions(r).iterrows()]
+    return Block("table", header=QUESTION_HEADER, rows=rows, classes=[""] * len(rows),
+                 align=["l", "r", "r", "l", "l"], css="questions")
+
+
+def questions_note(r: Results) -> str:
+    q = r.comparisons[r.comparisons["family"] == "questions"]
+    n_main = len(main_questions(r))
+    seeds = (f"One training seed (seed {r.seeds[0]}): the intervals hold the noise of sampling and of the reference "
+             "set, not of training; a verdict says these models differ, not that the schedules would with other "
+             "seeds." if len(r.seeds) == 1 else
+             f"{len(r.seeds)} training seeds: each interval is a Student-t interval over the per-seed differences, "
+             "so it holds training noise as well as sampling noise.")
+    return (f"Each effect is a paired difference of FID, a − b (negative: a better), averaged over the other factor "
+            f"({main_questions(r)['method'].iloc[0]}: every sample set shares its starting noise x_T per sample index, "
+            "so one resample of the indices is applied to all sets together, and the shared reference is resampled "
+            f"once per replicate for all of them). The table states {len(q)} verdicts: {n_main} main effects and "
+            f"{len(q) - n_main} interaction checks (does a per-level difference depart from the main effect?). The "
+            "family-wise error over all of them is held at 5% by a weighted Holm correction (80% of the budget to "
+            "the main effects); 'tie' means not resolved after it, even where the unadjusted interval excludes 0. "
+            f"{seeds} See docs/statistics.md.")
+
+
+def _questions_section(r: Results) -> Section:
+    if not len(main_questions(r)):
+        return Section("questions", "Questions of the design", [note("One schedule and one sample set: no "
+                                                                     "question to ask.")])
+    return Section("questions", "Questions of the design", [questions_table(r), note(questions_note(r))])
 
 
 def featurizer_table(f: Mapping[str, Any]) -> Block:
@@ -280,9 +340,12 @@ def galleries(r: Results, grids: Mapping[tuple[str, str, int], tuple[str, bytes]
 # ------------------------------------------------------------------------------------------------
 def _fid_section(r: Results, figs: Mapping[str, bytes]) -> Section:
     fl = r.floor
+    n_rank = int((r.comparisons["family"] == "ranking").sum())
     blocks = [fid_table(r), note(
-        f"Sorted by FID ({fl.features} features, {fl.n_samples} samples per set). 'vs best': tie = {TIE_RULE} "
-        f"(here: with the best one's). The floor row is the FID between two disjoint sets of real images of the same "
+        f"Sorted by FID ({fl.features} features, {fl.n_samples} samples per set). 'FID − best': the paired "
+        f"difference to the best configuration with its 95% interval; 'vs best': tie = {TIE_RULE}; {n_rank} "
+        "comparisons in that family (the best against every other, and each step count's best against the other "
+        "samplers there). The floor row is the FID between two disjoint sets of real images of the same "
         f"size, with its interval; 'FID / floor' = how many times the floor a configuration scores; KID ± its sd.")]
     blocks.append(figure("fid_vs_steps.png" if "fid_vs_steps.png" in figs else None, "FID vs sampling steps",
                          "FID vs number of sampling steps (log scale) per schedule (colour) and sampler (marker and "
@@ -346,7 +409,7 @@ def build_document(r: Results, figs: Mapping[str, bytes], grids: Mapping, grid_i
         hero = figure(grids[key][0] if key in grids else None, "best configuration samples",
                       f"Samples of the best configuration ({config_name(r.best)}).", pixel=True)
     params = params_table(r.params)
-    sections = [_fid_section(r, figs), _samples_section(r, grids, grid_images, grid_scale),
+    sections = [_fid_section(r, figs), _questions_section(r), _samples_section(r, grids, grid_images, grid_scale),
                 _training_section(r, figs), _schedules_section(r, figs),
                 Section("featurizer", "Featurizer", [featurizer_table(r.featurizer)]),
                 Section("params", "Parameters", [params] if params else [note("No parameters.")])]
@@ -410,7 +473,8 @@ def _py(x: Any) -> Any:
 def summary_metrics(r: Results) -> dict[str, Any]:
     """Flat metrics (python scalars; NaN -> None): ``fid_floor`` (+ ``_lo``, ``_hi``), ``n_seeds``; ``best_fid``
     (+ ``_lo``, ``_hi``, ``_ratio`` to the floor), ``best_schedule``, ``best_sampler`` (its label),
-    ``best_eta``, ``best_steps``, ``n_tied_with_best``; ``featurizer_val_accuracy`` when given;
+    ``best_eta``, ``best_steps``, ``n_tied_with_best``; ``questions`` (main effects of the design) and
+    ``questions_resolved`` (family-wise); ``featurizer_val_accuracy`` when given;
     ``final_loss_<schedule>`` (mean over seeds); ``fid_<schedule>_<label>_<steps>`` (mean over seeds)."""
     fl = r.floor
     out: dict[str, Any] = {"fid_floor": _py(fl.fid), "fid_floor_lo": _py(fl.lo), "fid_floor_hi": _py(fl.hi),
@@ -422,6 +486,8 @@ def summary_metrics(r: Results) -> dict[str, Any]:
                    best_fid_ratio=_py(float(b["fid"]) / fl.fid) if fl.fid > 0 else None,
                    best_schedule=str(b["schedule"]), best_sampler=str(b["label"]), best_eta=_py(float(b["eta"])),
                    best_steps=int(b["steps"]), n_tied_with_best=int(r.configs["tie"].sum()))
+    q = main_questions(r)
+    out.update(questions=len(q), questions_resolved=int((q["verdict"] != "tie").sum()))
     if r.featurizer.get("val_accuracy") is not None:
         out["featurizer_val_accuracy"] = _py(float(r.featurizer["val_accuracy"]))
     for s in r.schedules:

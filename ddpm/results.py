@@ -1,15 +1,21 @@
 """The experiment's results as one object, read from the pipeline's outputs; the statistics the report states.
 
-:func:`load_results` reads ``reports/fid.csv``, ``reports/fid_summary.json``, ``featurizer/metrics.json``,
-each model's ``loss.csv`` and ``fid_curve.csv`` (``models/<schedule>/seed<k>/``), the sample sets of the
-first training seed and a few held-out images, and returns a :class:`Results`. Nothing here draws or
-formats: :mod:`ddpm.figures` draws and :mod:`ddpm.report` renders.
+:func:`load_results` reads ``reports/fid.csv``, ``reports/fid_summary.json``, ``reports/comparisons.csv``,
+``featurizer/metrics.json``, each model's ``loss.csv`` and ``fid_curve.csv`` (``models/<schedule>/seed<k>/``),
+the sample sets of the first training seed and a few held-out images, and returns a :class:`Results`.
+Nothing here draws or formats: :mod:`ddpm.figures` draws and :mod:`ddpm.report` renders.
 
 Aggregation over training seeds (:func:`aggregate`): one row per configuration (schedule, sampler, eta,
 spacing, steps). With one seed, its FID interval is the one in ``fid.csv`` and KID's sd is ``kid_std``.
 With n >= 2 seeds, the FID is the mean over seeds, ``fid_sd`` their sample sd, the interval the 95%
 Student-t interval of that mean (it holds training and sampling noise, since each seed's FID carries
-both), and KID's sd the sd over seeds. :data:`TIE_RULE` decides ties.
+both), and KID's sd the sd over seeds.
+
+Comparisons (``reports/comparisons.csv``, written by the fid stage with :mod:`ddpm.compare`): each difference
+between configurations has its own interval from a paired bootstrap (sample sets share x_T per index and one
+reference). Family ``questions``: the questions of the schedule x sample-set design; family ``ranking``: the
+best configuration against every other one and each step count's best against the other samplers there, Holm
+over those pairs. :data:`TIE_RULE` reads them: the ``tie`` marks and :func:`winners_by_steps`.
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ import pandas as pd
 
 from . import pipeline
 from .limits import LimitError
-from .names import SCHEDULES, SPACINGS, STEP_RULES, sampler_label
+from .names import SCHEDULES, SPACINGS, STEP_RULES, sampler_label, set_label
 
 FID_COLUMNS = ("schedule", "sampler", "eta", "steps", "fid", "n_samples", "features",
                "seed", "spacing", "fid_lo", "fid_hi", "kid", "kid_std")
@@ -35,7 +41,10 @@ FEATURIZER_KEYS = ("features", "ruler", "sha256")
 CURVE_COLUMNS = ("step", "fid", "floor")
 LOSS_COLUMNS = ("step", "loss")
 CONFIG_KEYS = ["schedule", "sampler", "eta", "spacing", "steps"]
-TIE_RULE = "a configuration ties with another when their 95% intervals overlap"
+COMPARISON_COLUMNS = ("question", "kind", "a", "b", "effect", "lo", "hi", "p", "p_holm", "verdict", "family",
+                      "family_size", "method")  # ddpm.compare.COLUMNS
+TIE_RULE = ("two configurations tie when their paired FID difference is not resolved at 95% (paired bootstrap, "
+            "Holm over the ranking's comparisons)")
 MAX_JSON_BYTES = 1 << 20  # JSON files the report reads are small; refuse anything larger
 # fid.csv columns that name files (models/<schedule>/seed<k>/, samples/.../<sampler>-eta<eta>-<steps>.npz):
 # only the configuration's vocabulary (ddpm/names.py), so no row can point outside the repository
@@ -65,6 +74,7 @@ class Floor:
 class Results:
     rows: pd.DataFrame  # fid.csv, one row per schedule x seed x sampler x steps, plus ``label``
     configs: pd.DataFrame  # one row per configuration, sorted by FID: see aggregate()
+    comparisons: pd.DataFrame  # comparisons.csv: families "questions" and "ranking" (COMPARISON_COLUMNS)
     floor: Floor
     seeds: tuple[int, ...]
     schedules: tuple[str, ...]
@@ -149,6 +159,12 @@ def inside(root: Path, rel: Path) -> Path:
     return path
 
 
+def read_comparisons(path: Path) -> pd.DataFrame:
+    """comparisons.csv with every column of :data:`COMPARISON_COLUMNS` (verdicts as strings)."""
+    df = read_csv(path, COMPARISON_COLUMNS)
+    return df.astype({"question": str, "kind": str, "a": str, "b": str, "verdict": str, "family": str})
+
+
 def read_floor(path: Path, features: str) -> Floor:
     s = read_json(path, SUMMARY_KEYS)
     if str(s["features"]) != features:
@@ -182,29 +198,46 @@ def _aggregate_group(g: pd.DataFrame) -> dict[str, Any]:
     return out
 
 
-def overlaps(lo: float, hi: float, other_lo: float, other_hi: float) -> bool:
-    """Whether [lo, hi] and [other_lo, other_hi] share a point (the tie rule, :data:`TIE_RULE`)."""
-    return bool(lo <= other_hi and other_lo <= hi)
+def config_name(c: pd.Series | dict) -> str:
+    """A configuration's name in comparisons.csv: ``<schedule>/<sampler label>-<steps>``."""
+    return f"{c['schedule']}/{set_label(c['label'], c['steps'])}"
 
 
-def aggregate(rows: pd.DataFrame) -> pd.DataFrame:
+def paired(comparisons: pd.DataFrame, a: pd.Series, b: pd.Series) -> pd.Series:
+    """The ranking's comparison of configurations a and b, oriented as FID(a) - FID(b) (effect, lo, hi, verdict)."""
+    na, nb = config_name(a), config_name(b)
+    rank = comparisons[comparisons["family"] == "ranking"]
+    hit = rank[(rank["a"] == na) & (rank["b"] == nb)]
+    if len(hit):
+        return hit.iloc[0]
+    hit = rank[(rank["a"] == nb) & (rank["b"] == na)]
+    if not len(hit):
+        raise ResultsError(f"{pipeline.COMPARISONS_CSV}: no paired comparison of {na} and {nb}; rerun the fid stage")
+    r = hit.iloc[0].copy()
+    r["effect"], r["lo"], r["hi"] = -r["effect"], -r["hi"], -r["lo"]
+    return r
+
+
+def aggregate(rows: pd.DataFrame, comparisons: pd.DataFrame) -> pd.DataFrame:
     """One row per configuration (CONFIG_KEYS + label, n_seeds, fid, fid_sd, fid_lo, fid_hi, kid, kid_sd),
-    sorted by FID (NaN last), then ``rank`` (1 = best) and ``tie`` (interval overlaps the best one's)."""
+    sorted by FID (NaN last), then ``rank`` (1 = best), ``tie`` (:data:`TIE_RULE` with the best one) and the
+    paired difference to the best, FID(config) - FID(best): ``vs_best``, ``vs_best_lo``, ``vs_best_hi``."""
     groups = rows.groupby(CONFIG_KEYS, sort=False, dropna=False)
     df = pd.DataFrame([{**dict(zip(CONFIG_KEYS, k)), **_aggregate_group(g)} for k, g in groups])
     df = df.sort_values(["fid", "schedule", "label", "steps"], kind="mergesort", na_position="last")
     df = df.reset_index(drop=True)
     df["rank"] = np.arange(1, len(df) + 1)
+    df["tie"], df["vs_best"], df["vs_best_lo"], df["vs_best_hi"] = False, np.nan, np.nan, np.nan
     finite = np.isfinite(df["fid"])
-    df["tie"] = False
-    if finite.any():
-        b = df.iloc[0]
-        df["tie"] = [bool(f) and i > 0 and overlaps(lo, hi, b["fid_lo"], b["fid_hi"])
-                     for i, (f, lo, hi) in enumerate(zip(finite, df["fid_lo"], df["fid_hi"]))]
+    for i in np.flatnonzero(finite)[1:]:
+        r = paired(comparisons, df.iloc[i], df.iloc[0])
+        df.loc[i, ["tie", "vs_best", "vs_best_lo", "vs_best_hi"]] = [r["verdict"] == "tie", r["effect"], r["lo"],
+                                                                     r["hi"]]
+    df["tie"] = df["tie"].astype(bool)
     return df
 
 
-def winners_by_steps(configs: pd.DataFrame) -> list[tuple[int, pd.Series, list[str]]]:
+def winners_by_steps(configs: pd.DataFrame, comparisons: pd.DataFrame) -> list[tuple[int, pd.Series, list[str]]]:
     """For each step count with several samplers: (steps, the best configuration, the other samplers whose best
     configuration at that step count ties with it by :data:`TIE_RULE`)."""
     out = []
@@ -215,8 +248,7 @@ def winners_by_steps(configs: pd.DataFrame) -> list[tuple[int, pd.Series, list[s
         if len(per_label) < 2:
             continue
         win = per_label.iloc[0]
-        tied = [r["label"] for _, r in per_label.iloc[1:].iterrows()
-                if overlaps(r["fid_lo"], r["fid_hi"], win["fid_lo"], win["fid_hi"])]
+        tied = [r["label"] for _, r in per_label.iloc[1:].iterrows() if paired(comparisons, win, r)["verdict"] == "tie"]
         out.append((steps, win, tied))
     return out
 
@@ -278,11 +310,13 @@ def load_results(p: Any, root: str | Path = ".") -> Results:
     if str(featurizer["features"]) != features:
         raise ResultsError(f"{root / pipeline.FEATURIZER_METRICS}: features {featurizer['features']!r} differ "
                            f"from fid.csv's {features!r}")
+    comparisons = read_comparisons(root / pipeline.COMPARISONS_CSV)
     seeds = tuple(sorted(int(s) for s in set(rows["seed"])))
     schedules = tuple(dict.fromkeys(rows["schedule"]))
     losses, curves = _load_model_files(root, schedules, seeds)
     real = _load_arrays(root / pipeline.HOLDOUT, "images")[: p.report.forward_images]
-    return Results(rows=rows, configs=aggregate(rows), floor=floor, seeds=seeds, schedules=schedules,
+    return Results(rows=rows, configs=aggregate(rows, comparisons), comparisons=comparisons, floor=floor, seeds=seeds,
+                   schedules=schedules,
                    losses=losses, fid_curves=curves, samples=_load_samples(root, rows, seeds[0], real.shape[1:]), real_images=real,
                    featurizer=featurizer, params=p.to_dict(), timesteps=int(p.timesteps),
                    zero_terminal_snr=bool(p.diffusion.zero_terminal_snr))

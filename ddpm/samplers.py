@@ -155,16 +155,21 @@ def sample_loop(
     x_T: Optional[torch.Tensor] = None,
     autocast_dtype: Optional[torch.dtype] = None,
     progress: bool = False,
+    noise: Optional["IndexedNoise"] = None,
 ) -> torch.Tensor:
     """Draw samples [N, C, H, W] in model space from x_T ~ N(0, I) over ``rule``'s grid of ``steps`` timesteps.
 
     The only loop: the rule's coefficients are python floats computed once, the model is called once
-    per step, and nothing reads a device value back (no host synchronisation per step).
+    per step, and nothing reads a device value back (no host synchronisation per step). The noise (x_T and
+    each step's z) comes from ``noise`` when given (per sample index, see :class:`IndexedNoise`), else from
+    ``generator`` as one stream.
     """
     device = torch.device(device)
     grid = rule.grid(process.num_timesteps, steps)
     ab = rule.alpha_bars(process.alpha_bar64.tolist())
-    x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T.to(device).clone()
+    if noise is None:
+        noise = _StreamNoise(shape, generator, device)
+    x = noise.initial() if x_T is None else x_T.to(device).clone()
     was_training = isinstance(model, nn.Module) and model.training
     if isinstance(model, nn.Module):
         model.eval()
@@ -192,7 +197,7 @@ def sample_loop(
             if c.hist:
                 x_prev = x_prev + c.hist * x0_hist
             if c.sigma:
-                x_prev = x_prev + c.sigma * torch.randn(shape, generator=generator, device=device)
+                x_prev = x_prev + c.sigma * noise.step(i)
             x = x_prev
             if rule.multistep:
                 x0_hist, ab_hist = x0, ab_t
@@ -203,11 +208,68 @@ def sample_loop(
 
 
 def chunk_generator(seed: int, chunk: int, device: torch.device | str) -> torch.Generator:
-    """The generator of sample chunk ``chunk``: a pure function of (seed, chunk), so chunks can be drawn
-    in any order or by several processes and still give the same images."""
+    """The generator of noise block ``chunk`` (sample indices [chunk * NOISE_BLOCK, (chunk + 1) * NOISE_BLOCK)):
+    a pure function of (seed, chunk), so blocks can be drawn in any order or by several processes."""
     g = torch.Generator(device=device)
     g.manual_seed((int(seed) * 1_000_003 + int(chunk) * 7_919 + 12_345) % (2**63 - 1))
     return g
+
+
+# Sample indices per noise block: the default sample.batch_size when per-index noise came, so every set drawn
+# at batch 400 before it (x_T and step noise) is unchanged.
+NOISE_BLOCK = 400
+
+
+class _StreamNoise:
+    """One generator's stream for a whole batch (``sample_loop`` with a plain ``generator``)."""
+
+    def __init__(self, shape: tuple[int, ...], generator: Optional[torch.Generator], device: torch.device):
+        self.shape, self.generator, self.device = shape, generator, device
+
+    def initial(self) -> torch.Tensor:
+        return torch.randn(self.shape, generator=self.generator, device=self.device)
+
+    def step(self, i: int) -> torch.Tensor:
+        return torch.randn(self.shape, generator=self.generator, device=self.device)
+
+
+class IndexedNoise:
+    """The noise of sample indices [start, start + n): x_T and the z of step i of index j are a pure function of
+    (seed, j, i), whatever the batch size, chunk order or process split. Index j lives in block
+    b = j // NOISE_BLOCK, whose generator ``chunk_generator(seed, b)`` draws, in order, x_T of the whole block
+    and then one block of z per step (step i: the (i + 1)-th; steps without noise skip theirs), so sample
+    sets pair per index across schedules, T and experiments, stochastic rules too (common random numbers).
+    A batch aligned on the blocks draws exactly what one stream per block would: no extra cost."""
+
+    def __init__(self, seed: int, start: int, n: int, image_shape: tuple[int, ...], device: torch.device | str):
+        self.start, self.n, self.image_shape, self.device = start, n, tuple(image_shape), torch.device(device)
+        first, last = start // NOISE_BLOCK, (start + n - 1) // NOISE_BLOCK
+        self.blocks = [(b, chunk_generator(seed, b, self.device)) for b in range(first, last + 1)]
+        self.drawn = -1  # steps whose z has been drawn (-1: not even x_T)
+
+    def _draw(self) -> torch.Tensor:
+        parts = [torch.randn((NOISE_BLOCK, *self.image_shape), generator=g, device=self.device)
+                 for _, g in self.blocks]
+        x = parts[0] if len(parts) == 1 else torch.cat(parts)
+        lo = self.start - self.blocks[0][0] * NOISE_BLOCK
+        return x[lo:lo + self.n]
+
+    def initial(self) -> torch.Tensor:
+        if self.drawn != -1:
+            raise RuntimeError("IndexedNoise.initial() must come first, once")
+        self.drawn = 0
+        return self._draw()
+
+    def step(self, i: int) -> torch.Tensor:
+        """z of step i (0-based over the grid); the blocks of steps skipped since the last call are drawn and
+        dropped, so step i's z never depends on which earlier steps used theirs."""
+        if i < self.drawn:
+            raise RuntimeError(f"IndexedNoise.step({i}) after step {self.drawn - 1}: steps must increase")
+        while self.drawn < i:
+            self._draw()
+            self.drawn += 1
+        self.drawn += 1
+        return self._draw()
 
 
 def sample_images(
@@ -225,8 +287,10 @@ def sample_images(
     chunks: Optional[list[int]] = None,
     progress: bool = False,
 ) -> torch.Tensor:
-    """``num_samples`` images [N, C, H, W] in model space, drawn in chunks of ``batch_size``; chunk k uses
-    ``chunk_generator(seed, k)``. ``chunks`` selects a subset (for splitting work); the default is all."""
+    """``num_samples`` images [N, C, H, W] in model space, drawn in chunks of ``batch_size``; image j's noise is
+    a function of (seed, j, step) alone (:class:`IndexedNoise`), so the images do not depend on the batch
+    size, and a larger ``num_samples`` only appends images. ``chunks`` selects a subset of the chunks (for
+    splitting work); the default is all."""
     n_chunks = math.ceil(num_samples / batch_size)
     chunks = list(range(n_chunks)) if chunks is None else chunks
     out = []
@@ -237,9 +301,9 @@ def sample_images(
         iterator = tqdm(chunks, desc=f"sample {rule.label} x{steps}", unit="batch")
     for k in iterator:
         n = min(batch_size, num_samples - k * batch_size)
-        g = chunk_generator(seed, k, device)
+        noise = IndexedNoise(seed, k * batch_size, n, image_shape, device)
         out.append(
-            sample_loop(model, process, (n, *image_shape), steps, rule, g, clip_denoised, device,
-                        autocast_dtype=autocast_dtype).cpu()
+            sample_loop(model, process, (n, *image_shape), steps, rule, None, clip_denoised, device,
+                        autocast_dtype=autocast_dtype, noise=noise).cpu()
         )
     return torch.cat(out) if out else torch.empty(0, *image_shape)

@@ -19,7 +19,9 @@ Run layout (one MLflow experiment per pipeline, e.g. ``ddpm``)::
                          report.html, fid.csv, metrics.json, figures/
 
 :func:`comparison_table` lists the ``sample`` runs (one row per schedule x sampler x steps x run),
-sorted by FID; ``python -m ddpm.tracking table`` prints it.
+sorted by FID; ``python -m ddpm.tracking table`` prints it; ``table --questions`` prints the question table
+of ``reports/comparisons.csv`` (or of a run's artifact, logged by :func:`log_comparisons`), and
+``python -m ddpm.tracking compare A B`` pairs two experiments or commits (:func:`compare_revs`).
 
 Where the data goes (:func:`default_tracking_uri`): ``$MLFLOW_TRACKING_URI`` if set (e.g. an
 ``mlflow server``), else ``sqlite:///<root>/mlflow.db`` with ``root = $DVC_ROOT`` (the real repo,
@@ -1091,6 +1093,61 @@ def seed_summary(df):
     return out.sort_values(["fid_mean", *keys], na_position="last", kind="stable").reset_index(drop=True)
 
 
+# --------------------------------------------------------------------------- questions, compare
+
+COMPARISONS_ARTIFACT = "comparisons/comparisons.csv"
+
+
+def log_comparisons(tracker: "Tracker", run_id: str | None, path: str | os.PathLike) -> None:
+    """Attach a comparisons table (reports/comparisons.csv, ddpm.compare.COLUMNS) to ``run_id`` as the CSV
+    artifact :data:`COMPARISONS_ARTIFACT` (the UI shows it as a table), and log ``questions`` and
+    ``questions_resolved`` (main effects of the design, family-wise) as metrics."""
+    import pandas as pd
+
+    df = pd.read_csv(path)
+    main = df[(df["family"] == "questions") & (df["kind"] != "interaction")]
+    tracker.log_artifact(run_id, path, "comparisons")
+    tracker.log_metrics(run_id, [{"step": 0, "questions": len(main),
+                                  "questions_resolved": int((main["verdict"] != "tie").sum())}])
+
+
+def read_rev_file(rev: str, path: str, repo: str | os.PathLike = ".") -> bytes:
+    """``path`` as of ``rev`` (a commit, branch, tag or DVC experiment name; ``workspace``: the working
+    tree): from git when git tracks it there, else from DVC's cache (``dvc.api.read``)."""
+    if rev == "workspace":
+        return (Path(repo) / path).read_bytes()
+    git = subprocess.run(["git", "-C", str(repo), "show", f"{rev}:{path}"], capture_output=True, timeout=60)
+    if git.returncode == 0:
+        return git.stdout
+    import dvc.api
+
+    try:
+        return dvc.api.read(path, repo=str(repo), rev=rev, mode="rb")
+    except Exception as exc:
+        raise FileNotFoundError(f"{path} at {rev!r}: not in git ({git.stderr.decode().strip()[:200]}) nor in "
+                                f"DVC ({type(exc).__name__}: {exc}); run the fid stage there first") from exc
+
+
+def compare_revs(rev_a: str, rev_b: str, repo: str | os.PathLike = ".", *, n_boot: int = 1000, seed: int = 0,
+                 path: str = "reports/features.npz"):
+    """B - A per configuration and pooled (ddpm.compare.cross_table) from each side's features file."""
+    from ddpm import compare
+
+    (ca, ra, sa), (cb, rb, sb) = (compare.load_features(read_rev_file(r, path, repo)) for r in (rev_a, rev_b))
+    if sa != sb:
+        raise ValueError(f"{path}: feature spaces differ ({rev_a}: {sa!r}, {rev_b}: {sb!r}); FIDs are comparable "
+                         "only in one feature space")
+    return compare.cross_table(ca, ra, cb, rb, n_boot=n_boot, seed=seed)
+
+
+def _print_comparisons(df, columns: list[str]) -> None:
+    import pandas as pd
+
+    with pd.option_context("display.width", 250, "display.max_columns", None, "display.max_colwidth", 90,
+                           "display.float_format", "{:.4g}".format):
+        print(df[columns].to_string(index=False))
+
+
 # --------------------------------------------------------------------------- CLI
 
 def parser(prog: str = "python -m ddpm.tracking") -> argparse.ArgumentParser:
@@ -1105,6 +1162,17 @@ def parser(prog: str = "python -m ddpm.tracking") -> argparse.ArgumentParser:
     t.add_argument("--csv", action="store_true", help="print CSV instead of a table")
     t.add_argument("--seeds", action="store_true",
                    help="one row per configuration: FID and KID as mean and sd over training seeds")
+    t.add_argument("--questions", action="store_true",
+                   help="the question table: of --file (default reports/comparisons.csv) or of --run's artifact")
+    t.add_argument("--file", default="reports/comparisons.csv", help="comparisons CSV for --questions")
+    t.add_argument("--run", default=None, help="MLflow run id whose comparisons artifact --questions reads")
+    c = sub.add_parser("compare", help="B - A per configuration and pooled, paired by sample index (A, B: git "
+                                       "revisions or DVC experiment names; 'workspace': the working tree)")
+    c.add_argument("a")
+    c.add_argument("b")
+    c.add_argument("--repo", default=".", help="the repository (default: the current directory)")
+    c.add_argument("--n-boot", type=int, default=1000)
+    c.add_argument("--csv", action="store_true", help="print CSV instead of a table")
     p = sub.add_parser("import-pending", help="replay a Tracker's pending JSONL file")
     p.add_argument("file")
     p.add_argument("--uri", default=None)
@@ -1117,15 +1185,17 @@ def main(argv: list[str] | None = None, prog: str = "python -m ddpm.tracking") -
     args = parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     install_log_redaction()
-    uri = args.uri or default_tracking_uri()
+    uri = getattr(args, "uri", None) or default_tracking_uri()
     try:
-        return _table(args, uri) if args.cmd == "table" else _import(args, uri)
+        return {"table": _table, "compare": _compare, "import-pending": _import}[args.cmd](args, uri)
     except Exception as exc:
         print(redact(f"error: {type(exc).__name__}: {exc}", uri), file=sys.stderr)
         return 1
 
 
 def _table(args: argparse.Namespace, uri: str) -> int:
+    if args.questions:
+        return _questions(args, uri)
     df = comparison_table(args.experiment, args.filter, uri=uri)
     if args.seeds and not df.empty:
         df = seed_summary(df)
@@ -1139,6 +1209,37 @@ def _table(args: argparse.Namespace, uri: str) -> int:
         import pandas as pd
         with pd.option_context("display.width", 250, "display.max_columns", None):
             print(df.to_string(index=False))
+    return 0
+
+
+def _questions(args: argparse.Namespace, uri: str) -> int:
+    import pandas as pd
+
+    path = Path(args.file)
+    if args.run:
+        path = Path(_open_client(uri).download_artifacts(args.run, COMPARISONS_ARTIFACT, tempfile.mkdtemp()))
+    df = pd.read_csv(path)
+    q = df[df["family"] == "questions"]
+    main, inter = q[q["kind"] != "interaction"], q[q["kind"] == "interaction"]
+    flagged = {(a, b) for a, b, v in zip(inter["a"], inter["b"], inter["verdict"]) if v != "tie"}
+    main = main.assign(interaction=["yes" if (a, b) in flagged else "no" for a, b in zip(main["a"], main["b"])])
+    _print_comparisons(main, ["question", "effect", "lo", "hi", "p_holm", "verdict", "interaction"])
+    print(f"{int((main['verdict'] != 'tie').sum())} of {len(main)} main effects resolved at 95% family-wise "
+          f"(Holm over {len(q)} verdicts: {len(main)} main effects, {len(inter)} interaction checks); "
+          f"{main['method'].iloc[0] if len(main) else ''}")
+    return 0
+
+
+def _compare(args: argparse.Namespace, uri: str) -> int:
+    df = compare_revs(args.a, args.b, args.repo, n_boot=args.n_boot)
+    if args.csv:
+        sys.stdout.write(df.to_csv(index=False))
+        return 0
+    _print_comparisons(df, ["question", "effect", "lo", "hi", "p", "p_holm", "verdict"])
+    pooled = df[df["kind"] == "pooled"].iloc[0]
+    print(f"B = {args.b}, A = {args.a}: FID(B) - FID(A) pooled over {len(df) - 1} configurations = "
+          f"{pooled['effect']:.4g} [{pooled['lo']:.4g}, {pooled['hi']:.4g}], {pooled['verdict']} (Holm over "
+          f"{len(df)} comparisons; {pooled['method']})")
     return 0
 
 

@@ -1,28 +1,52 @@
-"""fid: FID, its 95% interval and KID of every sample set (schedule x training seed x sampler x steps), and the floor.
+"""fid: FID, its 95% interval and KID of every sample set (schedule x training seed x sampler x steps), and the floor;
+the paired comparisons of the grid.
 
-Writes reports/fid.csv (columns: COLUMNS; contract 2) and reports/fid_summary.json (contract 3), both pure
-functions of their inputs (no timings). The track stage mirrors them into MLflow.
+Writes reports/fid.csv (columns: COLUMNS; contract 2), reports/fid_summary.json (contract 3),
+reports/comparisons.csv (ddpm.compare.COLUMNS: the question table and the ranking's pairs, each family Holm-adjusted)
+and reports/features.npz (every set's features and the reference, for `ddpm compare`), all pure functions of their
+inputs (no timings). The track stage mirrors them into MLflow.
 """
 from __future__ import annotations
 
 import pandas as pd
 
+from ddpm import compare
 from ddpm.config import load_params, resolve_device
-from ddpm.fid import extract_features, fid_from_features, fid_interval, kid, load_featurizer
+from ddpm.fid import extract_features, fid_from_features, fid_infinity, fid_interval, kid, load_featurizer
 from ddpm.io import atomic_path
-from ddpm.pipeline import (FEATURIZER, FID_CSV, FID_SUMMARY, load_arrays, load_sample_set, prepared_image_shape,
-                           sample_path, sampler_label, setup_logging, write_json)
+from ddpm.pipeline import (COMPARISONS_CSV, FEATURES_NPZ, FEATURIZER, FID_CSV, FID_SUMMARY, load_arrays, load_sample_set,
+                           prepared_image_shape, sample_path, sampler_label, setup_logging, write_json)
 
 COLUMNS = ["schedule", "sampler", "eta", "steps", "fid", "n_samples", "features", "seed", "spacing", "fid_lo",
-           "fid_hi", "kid", "kid_std"]
+           "fid_hi", "kid", "kid_std", "fid_inf"]
 INTERVAL = "95% bootstrap interval for E[FID] at n_samples (basic bootstrap of both feature sets, 200 resamples)"
+FID_INF = ("fid_inf: FID-infinity (Chong & Forsyth 2020): the line FID(k) = a + b / k fitted to subsets of k of the n "
+           "features, extrapolated to 1 / k = 0; comparable across n (the reference's own bias stays in every value)")
+N_BOOT = 1000  # replicates of the paired bootstrap (18 cells: about 3 s)
 
 
 def measure(feats, ref_feats) -> dict[str, float]:
     """fid (plug-in), fid_lo, fid_hi and kid, kid_std of features [N, D] against the reference features."""
     lo, hi = fid_interval(feats, ref_feats)
     k, k_std = kid(feats, ref_feats)
-    return {"fid": fid_from_features(feats, ref_feats), "fid_lo": lo, "fid_hi": hi, "kid": k, "kid_std": k_std}
+    return {"fid": fid_from_features(feats, ref_feats), "fid_lo": lo, "fid_hi": hi, "kid": k, "kid_std": k_std,
+            "fid_inf": fid_infinity(feats, ref_feats)[0]}
+
+
+def floor_at(held, ref_feats, n: int) -> tuple[dict[str, float], int]:
+    """The real-vs-real floor at n samples and the held-out count it was measured on: measured on n held-out
+    images when there are as many; else on all m of them and carried from m to n along their FID-infinity
+    line (its value at n; the interval shifted with it, its width that of m images: conservative)."""
+    m = min(n, len(held))
+    floor = measure(held[:m], ref_feats)
+    if m < n:
+        a, b = fid_infinity(held[:m], ref_feats)
+        if a != a:  # NaN: too few held-out images for the fit
+            raise SystemExit(f"sample.n_samples: got {n}, but the held-out set of {m} images is too small to carry the "
+                             f"FID floor to n; allowed: at most {m} (or raise data.holdout_fraction)")
+        shift = a + b / n - floor["fid"]
+        floor.update(fid=floor["fid"] + shift, fid_lo=max(floor["fid_lo"] + shift, 0.0), fid_hi=floor["fid_hi"] + shift)
+    return floor, m
 
 
 def _images(schedule, seed, s, n):
@@ -34,6 +58,15 @@ def _images(schedule, seed, s, n):
     return images
 
 
+def write_comparisons(p, cells, ref_feats, space: str) -> None:
+    """reports/features.npz and reports/comparisons.csv: the paired bootstrap of every cell (seeded by params' seed),
+    the questions of the schedule x sample-set grid, and the pairs the report's ranking states."""
+    compare.save_features(FEATURES_NPZ, cells, ref_feats, space=space)
+    table = compare.grid_comparisons(cells, ref_feats, n_boot=N_BOOT, seed=p.seed)
+    with atomic_path(COMPARISONS_CSV) as tmp:
+        table.to_csv(tmp, index=False, float_format="%.6g")
+
+
 def main() -> None:
     log = setup_logging()
     p = load_params()
@@ -42,16 +75,15 @@ def main() -> None:
     featurizer = load_featurizer(FEATURIZER / "featurizer.pt", device=str(device))
     ref = load_arrays(FEATURIZER / "reference.npz", ("features", "train_features", "holdout_features"))
     features, ref_feats, held = str(ref["features"]), ref["train_features"], ref["holdout_features"]
-    if len(held) < n:
-        raise SystemExit(f"sample.n_samples: got {n}, but the held-out set has only {len(held)} images and the FID "
-                         f"floor needs as many; allowed: at most {len(held)} (or raise data.holdout_fraction)")
-    floor = measure(held[:n], ref_feats)
-    rows = []
+    floor, floor_real = floor_at(held, ref_feats, n)
+    rows, cells = [], {}
     for schedule in p.diffusion.schedules:
         for seed in p.seeds:
             for s in p.sample.samplers:
                 images = _images(schedule, seed, s, n)
-                m = measure(extract_features(featurizer, images, device=device), ref_feats)
+                feats = extract_features(featurizer, images, device=device)
+                cells[(schedule, seed, compare.set_label(sampler_label(s.name, s.eta), s.steps))] = feats
+                m = measure(feats, ref_feats)
                 rows.append({"schedule": schedule, "sampler": s.name, "eta": s.eta, "steps": s.steps, "n_samples": n,
                              "features": features, "seed": seed, "spacing": p.sample.spacing, **m})
                 log.info("fid %s seed %d %s x%d: %.3f [%.3f, %.3f] (floor %.3f)", schedule, seed,
@@ -62,7 +94,9 @@ def main() -> None:
     write_json(FID_SUMMARY, {
         "features": features, "fid_floor": floor["fid"], "fid_floor_lo": floor["fid_lo"],
         "fid_floor_hi": floor["fid_hi"], "kid_floor": floor["kid"], "kid_floor_std": floor["kid_std"],
-        "n_samples": n, "interval": INTERVAL})
+        "n_samples": n, "interval": INTERVAL, "fid_floor_inf": floor["fid_inf"], "fid_floor_real_images": floor_real,
+        "fid_inf": FID_INF})
+    write_comparisons(p, cells, ref_feats, features)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,6 @@ def main() -> None:
     data = load_dataset(d.name, root=d.root, image_size=d.image_size, channels=d.channels)
     train_idx, holdout_idx = split_holdout(data.labels if data.labels is not None else len(data),
                                            d.holdout_fraction, p.seed)
-    if len(holdout_idx) < p.sample.n_samples:  # folder datasets: size known only now, before any sampling
-        raise SystemExit(f"sample.n_samples: got {p.sample.n_samples}; allowed: at most {len(holdout_idx)}, the "
-                         f"held-out set of {d.root} ({d.holdout_fraction:g} of {len(data)} images)")
     for name, idx in (("train", train_idx), ("holdout", holdout_idx)):
         labels = data.labels[idx] if data.labels is not None else None
         save_arrays(PREPARED / f"{name}.npz", images=data.images[idx],

@@ -21,13 +21,12 @@ from pathlib import Path
 import pandas as pd
 
 from ddpm.config import load_params
-from ddpm.pipeline import (FID_CSV, FID_CURVE_CSV, FID_SUMMARY, LOSS_CSV, REPORT_METRICS, REPORTS, TRAIN_JSON,
+from ddpm.pipeline import (COMPARISONS_CSV, FID_CSV, FID_CURVE_CSV, FID_SUMMARY, LOSS_CSV, REPORT_METRICS, REPORTS, TRAIN_JSON,
                            file_sha256, grid_name, load_sample_set, model_dir, read_json, sample_key, sample_path,
                            sampler_label, setup_logging)
 from ddpm.results import NAME_COLUMNS, check_names
-from ddpm.tracking import Tracker, kernel_tags, pending_file
+from ddpm.tracking import Tracker, kernel_tags, log_comparisons, pending_file
 
-COMPARISONS_CSV = REPORTS / "comparisons.csv"  # written by the fid stage where it compares sample sets
 REPORT_FILES = (REPORTS / "report.md", REPORTS / "report.html", FID_CSV, FID_SUMMARY, REPORT_METRICS,
                 COMPARISONS_CSV)
 
@@ -88,7 +87,7 @@ def mirror_sample(tracker: Tracker, p, row: dict[str, str], floor: dict, parents
         tags={"kind": "sample", "sample_key": images_key, "result_key": key, "schedule": schedule,
               **kernel_tags(info.get("kernels"))},
         parent_run_id=parents.get((schedule, seed)))
-    tracker.log_metrics(run, [{"step": 0, **{m: row[m] for m in ("fid", "fid_lo", "fid_hi", "kid", "kid_std")},
+    tracker.log_metrics(run, [{"step": 0, **{m: row[m] for m in ("fid", "fid_lo", "fid_hi", "kid", "kid_std", "fid_inf") if m in row},
                                "fid_floor": floor.get("fid_floor")}])
     grid = REPORTS / "figures" / grid_name(schedule, sampler_label(row["sampler"], eta), steps)
     if seed == p.seeds[0] and grid.is_file():
@@ -114,6 +113,8 @@ def mirror_report(tracker: Tracker, p, parents: dict, log) -> bool:
         tracker.log_artifact(run, f)
     if (REPORTS / "figures").is_dir():
         tracker.log_artifacts(run, REPORTS / "figures", "figures")
+    if COMPARISONS_CSV.is_file():  # the question table as a table artifact, and questions_resolved as a metric
+        log_comparisons(tracker, run, COMPARISONS_CSV)
     tracker.end_run(run)
     log.info("track: report run (%d files)", len(files))
     return True

@@ -392,3 +392,48 @@ def test_kid_is_unbiased_mmd_with_cubic_kernel():
     assert abs(same[0]) < 3 * same[1] + 1e-3 and value > 10 * abs(same[0])
     with pytest.raises(ValueError, match="same D"):
         fid.kid(x, y[:, :3])
+
+
+def test_fid_infinity_removes_most_of_the_c_over_n_bias():
+    """Gaussians (D = 32, as the digits ruler): the plug-in FID at N = 400 sits ~c/N above its N -> inf value
+    (the target: N = 40,000 against the same reference); FID-infinity's mean over 6 draws is within a
+    quarter of that bias of it, and its line predicts the plug-in at N."""
+    from ddpm.fid import fid_infinity
+
+    rng = np.random.default_rng(1)
+    d = 32
+    a_, b_ = rng.normal(size=(2, d, d)) / np.sqrt(d)
+    l1, l2 = np.linalg.cholesky(a_ @ a_.T + 0.5 * np.eye(d)), np.linalg.cholesky(b_ @ b_.T + 0.5 * np.eye(d))
+    ref = rng.normal(size=(1347, d)) @ l2.T
+    target = fid_from_features(rng.normal(size=(40_000, d)) @ l1.T + 0.15, ref)
+    plug, inf = [], []
+    for _ in range(6):
+        x = rng.normal(size=(400, d)) @ l1.T + 0.15
+        plug.append(fid_from_features(x, ref))
+        icpt, slope = fid_infinity(x, ref)
+        inf.append(icpt)
+        assert slope > 0 and abs(icpt + slope / 400 - plug[-1]) < 0.25 * (plug[-1] - icpt)
+    bias = np.mean(plug) - target
+    assert bias > 0.5  # the c/N bias is there to remove (~1.0 here)
+    assert abs(np.mean(inf) - target) < 0.25 * bias
+    assert fid_infinity(x, ref) == fid_infinity(x, ref)  # seeded
+    assert np.isnan(fid_infinity(x[:34], ref)[0])  # N too small for D: no fit
+
+
+def test_the_floor_is_stated_at_n_even_beyond_the_held_out_set():
+    """stages/fid.py's floor: measured on n held-out images when there are as many (as before), else on all m
+    of them and carried to n along their FID-infinity line: lower than at m, above the extrapolated value."""
+    from stages.fid import floor_at, measure
+
+    rng = np.random.default_rng(0)
+    ref, held = rng.normal(size=(1347, 8)), rng.normal(size=(449, 8)) * 1.05
+    same, m = floor_at(held, ref, 400)
+    assert m == 400 and same == measure(held[:400], ref)
+    at_m, _ = floor_at(held, ref, 449)
+    carried, m = floor_at(held, ref, 2000)
+    assert m == 449 and carried["fid_inf"] == at_m["fid_inf"]
+    assert at_m["fid_inf"] < carried["fid"] < at_m["fid"]
+    width = at_m["fid_hi"] - at_m["fid"]
+    assert carried["fid_hi"] - carried["fid"] == pytest.approx(width)
+    with pytest.raises(SystemExit, match="sample.n_samples: got 2000, but the held-out set of 9 images"):
+        floor_at(held[:9], ref, 2000)

@@ -81,7 +81,8 @@ def test_repro_writes_the_outputs(repo):
     assert ran_stages(out) >= {"prepare", "featurizer", "train@linear-0", "train@cosine-0", "fid", "report"}
     fid = pd.read_csv(path / "reports" / "fid.csv")
     assert list(fid.columns) == ["schedule", "sampler", "eta", "steps", "fid", "n_samples", "features", "seed",
-                                 "spacing", "fid_lo", "fid_hi", "kid", "kid_std"]
+                                 "spacing", "fid_lo", "fid_hi", "kid", "kid_std", "fid_inf"]
+    assert np.isfinite(fid["fid_inf"]).all()  # n = 24 > D + 2 = 10: the FID-infinity fit has its sizes
     assert (fid["fid_lo"] < fid["fid_hi"]).all() and (fid["kid_std"] > 0).all()
     assert fid["features"].str.fullmatch(r"classifier-8d-[0-9a-f]{8}").all()
     assert len(fid) == 2 * 2 * 1 and (fid["n_samples"] == 24).all() and (fid["fid"] >= 0).all()
@@ -90,6 +91,12 @@ def test_repro_writes_the_outputs(repo):
         assert key in metrics, key
     for f in ("report.md", "report.html", "plots/loss.csv", "plots/fid_steps.csv"):
         assert (path / "reports" / f).is_file(), f
+    comp = pd.read_csv(path / "reports" / "comparisons.csv")  # 1 schedule pair + 1 set pair, each + interaction
+    assert list(comp[comp["family"] == "questions"]["kind"]) == ["schedule", "interaction", "sampler",
+                                                                 "interaction"]
+    assert metrics["questions"] == 2 and "## Questions of the design" in (path / "reports" / "report.md").read_text()
+    with np.load(path / "reports" / "features.npz") as f:
+        assert f["features"].shape == (4, 24, 8) and f["features"].dtype == np.float32
     ckpt = path / "models" / "linear" / "seed0" / "model.pt"
     assert ckpt.is_file() and len(pd.read_csv(path / "models" / "linear" / "seed0" / "loss.csv")) == 6
     curve = pd.read_csv(path / "models" / "cosine" / "seed0" / "fid_curve.csv")

@@ -67,7 +67,7 @@ def test_markdown_fid_table_floor_and_links(built, tree):
     md = res["markdown"].read_text(encoding="utf-8")
     assert md.startswith("# DDPM experiment report")
     assert ("| # | schedule | sampler | eta | spacing | steps | seeds | FID | 95% interval | FID / floor | KID | "
-            "vs best |") in md
+            "FID − best \\[95%\\] | vs best |") in md
     fl = r.floor
     assert "*real vs real (floor)* |" in md and f"*\\[{fl.lo:.4g}, {fl.hi:.4g}\\]*" in md  # floor + interval
     rows = pd.read_csv(tree / "reports" / "fid.csv")
@@ -83,7 +83,8 @@ def test_markdown_fid_table_floor_and_links(built, tree):
     for ref in refs:
         assert not ref.startswith(("http:", "https:", "/")), ref
         assert (res["markdown"].parent / ref).is_file(), ref
-    for section in ("## FID", "## Samples", "## Training", "## Noise schedules", "## Featurizer", "## Parameters"):
+    for section in ("## FID", "## Questions of the design", "## Samples", "## Training", "## Noise schedules",
+                    "## Featurizer", "## Parameters"):
         assert section in md
     assert "## Run times" not in md  # timings are no DVC output (outputs are pure functions of their inputs)
     assert "97.5%" in md  # featurizer validation accuracy
@@ -186,7 +187,8 @@ def test_one_sampler_label_across_modules():
     assert [sampler_label("ddim", e) for e in (0.0, 0.5)] == ["ddim-eta0", "ddim-eta0.5"]
     df = rf.fid_rows(["cosine"], [("ddim", 0.0), ("ddim", 0.5)], [10], [0])
     df.loc[0, "fid"] = float("nan")
-    configs = aggregate(df.assign(label=[sampler_label(n, e) for n, e in zip(df["sampler"], df["eta"])]))
+    configs = aggregate(df.assign(label=[sampler_label(n, e) for n, e in zip(df["sampler"], df["eta"])]),
+                        rf.comparisons(df))
     assert list(configs["label"]) == ["ddim-eta0.5", "ddim-eta0"]  # NaN sorts last
     assert list(configs["tie"]) == [False, False]
 
@@ -214,7 +216,8 @@ def test_several_seeds_aggregate_as_mean_sd_with_t_interval(tmp_path):
 
 
 def test_ties_are_marked_and_named(tmp_path):
-    # three configurations: the second's interval overlaps the best one's, the third's does not
+    # three configurations: the second's paired difference to the best is not resolved, the third's is
+    # (the fixture's comparisons.csv combines the two intervals' half-widths)
     df = rf.fid_rows(["cosine"], [("ddpm", 0.0)], [10, 20, 50], [0], spread=0.0)
     df["fid"] = [3.0, 2.0, 2.2]
     df["fid_lo"], df["fid_hi"] = df["fid"] - 0.15, df["fid"] + 0.15
@@ -235,9 +238,9 @@ def test_every_sampler_drawn_and_winner_per_step_count(tmp_path):
     fast = df["sampler"] == "dpmpp_2m"
     df.loc[fast & (df["steps"] == 10), ["fid", "fid_lo", "fid_hi"]] = [[1.5, 1.45, 1.55]]  # clear winner at 10
     slow = (df["sampler"] == "ddim") & (df["steps"] == 50)
-    df.loc[slow, ["fid", "fid_lo", "fid_hi"]] = [[8.0, 1.0, 9.0]]  # worse, yet its wide interval ties at 50
+    df.loc[slow, ["fid", "fid_lo", "fid_hi"]] = [[3.0, 0.0, 6.0]]  # worse, yet its difference ties at 50
     r, md, _ = _build(tmp_path, schedules=("cosine", "linear"), samplers=samplers, steps=(10, 50), fid=df)
-    wins = {steps: (w["label"], tied) for steps, w, tied in winners_by_steps(r.configs)}
+    wins = {steps: (w["label"], tied) for steps, w, tied in winners_by_steps(r.configs, r.comparisons)}
     per_label = r.configs.groupby(["steps", "label"])["fid"].min()
     assert wins[10][0] == "dpmpp_2m" and wins[10][0] == per_label[10].idxmin() and wins[10][1] == []
     assert wins[50][0] == per_label[50].idxmin() != "ddim-eta0" and "ddim-eta0" in wins[50][1]
@@ -387,3 +390,34 @@ def test_report_stage_on_a_contract_tree(tmp_path, monkeypatch, repo_root):
     assert list(steps.columns) == ["steps", "fid", "fid_lo", "fid_hi", "series"] and len(steps) == 8
     assert set(pd.read_csv(root / "reports" / "plots" / "loss.csv")["series"]) == {
         f"{s} seed{k}" for s in ("linear", "cosine") for k in (0, 1)}
+
+
+def test_ties_follow_the_paired_comparisons_not_overlap(tmp_path):
+    """Marginal intervals that overlap, yet comparisons.csv resolves the paired difference: not a tie; and the
+    other way round. The questions of the design get their own section, counted in the summary and metrics."""
+    df = rf.fid_rows(["cosine"], [("ddpm", 0.0)], [10, 20, 50], [0], spread=0.0)
+    df["fid"] = [3.0, 2.0, 2.2]
+    df["fid_lo"], df["fid_hi"] = df["fid"] - 1.0, df["fid"] + 1.0  # every marginal interval overlaps
+    root = rf.write_tree(tmp_path, schedules=("cosine",), samplers=(("ddpm", 0.0),), steps=(10, 20, 50), fid=df)
+    comp = rf.comparisons(df)
+    rank = comp["family"] == "ranking"
+    comp.loc[rank, ["lo", "hi"]] = np.c_[comp.loc[rank, "effect"] - 0.1, comp.loc[rank, "effect"] + 0.1]
+    better = np.where(comp.loc[rank, "effect"] < 0, comp.loc[rank, "a"], comp.loc[rank, "b"])
+    comp.loc[rank, "verdict"] = better + " better"
+    comp.to_csv(root / "reports" / "comparisons.csv", index=False)
+    r = load_results(rf.params(), root)
+    assert list(r.configs["steps"]) == [20, 50, 10] and not r.configs["tie"].any()
+    second = r.configs.iloc[1]  # FID(50 steps) - FID(20 steps) = 0.2 with the paired interval [0.1, 0.3]
+    assert (second["vs_best"], second["vs_best_lo"], second["vs_best_hi"]) == pytest.approx((0.2, 0.1, 0.3))
+    md = build_report(tmp_path / "out", r, grid_images=4, grid_scale=1)["markdown"].read_text(encoding="utf-8")
+    assert "| 0.2 \\[0.1, 0.3\\] |  |" in md
+    assert f"No other configuration is indistinguishable from it ({TIE_RULE})" in md
+    assert "## Questions of the design" in md and "ddpm-10 vs ddpm-20, averaged" in md
+    q = comp[(comp["family"] == "questions") & (comp["kind"] != "interaction")]
+    resolved = int((q["verdict"] != "tie").sum())
+    assert f"{resolved} of {len(q)} main effects resolved" in md and "One training seed (seed 0)" in md
+    m = summary_metrics(r)
+    assert (m["questions"], m["questions_resolved"]) == (len(q), resolved)
+    (root / "reports" / "comparisons.csv").unlink()
+    with pytest.raises(ResultsError, match="comparisons.csv not found"):
+        load_results(rf.params(), root)

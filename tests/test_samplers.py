@@ -256,3 +256,79 @@ def test_api_samples_with_dpmpp_and_a_spacing():
         GaussianDiffusion(model, image_size=8, timesteps=100, sampler="dpm")
     with pytest.raises(ValueError, match="steps=100 with spacing 'linspace' gives repeated timesteps"):
         GaussianDiffusion(model, image_size=8, timesteps=100, sampler="dpmpp_2m")  # S = T needs 'trailing'
+
+
+# --- per-index noise (issue 26 item 4): x_T and every step's z are a function of (seed, index, step) ---
+STOCHASTIC = [StepRule("ddpm"), StepRule("ddpm_large"), StepRule("ddim", 0.5), StepRule("dpmpp_2m_sde")]
+
+
+@pytest.mark.parametrize("rule", STOCHASTIC, ids=lambda r: r.label)
+def test_stochastic_sets_do_not_depend_on_batch_size_or_chunk_order(rule):
+    p = GaussianProcess(get_beta_schedule("linear", 100))
+    model = GaussianOracle(p.alpha_bar64, "pred_noise")
+    whole = sample_images(model, p, 450, (1, 2, 2), 10, rule, seed=5, batch_size=400)
+    small = sample_images(model, p, 450, (1, 2, 2), 10, rule, seed=5, batch_size=100)
+    order = sample_images(model, p, 450, (1, 2, 2), 10, rule, seed=5, batch_size=150, chunks=[2, 0, 1])
+    torch.testing.assert_close(small, whole, rtol=0, atol=1e-6)  # same noise; only the batch's arithmetic
+    torch.testing.assert_close(order, torch.cat([whole[300:], whole[:300]]), rtol=0, atol=1e-6)
+    more = sample_images(model, p, 900, (1, 2, 2), 10, rule, seed=5, batch_size=400)
+    assert torch.equal(more[:400], whole[:400])  # a larger n only appends images
+    other = sample_images(model, p, 450, (1, 2, 2), 10, rule, seed=6, batch_size=400)
+    assert not torch.allclose(other, whole)
+
+
+def test_the_first_block_is_the_stream_of_chunk_zero():
+    """A set drawn at batch 400 is what it was before per-index noise: block 0's generator as one stream
+    (x_T, then one z per noisy step), so the committed sample sets keep their images."""
+    from ddpm.samplers import NOISE_BLOCK, chunk_generator
+
+    p = GaussianProcess(get_beta_schedule("cosine", 100))
+    model = GaussianOracle(p.alpha_bar64, "pred_noise")
+    for rule in (StepRule("ddpm"), StepRule("ddim", 0.0)):
+        ours = sample_images(model, p, NOISE_BLOCK, (1, 2, 2), 10, rule, seed=0, batch_size=NOISE_BLOCK)
+        stream = sample_loop(model, p, (NOISE_BLOCK, 1, 2, 2), 10, rule, chunk_generator(0, 0, "cpu"))
+        assert torch.equal(ours, stream)
+
+
+def test_schedules_share_x_T_and_step_noise_per_index(monkeypatch):
+    import ddpm.samplers as samplers
+
+    seen = {}
+
+    class Spy(samplers.IndexedNoise):
+        def initial(self):
+            z = super().initial()
+            self.log = [z]
+            seen.setdefault((self.key, self.start), []).append(self.log)
+            return z
+
+        def step(self, i):
+            z = super().step(i)
+            self.log.append((i, z))
+            return z
+
+    for key, schedule, batch in (("a", "linear", 400), ("b", "cosine", 100)):
+        Spy.key = key
+        monkeypatch.setattr(samplers, "IndexedNoise", Spy)
+        p = GaussianProcess(get_beta_schedule(schedule, 200))
+        sample_images(GaussianOracle(p.alpha_bar64, "pred_noise"), p, 400, (1, 2, 2), 8, StepRule("ddpm"), seed=1,
+                      batch_size=batch)
+    (a,) = seen[("a", 0)]
+    b = [seen[("b", start)][0] for start in (0, 100, 200, 300)]
+    assert torch.equal(a[0], torch.cat([log[0] for log in b]))  # x_T
+    assert [i for i, _ in a[1:]] == list(range(7))  # every step but the last adds noise
+    for k, (i, z) in enumerate(a[1:], start=1):
+        assert torch.equal(z, torch.cat([log[k][1] for log in b])), i
+
+
+def test_indexed_noise_skips_and_refuses_to_go_back():
+    from ddpm.samplers import IndexedNoise
+
+    a, b = IndexedNoise(0, 10, 5, (1, 2, 2), "cpu"), IndexedNoise(0, 0, 20, (1, 2, 2), "cpu")
+    assert torch.equal(a.initial(), b.initial()[10:15])
+    z3 = a.step(3)  # steps 0-2 drawn and dropped
+    for i in range(3):
+        b.step(i)
+    assert torch.equal(z3, b.step(3)[10:15])
+    with pytest.raises(RuntimeError, match="steps must increase"):
+        a.step(2)
