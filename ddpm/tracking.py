@@ -56,6 +56,7 @@ import sqlite3
 import subprocess
 import secrets
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
