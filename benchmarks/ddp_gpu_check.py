@@ -14,13 +14,14 @@ from pathlib import Path
 import torch
 import torch.distributed as td
 
-from ddpm import distributed as dist
-from ddpm.data import load_dataset, model_to_uint8
-from ddpm.diffusion import GaussianProcess
-from ddpm.samplers import StepRule, sample_images
-from ddpm.schedules import get_beta_schedule
-from ddpm.train import TrainSettings, train
-from ddpm.unet import Unet
+from ddpm.training import distributed as dist
+from ddpm.data.convert import model_to_uint8
+from ddpm.data.datasets import load_dataset
+from ddpm.diffusion.process import GaussianProcess
+from ddpm.diffusion.samplers import StepRule, sample_images
+from ddpm.diffusion.schedules import get_beta_schedule
+from ddpm.training.loop import TrainSettings, train
+from ddpm.nn.unet import Unet
 
 assert dist.launched_by_torchrun(), "run me under torchrun"
 device = dist.init("cuda")

@@ -9,7 +9,7 @@ interleaved (old, new, old, new ...) so that a drift of the machine's speed canc
   `fast: true` runs it on a CPU: forward, loss, backward and a fused AdamW step, in images/s;
 - sampling at the pipeline's batch (sample.batch_size) with the DDPM rule, in image-steps/s;
 - each stage's process start-up: `python -c 'import torch'` and the stage modules' imports.
-The old network is ``ddpm/unet.py`` as of ``--base`` (read with `git show`, run beside the new one);
+The old network is ``ddpm/nn/unet.py`` as of ``--base`` (read with `git show`, run beside the new one);
 both get the same weights. From the rates it predicts the default run's compute time before and after,
 and scales it to another machine by the ratio of float32 matmul rates (``--scale-to``, GFLOP/s; the
 137 GFLOP/s machine's rate was taken with 2 threads, so compare at ``--threads 2``).
@@ -29,12 +29,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from ddpm.config import load_params
-from ddpm.diffusion import GaussianProcess
-from ddpm.samplers import StepRule, sample_loop
-from ddpm.schedules import get_beta_schedule
-from ddpm.speed import Speed, sampling_model, to_channels_last
-from ddpm.unet import Unet
+from ddpm.app.config import load_params
+from ddpm.diffusion.process import GaussianProcess
+from ddpm.diffusion.samplers import StepRule, sample_loop
+from ddpm.diffusion.schedules import get_beta_schedule
+from ddpm.nn.speed import Speed, sampling_model, to_channels_last
+from ddpm.nn.unet import Unet
 
 
 
@@ -53,8 +53,8 @@ def matmul_gflops(reps: int = 5) -> float:
 
 
 def unet_at(rev: str):
-    """The ``Unet`` class of ``ddpm/unet.py`` at git revision ``rev``, with the modules it imports from its
-    package at that revision (``ddpm/kernels.py`` and the C it compiles), as a package of their own."""
+    """The ``Unet`` class of ``ddpm/nn/unet.py`` at git revision ``rev``, with the modules it imports from its
+    package at that revision (``ddpm/nn/kernels.py`` and the C it compiles), as a package of their own."""
     pkg = Path(tempfile.mkdtemp()) / "ddpm_base"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
@@ -63,7 +63,7 @@ def unet_at(rev: str):
         if shown.returncode == 0:
             (pkg / name).write_text(shown.stdout)
         elif name == "unet.py":
-            raise SystemExit(f"git show {rev}:ddpm/unet.py failed: {shown.stderr.strip()}")
+            raise SystemExit(f"git show {rev}:ddpm/nn/unet.py failed: {shown.stderr.strip()}")
     spec = importlib.util.spec_from_file_location("ddpm_base", pkg / "__init__.py", submodule_search_locations=[str(pkg)])
     sys.modules["ddpm_base"] = importlib.util.module_from_spec(spec)  # a package of its own; no sys.path entry
     spec.loader.exec_module(sys.modules["ddpm_base"])
@@ -130,7 +130,7 @@ def ratio_line(name: str, unit: str, work: float, times: dict[str, list[float]])
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--base", default="main", help="git revision of the old ddpm/unet.py")
+    ap.add_argument("--base", default="main", help="git revision of the old ddpm/nn/unet.py")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dim", type=int, default=None,
                     help="model width (default: params.yaml's model.dim; 32 is benchmarks/peers.py's model)")

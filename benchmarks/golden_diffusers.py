@@ -3,7 +3,7 @@
     pip install -r benchmarks/requirements.txt   # diffusers pinned there
     python benchmarks/golden_diffusers.py        # writes tests/data/golden_diffusers.npz (+ .json)
 
-For every case: the same betas (ours, from ddpm.schedules), the same fixed deterministic toy model
+For every case: the same betas (ours, from ddpm.diffusion.schedules), the same fixed deterministic toy model
 (``toy_model`` below, also imported by the tests), the same x_T and generator seed, sampled with
 diffusers' scheduler loop (``set_timesteps`` then ``step`` per timestep). The tests run our one
 sampling loop on the same inputs and compare. Grids: diffusers' ``timesteps`` for each
@@ -20,9 +20,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from ddpm.diffusion import GaussianProcess
-from ddpm.samplers import StepRule
-from ddpm.schedules import get_beta_schedule
+from ddpm.diffusion.process import GaussianProcess
+from ddpm.diffusion.samplers import StepRule
+from ddpm.diffusion.schedules import get_beta_schedule
 
 GOLDEN = ROOT / "tests" / "data" / "golden_diffusers.npz"
 T = 1000

@@ -7,10 +7,10 @@ import time
 import torch
 
 from ddpm import GaussianDiffusion, Unet
-from ddpm.diffusion import GaussianProcess
-from ddpm.samplers import StepRule, sample_images
-from ddpm.schedules import get_beta_schedule
-from ddpm.train import TrainSettings, train
+from ddpm.diffusion.process import GaussianProcess
+from ddpm.diffusion.samplers import StepRule, sample_images
+from ddpm.diffusion.schedules import get_beta_schedule
+from ddpm.training.loop import TrainSettings, train
 
 assert torch.cuda.is_available(), "no CUDA device"
 dev = torch.device("cuda")

@@ -2,9 +2,9 @@
 
 Two parts:
 
-* ``single``: ddpm.fid.fid_interval for one cell. The target is E[FID(N, M)], estimated from independent
+* ``single``: ddpm.metrics.fid.fid_interval for one cell. The target is E[FID(N, M)], estimated from independent
   draws; the closed-form (N -> inf) distance is printed beside it to show the bias the plug-in keeps.
-* ``paired``: ddpm.compare's paired difference intervals. Cells share their "noise" per sample index (a
+* ``paired``: ddpm.metrics.compare's paired difference intervals. Cells share their "noise" per sample index (a
   latent z_i common to every cell of a draw, as sample sets share x_T) and one reference set. The target
   is the expected plug-in difference E[FID_A(N, M) - FID_B(N, M)], from ``--target-draws`` independent
   draws; the closed-form difference is printed beside it. Both interval methods of
@@ -19,7 +19,8 @@ import argparse
 
 import numpy as np
 
-from ddpm import compare, fid
+from ddpm.metrics import compare
+from ddpm.metrics import fid
 
 
 def case(shift: float, scale: float, reps: int, d=32, n=400, m=1347, seed=0) -> dict:

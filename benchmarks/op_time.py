@@ -18,10 +18,10 @@ import time
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ddpm.diffusion import GaussianProcess
-from ddpm.schedules import get_beta_schedule
-from ddpm.speed import tune_allocator
-from ddpm.unet import Unet
+from ddpm.diffusion.process import GaussianProcess
+from ddpm.diffusion.schedules import get_beta_schedule
+from ddpm.nn.speed import tune_allocator
+from ddpm.nn.unet import Unet
 from default_path import sample_block, train_block  # benchmarks/, this script's folder
 
 

@@ -9,10 +9,10 @@
 
 Every library trains and samples the same 8x8 grayscale task with its own code, as its README and
 training script use it:
-- ours: ``ddpm.train.train`` (the loop the pipeline runs: fused AdamW on flat parameters, EMA every step,
-  clipping, per-step loss bookkeeping) and ``ddpm.samplers.sample_loop``, three ways: compiled in
+- ours: ``ddpm.training.loop.train`` (the loop the pipeline runs: fused AdamW on flat parameters, EMA every step,
+  clipping, per-step loss bookkeeping) and ``ddpm.diffusion.samplers.sample_loop``, three ways: compiled in
   channels_last (what ``fast: true`` does on CUDA; on a CPU only on request, where eager beats it:
-  ``ddpm.speed``), eager in channels_last (``fast: true`` on a CPU: the default pipeline) and eager
+  ``ddpm.nn.speed``), eager in channels_last (``fast: true`` on a CPU: the default pipeline) and eager
   (``fast: false``);
 - denoising-diffusion-pytorch 2.3.4: ``GaussianDiffusion(Unet(dim=32, dim_mults=(1, 2)))``, its Trainer's
   step (Adam betas (0.9, 0.99), clipping at 1, ``ema_pytorch.EMA`` every 10 steps), and its samplers
@@ -40,12 +40,12 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # denoising-diffusion-pytorch draws 
 import torch
 import torch.nn.functional as F
 
-from ddpm.diffusion import GaussianProcess
-from ddpm.samplers import StepRule, sample_loop
-from ddpm.schedules import get_beta_schedule
-from ddpm.speed import Speed, sampling_model, tune_allocator
-from ddpm.train import TrainSettings, train
-from ddpm.unet import Unet
+from ddpm.diffusion.process import GaussianProcess
+from ddpm.diffusion.samplers import StepRule, sample_loop
+from ddpm.diffusion.schedules import get_beta_schedule
+from ddpm.nn.speed import Speed, sampling_model, tune_allocator
+from ddpm.training.loop import TrainSettings, train
+from ddpm.nn.unet import Unet
 
 try:
     import denoising_diffusion_pytorch as ddp_lib
@@ -361,7 +361,7 @@ def main() -> None:
     ap.add_argument("--sample-steps", type=int, default=None, help="steps per timed sampling run")
     ap.add_argument("--malloc", choices=("pipeline", "default"), default="pipeline",
                     help="pipeline: glibc's malloc keeps freed memory, as the train and sample stages set it "
-                         "(ddpm.speed.tune_allocator; process-wide, so for every library); default: glibc's defaults")
+                         "(ddpm.nn.speed.tune_allocator; process-wide, so for every library); default: glibc's defaults")
     ap.add_argument("--quick", action="store_true", help="2 repetitions, short runs: a smoke test")
     ap.add_argument("--no-training", action="store_true", help="the sampling tables only")
     ap.add_argument("--no-sampling", action="store_true", help="the training table only (about 2 minutes on 2 cores)")

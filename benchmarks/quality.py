@@ -5,8 +5,8 @@
 
 Paper settings for all three (Ho et al. 2020): pred_noise, the linear schedule at T=1000 (the three
 libraries' linear schedules are the same betas here), batch 128, AdamW at lr 1e-3 with 100 warm-up
-steps, clipping at 1 and the same EMA (``ddpm.train.EMA``, decay 0.999 with warm-up 10, every step).
-Ours is the pipeline's own run: ``ddpm.train.train`` with the model and ``fast`` switch of params.yaml.
+steps, clipping at 1 and the same EMA (``ddpm.training.loop.EMA``, decay 0.999 with warm-up 10, every step).
+Ours is the pipeline's own run: ``ddpm.training.loop.train`` with the model and ``fast`` switch of params.yaml.
 The peers are denoising-diffusion-pytorch's ``Unet(dim=32, dim_mults=(1, 2))`` with its
 ``GaussianDiffusion`` loss, and diffusers' ``UNet2DModel`` ((32, 64), 2 layers, attention at 4x4) with
 its ``DDPMScheduler.add_noise`` loss, as in benchmarks/peers.py.
@@ -14,7 +14,7 @@ its ``DDPMScheduler.add_noise`` loss, as in benchmarks/peers.py.
 Equal compute: ours trains ``train.steps`` steps; after each block of ``--block`` steps, each peer trains
 until its own clock has caught up with ours, compile and all, so every library gets the same
 wall-clock time under the same machine load. Then every EMA model samples ``sample.n_samples`` images
-with the same sampler (ddpm.samplers, DDPM 100 steps and DDIM 50 steps, one seed) and gets its FID in
+with the same sampler (ddpm.diffusion.samplers, DDPM 100 steps and DDIM 50 steps, one seed) and gets its FID in
 the pipeline's feature space, beside the real-vs-real floor.
 """
 from __future__ import annotations
@@ -29,16 +29,17 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from ddpm.config import load_params
-from ddpm.data import model_to_uint8, uint8_to_model
-from ddpm.diffusion import GaussianProcess
-from ddpm.fid import extract_features, feature_statistics, frechet_distance, load_featurizer
-from ddpm.pipeline import FEATURIZER, PREPARED, load_arrays
-from ddpm.samplers import StepRule, sample_images
-from ddpm.schedules import get_beta_schedule
-from ddpm.speed import Speed
-from ddpm.train import EMA, TrainSettings, train
-from ddpm.unet import Unet
+from ddpm.app.config import load_params
+from ddpm.data.convert import model_to_uint8, uint8_to_model
+from ddpm.diffusion.process import GaussianProcess
+from ddpm.metrics.features import extract_features, load_featurizer
+from ddpm.metrics.fid import feature_statistics, frechet_distance
+from ddpm.app.paths import FEATURIZER, PREPARED, load_arrays
+from ddpm.diffusion.samplers import StepRule, sample_images
+from ddpm.diffusion.schedules import get_beta_schedule
+from ddpm.nn.speed import Speed
+from ddpm.training.loop import EMA, TrainSettings, train
+from ddpm.nn.unet import Unet
 from peers import diffusers_model, lucid_setup
 
 T, LR, WARMUP, BATCH = 1000, 1e-3, 100, 128

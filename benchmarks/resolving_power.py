@@ -4,16 +4,16 @@ Subcommands (each prints what it measured; `--out FILE` also writes it there, he
 
   draw     sample every (schedule, sample set) of params.yaml from MODELS/<schedule>/seed<k>/model.pt at n_max
            images (the pipeline's sampler: per-index noise, batch sample.batch_size, params' seed and `fast`),
-           extract features with FEATURIZER/featurizer.pt, save them (ddpm.compare.save_features) and the
+           extract features with FEATURIZER/featurizer.pt, save them (ddpm.metrics.compare.save_features) and the
            seconds per 400-image chunk, per-set feature time and the matmul rate in a .json beside them.
            Larger n only appends images, so the first n of an n_max set ARE the set drawn at n.
-  power    from one or more draw files: for each n, the paired bootstrap + question table (ddpm.compare, as the
+  power    from one or more draw files: for each n, the paired bootstrap + question table (ddpm.metrics.compare, as the
            fid stage runs it) and how many of the 18 main effects resolve family-wise; cost of sampling + FID at
            each n, measured and scaled to 137 GFLOP/s by the matmul rate.
   aa       A/A: one model, one sample set, 2 x PAIRS sets with different sampler seeds, each pair compared by the
            paired machinery (they share no noise: independent index draws; one shared reference); the rate
            declared different at 95% with its Clopper-Pearson interval.
-  seeds    question tables of one training seed (seed 0) and of all seeds (t over seeds, ddpm.compare.estimate);
+  seeds    question tables of one training seed (seed 0) and of all seeds (t over seeds, ddpm.metrics.compare.estimate);
            how many single-seed verdicts survive.
   flips    question tables of two draw files (e.g. one drawn under ATEN_CPU_CAPABILITY=default
            ONEDNN_MAX_CPU_ISA=SSE41) at one n: verdicts that differ.
@@ -30,33 +30,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ddpm import compare  # noqa: E402
-from ddpm.checkpoint import load_model  # noqa: E402
-from ddpm.config import load_params  # noqa: E402
-from ddpm.data import model_to_uint8  # noqa: E402
-from ddpm.fid import extract_features, fid_infinity, fid_interval, kid, load_featurizer  # noqa: E402
-from ddpm.names import sampler_label  # noqa: E402
-from ddpm.samplers import StepRule, sample_images  # noqa: E402
-from ddpm.speed import Speed, sampling_model, tune_allocator  # noqa: E402
+from benchmarks.default_path import matmul_gflops
+from ddpm.metrics import compare
+from ddpm.training.checkpoint import load_model
+from ddpm.app.config import load_params
+from ddpm.data.convert import model_to_uint8
+from ddpm.metrics.features import extract_features, load_featurizer
+from ddpm.metrics.fid import fid_infinity, fid_interval, kid
+from ddpm.app.names import sampler_label
+from ddpm.diffusion.samplers import StepRule, sample_images
+from ddpm.nn.speed import Speed, sampling_model, tune_allocator
 
 SLOWEST = 137.0  # GFLOP/s: the slowest machine the default run must fit in 10 minutes (issue 26)
 CHUNK = 400
-
-
-def matmul_gflops(reps: int = 5) -> float:
-    """Median float32 rate of a 2048 x 2048 product (as benchmarks/peers.py measures it)."""
-    n, k = 2048, 3
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    rates = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        for _ in range(k):
-            a @ b
-        rates.append(2 * n**3 * k / (time.perf_counter() - t) / 1e9)
-    return float(np.median(rates))
 
 
 def _sets(p):
@@ -237,7 +223,7 @@ def cmd_seeds(a, p) -> str:
     one = _main_effects(compare.grid_comparisons({k: v for k, v in cells.items() if k[1] == 0}, ref, seed=p.seed))
     allq = _main_effects(compare.grid_comparisons(cells, ref, seed=p.seed))
     lines = [f"training noise: seeds {seeds}, n = {a.n}; one seed (0): paired bootstrap; all seeds: t interval over the "
-             f"{len(seeds)} per-seed contrasts (ddpm.compare.estimate), weighted Holm as in the report",
+             f"{len(seeds)} per-seed contrasts (ddpm.metrics.compare.estimate), weighted Holm as in the report",
              f"resolved with seed 0 alone: {(one['verdict'] != 'tie').sum()} of {len(one)}; with seeds {seeds}: "
              f"{(allq['verdict'] != 'tie').sum()} of {len(allq)}"]
     kept = 0

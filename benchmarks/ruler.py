@@ -8,7 +8,7 @@ featurizer seeds, the floor (held-out vs train) per seed, and the ranking per se
 
 `--ship` then trains the shipped ruler: the same recipe with seed 0 on ALL 1,797 digits (so it does
 not depend on the top-level `seed`, which only moves the train/holdout split), writes
-ddpm/rulers/digits-classifier-32d.pt and prints its sha256 for ddpm/fid.py's SHIPPED_RULERS.
+ddpm/metrics/rulers/digits-classifier-32d.pt and prints its sha256 for ddpm/metrics/fid.py's SHIPPED_RULERS.
 
 `--cross` scores the sample sets with the shipped ruler in this process and again in a child
 process under ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 (other kernels, as on another
@@ -28,9 +28,10 @@ import sys
 import numpy as np
 import torch
 
-from ddpm.data import load_dataset, split_holdout
-from ddpm.fid import (extract_features, feature_statistics, file_sha256, frechet_distance, load_featurizer,
-                      save_featurizer, train_classifier, RULERS_DIR)
+from ddpm.data.datasets import load_dataset, split_holdout
+from ddpm.metrics.features import extract_features, load_featurizer, save_featurizer, train_classifier, RULERS_DIR
+from ddpm.io import file_sha256
+from ddpm.metrics.fid import feature_statistics, frechet_distance
 
 RULER_FILE = RULERS_DIR / "digits-classifier-32d.pt"
 

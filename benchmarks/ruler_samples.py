@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 from ddpm.api import GaussianDiffusion, Unet
-from ddpm.data import load_dataset, model_to_uint8
-from ddpm.samplers import StepRule
+from ddpm.data.convert import model_to_uint8
+from ddpm.data.datasets import load_dataset
+from ddpm.diffusion.samplers import StepRule
 
 
 def make_sets(snapshots=(150, 400, 900), steps=(10, 50), n=400, seed=0) -> dict[str, np.ndarray]:

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 
-from ddpm.data import model_to_uint8
-from ddpm.fid import extract_features, feature_statistics, frechet_distance, load_featurizer
-from ddpm.pipeline import load_arrays
-from ddpm.samplers import StepRule, sample_images
-from ddpm.train import load_model
+from ddpm.data.convert import model_to_uint8
+from ddpm.metrics.features import extract_features, load_featurizer
+from ddpm.metrics.fid import feature_statistics, frechet_distance
+from ddpm.app.paths import load_arrays
+from ddpm.diffusion.samplers import StepRule, sample_images
+from ddpm.training.checkpoint import load_model
 
 N = 400
 CONFIGS = [(n, s, "linspace") for n, steps in (("ddim", (10, 20, 50, 100)), ("dpmpp_2m", (5, 10, 15, 20, 50)),

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 
-from ddpm.data import load_dataset
-from ddpm.diffusion import GaussianProcess
-from ddpm.schedules import get_beta_schedule
-from ddpm.tracking import Tracker
-from ddpm.train import TrainSettings, train
-from ddpm.unet import Unet
+from ddpm.data.datasets import load_dataset
+from ddpm.diffusion.process import GaussianProcess
+from ddpm.diffusion.schedules import get_beta_schedule
+from ddpm.app.tracking.runs import Tracker
+from ddpm.training.loop import TrainSettings, train
+from ddpm.nn.unet import Unet
 
 steps = int(sys.argv[1]) if len(sys.argv) > 1 else 300
 images = torch.from_numpy(load_dataset("digits").images)

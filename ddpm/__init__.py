@@ -2,7 +2,7 @@
 
 ``from ddpm import Unet, GaussianDiffusion, Trainer`` gives the API of denoising-diffusion-pytorch.
 """
-from .api import GaussianDiffusion, Trainer
-from .unet import Unet
+from ddpm.api import GaussianDiffusion, Trainer
+from ddpm.nn.unet import Unet
 
 __all__ = ["Unet", "GaussianDiffusion", "Trainer"]

@@ -17,14 +17,15 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from . import distributed as dist
-from . import limits
-from .data import load_dataset, model_to_uint8, save_image_grid
-from .checkpoint import build_process, checkpoints_by_run, model_metadata
-from .diffusion import GaussianProcess
-from .samplers import StepRule, sample_images, sample_loop
-from .train import TrainSettings, train
-from .unet import Unet
+from ddpm.training import distributed as dist
+from ddpm import limits
+from ddpm.data.convert import model_to_uint8, save_image_grid
+from ddpm.data.datasets import load_dataset
+from ddpm.training.checkpoint import build_process, checkpoints_by_run, model_metadata
+from ddpm.diffusion.process import GaussianProcess
+from ddpm.diffusion.samplers import StepRule, sample_images, sample_loop
+from ddpm.training.loop import TrainSettings, train
+from ddpm.nn.unet import Unet
 
 log = logging.getLogger(__name__)
 __all__ = ["Unet", "GaussianDiffusion", "Trainer"]
@@ -140,7 +141,7 @@ class Trainer:
     checkpoints (``ckpt-XXXXXXXX.pt``, self-describing) and sample grids (``sample-N.png``) to
     ``results_folder`` every ``save_and_sample_every`` steps, resumes from its newest valid checkpoint,
     and computes FID with pytorch-fid's InceptionV3 when ``calculate_fid`` (the weights file must be
-    on disk: see ``ddpm.fid.resolve_inception_weights``).
+    on disk: see ``ddpm.metrics.features.resolve_inception_weights``).
     ``train_batch_size`` is per micro-step as in the seed: a step sees ``train_batch_size *
     gradient_accumulate_every`` images.
 
@@ -202,7 +203,7 @@ class Trainer:
                              f"{diffusion_model.channels}")
         if inception_block_idx != 2048:
             raise ValueError(f"inception_block_idx: only 2048 (pool3, the FID standard) is supported, got {inception_block_idx}")
-        if mixed_precision_type not in (None, "bf16", "no"):  # amp=True autocasts to bf16 (ddpm.optim.amp_settings)
+        if mixed_precision_type not in (None, "bf16", "no"):  # amp=True autocasts to bf16 (ddpm.training.optim.amp_settings)
             raise ValueError(f"mixed_precision_type: got {mixed_precision_type!r}; allowed: 'bf16' (with amp=True), 'no' "
                              "or None (fp16 is used only by itself, with a grad scaler, on a GPU without bf16)")
         _check_training_memory(diffusion_model, train_batch_size)
@@ -235,7 +236,8 @@ class Trainer:
     def _fid_reference(self, inception_weights: Optional[str | Path]) -> tuple[nn.Module, tuple]:
         """(InceptionV3, statistics of the real images); fails here, before any training, with the paths
         it looked in when the weights are missing."""
-        from .fid import InceptionFeaturizer, extract_features, feature_statistics
+        from ddpm.metrics.features import InceptionFeaturizer, extract_features
+        from ddpm.metrics.fid import feature_statistics
 
         featurizer = InceptionFeaturizer(inception_weights)
         real = self.data.images[: self.num_fid_samples]
@@ -262,7 +264,7 @@ class Trainer:
                         nrow=int(math.sqrt(self.num_samples)) or 1, scale=max(1, 64 // d.image_size[0]))
         row: dict[str, float] = {}
         if self._fid is not None:
-            from .fid import fid_from_images
+            from ddpm.metrics.fid import fid_from_images
 
             featurizer, (mu, sigma) = self._fid
             x = sample_images(ema_model, d._process(), self.num_fid_samples, (d.channels, *d.image_size),

@@ -2,7 +2,7 @@
 
 Everything here decides from numbers (params, a model file's description, zip and ``.npy`` headers) before
 anything large is allocated, so a hostile or mistaken input fails with one line instead of reaching the
-allocator. No torch import: ``ddpm.config`` uses it.
+allocator. No torch import: ``ddpm.app.config`` uses it.
 
 Settings (environment variables, so a machine's owner sets them once for every stage and the library):
 
@@ -123,7 +123,7 @@ def check_budget(need: int, what: str) -> Optional[str]:
     return f"{what} needs about {gib(need)}; allowed: at most the memory budget of {gib(budget)} ({how})"
 
 
-# --- the U-Net's size from its description (ddpm/unet.py's layout, no module built) ----------------------
+# --- the U-Net's size from its description (ddpm/nn/unet.py's layout, no module built) ----------------------
 def _conv(k: int, a: int, b: int) -> int:
     return k * k * a * b + b
 
@@ -137,7 +137,7 @@ def _attn(c: int, inner: int) -> int:  # GN, qkv (no bias), out
 
 
 def unet_size(config: dict[str, Any], hw: Sequence[int]) -> dict[str, int]:
-    """``params`` (the exact count of :class:`ddpm.unet.Unet` with this ``config``), and the float32 values per
+    """``params`` (the exact count of :class:`ddpm.nn.unet.Unet` with this ``config``), and the float32 values per
     image that a training step keeps for its backward (``train_floats``) and that a sampling forward holds at its
     peak (``sample_floats``) at image size ``hw``: a conservative per-layer count (every op's input kept; every
     attention score map materialised)."""

@@ -1,6 +1,6 @@
 """featurizer: the FID ruler (feature network) and the reference statistics of real (train split) images.
 
-The default digits use the ruler shipped in ddpm/rulers/ (sha256-checked; see benchmarks/ruler.py for
+The default digits use the ruler shipped in ddpm/metrics/rulers/ (sha256-checked; see benchmarks/ruler.py for
 why). Other datasets or recipes train a classifier with `seed` and once more with `seed + 1`, and
 record how far the FID floor moves between the two (`seed_stability` in featurizer/metrics.json).
 """
@@ -11,13 +11,13 @@ import shutil
 import numpy as np
 import torch
 
-from ddpm.config import load_params, resolve_device
-from ddpm.fid import (InceptionFeaturizer, extract_features, feature_space_id, feature_statistics, fid_from_images,
-                      file_sha256, load_ruler, resolve_inception_weights, save_featurizer, shipped_ruler,
-                      train_classifier)
+from ddpm.app.config import load_params, resolve_device
+from ddpm.metrics.features import (InceptionFeaturizer, extract_features, feature_space_id, load_ruler,
+                                   resolve_inception_weights, save_featurizer, shipped_ruler, train_classifier)
+from ddpm.io import file_sha256
+from ddpm.metrics.fid import feature_statistics, fid_from_images
 from ddpm.io import atomic_path
-from ddpm.pipeline import (FEATURIZER, FEATURIZER_METRICS, HOLDOUT, PREPARED, load_arrays, read_json, save_arrays,
-                           setup_logging, write_json)
+from ddpm.app.paths import FEATURIZER, FEATURIZER_METRICS, HOLDOUT, PREPARED, load_arrays, read_json, save_arrays, setup_logging, write_json
 
 
 def _train(p, train, holdout, seed, device):

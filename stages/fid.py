@@ -2,7 +2,7 @@
 the paired comparisons of the grid.
 
 Writes reports/fid.csv (columns: COLUMNS; contract 2), reports/fid_summary.json (contract 3),
-reports/comparisons.csv (ddpm.compare.COLUMNS: the question table and the ranking's pairs, each family Holm-adjusted)
+reports/comparisons.csv (ddpm.metrics.compare.COLUMNS: the question table and the ranking's pairs, each family Holm-adjusted)
 and reports/features.npz (every set's features and the reference, for `ddpm compare`), all pure functions of their
 inputs (no timings). The track stage mirrors them into MLflow.
 """
@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ddpm import compare
-from ddpm.config import load_params, resolve_device
-from ddpm.fid import extract_features, fid_from_features, fid_infinity, fid_interval, kid, load_featurizer
+from ddpm.metrics import compare
+from ddpm.app.config import load_params, resolve_device
+from ddpm.metrics.features import extract_features, load_featurizer
+from ddpm.metrics.fid import fid_from_features, fid_infinity, fid_interval, kid
 from ddpm.io import atomic_path
-from ddpm.pipeline import (COMPARISONS_CSV, FEATURES_NPZ, FEATURIZER, FID_CSV, FID_SUMMARY, load_arrays, load_sample_set,
-                           prepared_image_shape, sample_path, sampler_label, setup_logging, write_json)
+from ddpm.app.names import sampler_label
+from ddpm.app.paths import COMPARISONS_CSV, FEATURES_NPZ, FEATURIZER, FID_CSV, FID_SUMMARY, load_arrays, load_sample_set, prepared_image_shape, sample_path, setup_logging, write_json
 
 COLUMNS = ["schedule", "sampler", "eta", "steps", "fid", "n_samples", "features", "seed", "spacing", "fid_lo",
            "fid_hi", "kid", "kid_std", "fid_inf"]

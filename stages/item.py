@@ -20,7 +20,7 @@ import runpy
 import sys
 from typing import Any, Callable
 
-from ddpm.config import ConfigError, Params, load_params
+from ddpm.app.config import ConfigError, Params, load_params
 
 # stage -> its grid, [(matrix key, values)] in dvc.yaml's order
 GRIDS: dict[str, Callable[[Params], list[tuple[str, tuple]]]] = {

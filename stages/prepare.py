@@ -1,9 +1,9 @@
 """prepare: the dataset -> uint8 arrays with a train / held-out split (data/prepared/)."""
 from __future__ import annotations
 
-from ddpm.config import load_params
-from ddpm.data import load_dataset, split_holdout
-from ddpm.pipeline import PREPARED, save_arrays, setup_logging, write_json
+from ddpm.app.config import load_params
+from ddpm.data.datasets import load_dataset, split_holdout
+from ddpm.app.paths import PREPARED, save_arrays, setup_logging, write_json
 
 
 def main() -> None:

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ddpm.config import load_params
+from ddpm.app.config import load_params
 from ddpm.io import atomic_path, atomic_write_json
-from ddpm.pipeline import REPORT_METRICS, REPORTS, setup_logging
-from ddpm.report import build_report, summary_metrics
-from ddpm.results import Results, load_results
+from ddpm.app.paths import REPORT_METRICS, REPORTS, setup_logging
+from ddpm.app.report.build import build_report, summary_metrics
+from ddpm.app.results import Results, load_results
 
 
 def write_plot_data(r: Results) -> None:

@@ -17,15 +17,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ddpm import distributed as dist
-from ddpm import kernels
-from ddpm.checkpoint import load_model
-from ddpm.config import ConfigError, load_params, resolve_device
-from ddpm.data import model_to_uint8
+from ddpm.training import distributed as dist
+from ddpm.nn import kernels
+from ddpm.training.checkpoint import load_model
+from ddpm.app.config import ConfigError, load_params, resolve_device
+from ddpm.data.convert import model_to_uint8
 from ddpm.io import remove_stale_temps
-from ddpm.pipeline import file_sha256, model_dir, sample_path, save_arrays, setup_logging, timed, write_json
-from ddpm.samplers import StepRule
-from ddpm.speed import Speed, sampling_model, tune_allocator
+from ddpm.app.paths import model_dir, sample_path, save_arrays, setup_logging, timed, write_json
+from ddpm.io import file_sha256
+from ddpm.diffusion.samplers import StepRule
+from ddpm.nn.speed import Speed, sampling_model, tune_allocator
 
 
 def main() -> None:
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace, p, device, log) -> None:
     s = p.sample
     speed = Speed.resolve(p.fast, device)
     if p.fast:
-        tune_allocator()  # fewer page faults: freed tensors' memory is reused (ddpm.speed)
+        tune_allocator()  # fewer page faults: freed tensors' memory is reused (ddpm.nn.speed)
     else:
         kernels.disable("fast: false")  # plain eager float32: PyTorch's ops
     net = sampling_model(model, speed)
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace, p, device, log) -> None:
         "schedule": args.schedule, "seed": args.seed, "sampler": args.sampler, "eta": args.eta, "steps": args.steps,
         "spacing": p.sample.spacing, "n_samples": s.n_samples, "world_size": dist.world_size(),
         "model_sha256": file_sha256(model_dir(args.schedule, args.seed) / "model.pt"),  # finds the training run
-        "kernels": kernels.kernel_record(device),  # whether the fused CPU kernels drew these bits (ddpm.kernels)
+        "kernels": kernels.kernel_record(device),  # whether the fused CPU kernels drew these bits (ddpm.nn.kernels)
     })
     log.info("sample %s: %s x%d done in %.1f s", args.schedule, rule.label, args.steps, t["seconds"])
 

@@ -20,12 +20,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from ddpm.config import load_params
-from ddpm.pipeline import (COMPARISONS_CSV, FID_CSV, FID_CURVE_CSV, FID_SUMMARY, LOSS_CSV, REPORT_METRICS, REPORTS, TRAIN_JSON,
-                           file_sha256, grid_name, load_sample_set, model_dir, read_json, sample_key, sample_path,
-                           sampler_label, setup_logging)
-from ddpm.results import NAME_COLUMNS, check_names
-from ddpm.tracking import Tracker, kernel_tags, log_comparisons, pending_file
+from ddpm.app.config import load_params
+from ddpm.app.names import sampler_label
+from ddpm.app.paths import COMPARISONS_CSV, FID_CSV, FID_CURVE_CSV, FID_SUMMARY, LOSS_CSV, REPORT_METRICS, REPORTS, TRAIN_JSON, grid_name, load_sample_set, model_dir, read_json, sample_key, sample_path, setup_logging
+from ddpm.io import file_sha256
+from ddpm.app.results import NAME_COLUMNS, check_names
+from ddpm.app.tracking.runs import Tracker, kernel_tags, pending_file
+from ddpm.app.tracking.table import log_comparisons
 
 REPORT_FILES = (REPORTS / "report.md", REPORTS / "report.html", FID_CSV, FID_SUMMARY, REPORT_METRICS,
                 COMPARISONS_CSV)
@@ -110,7 +111,8 @@ def mirror_report(tracker: Tracker, p, parents: dict, log) -> bool:
     metrics = read_json(REPORT_METRICS)
     tracker.log_metrics(run, [{"step": 0, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}])
     for f in files:
-        tracker.log_artifact(run, f)
+        if f != COMPARISONS_CSV:  # logged below, under comparisons/ where the UI shows it as a table
+            tracker.log_artifact(run, f)
     if (REPORTS / "figures").is_dir():
         tracker.log_artifacts(run, REPORTS / "figures", "figures")
     if COMPARISONS_CSV.is_file():  # the question table as a table artifact, and questions_resolved as a metric

@@ -16,7 +16,7 @@ stays train.batch_size). On several machines, one command per node (docs/scaling
 
 Node 0 (at HOST) runs it through `dvc repro --force --single-item train@linear-0` (the layout travels in
 DDPM_* environment variables), so DVC records the model; every node then starts its torchrun agent
-(ddpm.distributed.launch_nodes). Rank 0 is on node 0; only it logs to MLflow and writes checkpoints and
+(ddpm.training.distributed.launch_nodes). Rank 0 is on node 0; only it logs to MLflow and writes checkpoints and
 outputs. Launched by a torchrun of your own, the stage runs as the rank it is given.
 """
 from __future__ import annotations
@@ -30,19 +30,21 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ddpm import distributed as dist
-from ddpm import kernels
-from ddpm.checkpoint import build, latest_valid_checkpoint, remove_run_checkpoints, save_model, spec_from_params
-from ddpm.config import load_params, resolve_device
-from ddpm.data import model_to_uint8
-from ddpm.fid import feature_statistics, fid_from_images, frechet_distance, load_featurizer
+from ddpm.training import distributed as dist
+from ddpm.nn import kernels
+from ddpm.training.checkpoint import (build, latest_valid_checkpoint, remove_run_checkpoints, save_model,
+                                      spec_from_params)
+from ddpm.app.config import load_params, resolve_device
+from ddpm.data.convert import model_to_uint8
+from ddpm.metrics.features import load_featurizer
+from ddpm.metrics.fid import feature_statistics, fid_from_images, frechet_distance
 from ddpm.io import atomic_path
-from ddpm.pipeline import (FEATURIZER, FID_CURVE_CSV, LOSS_CSV, PREPARED, TRAIN_JSON, checkpoint_dir, file_sha256,
-                           load_arrays, model_dir, setup_logging, write_json)
-from ddpm.samplers import StepRule, sample_images
-from ddpm.speed import Speed, tune_allocator
-from ddpm.tracking import Tracker, kernel_tags, pending_file
-from ddpm.train import TrainResult, TrainSettings, train
+from ddpm.app.paths import FEATURIZER, FID_CURVE_CSV, LOSS_CSV, PREPARED, TRAIN_JSON, checkpoint_dir, load_arrays, model_dir, setup_logging, write_json
+from ddpm.io import file_sha256
+from ddpm.diffusion.samplers import StepRule, sample_images
+from ddpm.nn.speed import Speed, tune_allocator
+from ddpm.app.tracking.runs import Tracker, kernel_tags, pending_file
+from ddpm.training.loop import TrainResult, TrainSettings, train
 
 # the params a trained model depends on (declared for this stage in dvc.yaml): a checkpoint made with
 # other values of these is never resumed from
@@ -193,7 +195,7 @@ def run(schedule: str, seed: int, p, device: torch.device, log) -> None:
     main, world = dist.is_main(), dist.world_size()
     speed = Speed.resolve(p.fast, device)
     if p.fast:
-        tune_allocator()  # fewer page faults: freed tensors' memory is reused (ddpm.speed)
+        tune_allocator()  # fewer page faults: freed tensors' memory is reused (ddpm.nn.speed)
     else:
         kernels.disable("fast: false")  # plain eager float32: PyTorch's ops
     if world != p.train.nproc_per_node and main:

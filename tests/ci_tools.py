@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import urllib.request
 
 TOOLS = {"dvc": ("dvc",), "chromium": ("chromium", "chromium-browser"), "g++": ("g++",),
-         "cc": ("cc", "gcc", "clang"),  # cc: ddpm/kernels.c (the names ddpm.kernels looks for, after $CC)
+         "cc": ("cc", "gcc", "clang"),  # cc: ddpm/nn/kernels.c (the names ddpm.nn.kernels looks for, after $CC)
          "ip": ("ip",)}  # ip netns: tests/test_multinode.py's two nodes on their own network
 APT = {"chromium": "chromium", "g++": "g++", "cc": "gcc", "ip": "iproute2"}  # dvc comes with requirements.txt
 
@@ -42,3 +43,12 @@ def need(tool: str) -> str:
 if __name__ == "__main__":
     print(" ".join(APT[t] for t in APT if find(t) is None))
     sys.exit(0)
+
+
+def server_healthy(url: str) -> bool:
+    """True when an MLflow server (``mlflow server`` or ``mlflow ui``) at ``url`` answers its /health page."""
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+            return resp.status == 200
+    except OSError:
+        return False

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from ddpm import distributed as dist
-from ddpm.data import model_to_uint8
-from ddpm.train import TrainSettings, train
+from ddpm.training import distributed as dist
+from ddpm.data.convert import model_to_uint8
+from ddpm.training.loop import TrainSettings, train
 from test_distributed import EXACT, SAMPLE, digits, optimizer_steps, tiny
 
 

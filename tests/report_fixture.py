@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ddpm.config import Params, ReportConfig
-from ddpm.data import load_dataset
-from ddpm.names import sampler_label, set_label
+from ddpm.app.config import Params, ReportConfig
+from ddpm.data.datasets import load_dataset
+from ddpm.app.names import sampler_label, set_label
 
 FEATURES = "classifier-32d-0123abcd"
 FID_COLUMNS = ["schedule", "sampler", "eta", "steps", "fid", "n_samples", "features",

@@ -82,7 +82,7 @@ def image_folder(png_folder):
 @pytest.fixture
 def fake_inception(tmp_path, monkeypatch):
     """A randomly initialised pytorch-fid InceptionV3 state dict in the torch hub cache (no download here)."""
-    from ddpm.fid import FID_WEIGHTS_FILENAME, fid_inception_v3_architecture
+    from ddpm.metrics.features import FID_WEIGHTS_FILENAME, fid_inception_v3_architecture
 
     home = tmp_path / "torch_home"
     ckpt = home / "hub" / "checkpoints"

@@ -1,11 +1,11 @@
-"""Paired comparisons of FID (ddpm.compare): paired vs unpaired width, known zero, Holm, interactions, coverage."""
+"""Paired comparisons of FID (ddpm.metrics.compare): paired vs unpaired width, known zero, Holm, interactions, coverage."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from benchmarks.interval_coverage import Grid
-from ddpm import compare
+from ddpm.metrics import compare
 
 SCHEDULES = ["linear", "cosine", "sigmoid"]
 SETS = ["ddim-eta0-10", "ddim-eta0-20"]

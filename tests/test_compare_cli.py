@@ -1,4 +1,4 @@
-"""The comparisons through the tracking module: `python -m ddpm.tracking compare A B` on a tiny git (+ DVC)
+"""The comparisons through the tracking module: `ddpm compare A B` on a tiny git (+ DVC)
 repository with synthetic features files, `table --questions`, and log_comparisons into a sqlite MLflow store."""
 from __future__ import annotations
 
@@ -12,8 +12,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ddpm import compare
-from ddpm import tracking as tr
+from ddpm.metrics import compare
+from ddpm.app import tracking as tr
+from ddpm import cli
+from ddpm.app.tracking import runs
+from ddpm.app.tracking import table
 
 ROOT = Path(__file__).resolve().parents[1]
 SETS = ["ddim-eta0-10", "dpmpp_2m-10"]
@@ -48,7 +51,7 @@ def repo(tmp_path_factory):
 
 def test_cli_compare_two_commits(repo):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    out = subprocess.run([sys.executable, "-m", "ddpm.tracking", "compare", "HEAD~1", "HEAD", "--repo", str(repo),
+    out = subprocess.run([sys.executable, "-m", "ddpm.cli", "compare", "HEAD~1", "HEAD", "--repo", str(repo),
                           "--n-boot", "200"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
@@ -57,14 +60,14 @@ def test_cli_compare_two_commits(repo):
     assert "pooled over 4 configurations" in lines[-1] and "A better" in lines[-1] and "Holm over 5" in lines[-1]
     # in-process, as CSV: the same numbers as the library's cross table
     direct = tr.compare_revs("HEAD~1", "HEAD", repo, n_boot=200)
-    ca, ra, _ = compare.load_features(tr.read_rev_file("HEAD~1", "reports/features.npz", repo))
-    cb, rb, _ = compare.load_features(tr.read_rev_file("workspace", "reports/features.npz", repo))
+    ca, ra, _ = compare.load_features(table.read_rev_file("HEAD~1", "reports/features.npz", repo))
+    cb, rb, _ = compare.load_features(table.read_rev_file("workspace", "reports/features.npz", repo))
     pd.testing.assert_frame_equal(direct, compare.cross_table(ca, ra, cb, rb, n_boot=200))
     assert direct["effect"].iloc[-1] > 0 and (direct["verdict"] == "A better").all()
 
 
 def test_cli_compare_errors(repo, tmp_path, capsys):
-    assert tr.main(["compare", "HEAD", "no-such-rev", "--repo", str(repo)]) == 1
+    assert cli.main(["compare", "HEAD", "no-such-rev", "--repo", str(repo)]) == 1
     assert "reports/features.npz at 'no-such-rev'" in capsys.readouterr().err
     other = tmp_path / "reports" / "features.npz"  # "workspace" reads the working tree: here another feature space
     compare.save_features(other, *_features(0.0), space="inception-2048d-x")
@@ -97,7 +100,7 @@ def test_table_questions_and_log_comparisons(tmp_path, capsys):
     path = tmp_path / "comparisons.csv"
     table = compare.grid_comparisons(cells, ref, n_boot=200)
     table.to_csv(path, index=False)
-    assert tr.main(["table", "--questions", "--file", str(path)]) == 0
+    assert cli.main(["table", "--questions", "--file", str(path)]) == 0
     out = capsys.readouterr().out
     main = table[(table["family"] == "questions") & (table["kind"] != "interaction")]
     resolved = int((main["verdict"] != "tie").sum())
@@ -110,7 +113,7 @@ def test_table_questions_and_log_comparisons(tmp_path, capsys):
     tr.log_comparisons(tk, run, path)
     tk.end_run(run)
     assert not tk.failed
-    client = tr._open_client(uri)
+    client = runs._open_client(uri)
     assert client.get_run(run).data.metrics == {"questions": 2.0, "questions_resolved": float(resolved)}
-    assert tr.main(["table", "--questions", "--run", run, "--uri", uri]) == 0
+    assert cli.main(["table", "--questions", "--run", run, "--uri", uri]) == 0
     assert f"{resolved} of 2 main effects resolved" in capsys.readouterr().out

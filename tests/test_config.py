@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ddpm.config import ConfigError, Params, load_params, params_from_dict
+from ddpm.app.config import ConfigError, Params, load_params, params_from_dict
 
 
 @pytest.fixture
@@ -91,18 +91,23 @@ def test_types_and_yaml_errors(raw, tmp_path):
 
 
 def test_name_tuples_match_the_registries():
-    """ddpm/names.py lets config validate without importing the maths modules; each tuple must be its registry's."""
+    """ddpm/app/names.py lets config validate without importing the maths modules; each tuple must be its registry's."""
     import ast
 
-    from ddpm import data, diffusion, names, samplers, schedules
+    from ddpm.data import datasets as data
+    from ddpm.diffusion import process as diffusion
+    from ddpm.app import names
+    from ddpm.diffusion import samplers
+    from ddpm.diffusion import schedules
 
     assert names.DATASETS == data.DATASETS
     assert names.OBJECTIVES == diffusion.OBJECTIVES
     assert names.STEP_RULES == samplers.STEP_RULES
     assert names.SCHEDULES == tuple(schedules.SCHEDULES)
-    tree = ast.parse((Path(__file__).resolve().parents[1] / "ddpm" / "config.py").read_text())
-    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1}
-    assert not imported & {"data", "diffusion", "samplers", "schedules"}, imported
+    tree = ast.parse((Path(__file__).resolve().parents[1] / "ddpm" / "app" / "config.py").read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    maths = ("ddpm.data", "ddpm.diffusion.process", "ddpm.diffusion.samplers", "ddpm.diffusion.schedules")
+    assert not {m for m in imported if m.startswith(maths)}, imported
 
 
 @pytest.mark.parametrize("edit, expected", [
@@ -135,8 +140,8 @@ def test_n_samples_may_exceed_the_holdout_set(raw):
     ok = copy.deepcopy(raw)
     ok["sample"]["n_samples"] = 2000  # > 449, the held-out set of digits: the floor is carried to n (stages/fid.py)
     assert params_from_dict(ok).sample.n_samples == 2000
-    from ddpm.data import split_holdout
-    from ddpm.config import DATASET_SIZES, DataConfig, holdout_size
+    from ddpm.data.datasets import split_holdout
+    from ddpm.app.config import DATASET_SIZES, DataConfig, holdout_size
     for frac in (0.25, 0.5, 0.001):
         assert holdout_size(DataConfig(holdout_fraction=frac)) == len(split_holdout(DATASET_SIZES["digits"], frac, 0)[1])
     assert holdout_size(DataConfig(name="folder")) is None

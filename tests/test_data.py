@@ -1,4 +1,4 @@
-"""Tests for ddpm.data: loaders (from tiny files written here), splits, ranges and grids.
+"""Tests for ddpm.data.datasets: loaders (from tiny files written here), splits, ranges and grids.
 
 Nothing here touches the network: torchvision's download functions are patched to fail.
 """
@@ -16,18 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm.data import (
-    DATASETS,
-    IMAGE_EXTENSIONS,
-    ImageData,
-    load_dataset,
-    model_to_uint8,
-    save_image_grid,
-    split_holdout,
-    uint8_to_model,
-    uint8_to_unit,
-    unit_to_uint8,
-)
+from ddpm.data.convert import model_to_uint8, save_image_grid, uint8_to_model, uint8_to_unit, unit_to_uint8
+from ddpm.data.datasets import DATASETS, ImageData, load_dataset, split_holdout
+from ddpm.data.folder import IMAGE_EXTENSIONS
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,12 +299,12 @@ def test_folder_mixed_modes_converted_and_logged(tmp_path, caplog):
     write_png(tmp_path / "b.png", np.full((4, 4, 3), (1, 2, 3), np.uint8))  # RGB
     write_png(tmp_path / "c.png", np.full((4, 4, 4), (4, 5, 6, 255), np.uint8))  # RGBA
     Image.fromarray(np.full((4, 4, 3), 7, np.uint8)).save(tmp_path / "d.jpg", quality=100)
-    with caplog.at_level(logging.INFO, logger="ddpm.data"):
+    with caplog.at_level(logging.INFO, logger="ddpm.data.folder"):
         data = load_dataset("folder", root=tmp_path)
     assert data.images.shape == (4, 3, 4, 4)
     np.testing.assert_array_equal(data.images[0, :, 0, 0], [90, 90, 90])
     np.testing.assert_array_equal(data.images[2, :, 0, 0], [4, 5, 6])
-    records = [r for r in caplog.records if r.name == "ddpm.data"]
+    records = [r for r in caplog.records if r.name == "ddpm.data.folder"]
     assert len(records) == 1
     assert "converted 2 of 4" in records[0].getMessage() and "RGBA: 1" in records[0].getMessage()
     gray = load_dataset("folder", root=tmp_path, channels=1)
@@ -438,7 +429,7 @@ def test_folder_skips_a_named_pipe_without_opening_it(tmp_path, caplog):
 
     root = _folder_with_two(tmp_path)
     os.mkfifo(root / "p.png")
-    with caplog.at_level(logging.WARNING, logger="ddpm.data"):
+    with caplog.at_level(logging.WARNING, logger="ddpm.data.folder"):
         data = _load_in_thread(root)
     assert len(data) == 2
     assert "skipped 1 entries that are not regular files" in caplog.text and "p.png" in caplog.text
@@ -453,7 +444,7 @@ def test_folder_refuses_symlinks_that_leave_it(tmp_path, caplog):
     (tmp_path / "elsewhere").mkdir()
     write_png(tmp_path / "elsewhere" / "x.png", np.zeros((4, 4, 3), np.uint8))
     (root / "sub").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
-    with caplog.at_level(logging.WARNING, logger="ddpm.data"):
+    with caplog.at_level(logging.WARNING, logger="ddpm.data.folder"):
         data = load_dataset("folder", root=root)
     assert len(data) == 3 and not (data.images == 7).any()  # ok0, ok1, inside; not the secret
     assert "skipped 1 symlinks pointing outside the folder" in caplog.text and "leak.png" in caplog.text
@@ -472,7 +463,7 @@ def _png_header_only(path: Path, w: int, h: int) -> None:
 
 
 def test_folder_caps_the_pixel_count_before_decoding(tmp_path, monkeypatch):
-    import ddpm.data as data_mod
+    import ddpm.data.folder as data_mod
 
     root = _folder_with_two(tmp_path)
     _png_header_only(root / "bomb.png", 9000, 9000)  # under PIL's own 89-megapixel limit
@@ -488,7 +479,7 @@ MEMORY_PROBE = """
 import resource, sys
 import numpy as np
 from PIL import Image
-from ddpm.data import load_dataset
+from ddpm.data.datasets import load_dataset
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 data = load_dataset("folder", root=sys.argv[1], image_size=8)
 print(data.images.shape, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)

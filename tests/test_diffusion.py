@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from ddpm.diffusion import GaussianProcess
-from ddpm.schedules import get_beta_schedule
+from ddpm.diffusion.process import GaussianProcess
+from ddpm.diffusion.schedules import get_beta_schedule
 
 
 def make(objective="pred_noise", T=1000, gamma=None, schedule="linear"):

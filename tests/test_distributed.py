@@ -28,15 +28,18 @@ import torch
 import torch.multiprocessing as mp
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from ddpm import distributed as dist
-from ddpm.config import ConfigError, Params, params_from_dict
-from ddpm.data import load_dataset, model_to_uint8
-from ddpm.diffusion import GaussianProcess
-from ddpm.fid import extract_features, feature_statistics, frechet_distance, train_classifier
-from ddpm.samplers import StepRule, sample_images
-from ddpm.schedules import get_beta_schedule
-from ddpm.train import TrainSettings, checkpoint_path, load_checkpoint, train
-from ddpm.unet import Unet
+from ddpm.training import distributed as dist
+from ddpm.app.config import ConfigError, Params, params_from_dict
+from ddpm.data.convert import model_to_uint8
+from ddpm.data.datasets import load_dataset
+from ddpm.diffusion.process import GaussianProcess
+from ddpm.metrics.features import extract_features, train_classifier
+from ddpm.metrics.fid import feature_statistics, frechet_distance
+from ddpm.diffusion.samplers import StepRule, sample_images
+from ddpm.diffusion.schedules import get_beta_schedule
+from ddpm.training.checkpoint import load_checkpoint
+from ddpm.training.loop import TrainSettings, checkpoint_path, train
+from ddpm.nn.unet import Unet
 
 
 # --- spawning ---------------------------------------------------------------------------------------
@@ -346,7 +349,7 @@ TRAINER_SCRIPT = """
 import json, sys
 import torch
 from ddpm import GaussianDiffusion, Trainer, Unet
-from ddpm import distributed as dist
+from ddpm.training import distributed as dist
 
 torch.manual_seed(0)
 diffusion = GaussianDiffusion(Unet(dim=8, dim_mults=(1, 2), channels=1), image_size=8, timesteps=20,

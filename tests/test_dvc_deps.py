@@ -3,8 +3,8 @@
 The closure of a stage is walked with ``ast`` from its module (``python -m stages.<name>``): every ``import`` and
 ``from ... import`` anywhere in a file (function-level imports run too) that names a project module adds that
 module's file. ``__init__.py`` files are not followed: ``ddpm/__init__.py`` re-exports the API for users, and a
-stage that imports ``ddpm.config`` computes nothing with what the package's ``__init__`` imports.
-``ddpm/tracking.py`` is exempt, as dvc.yaml documents: it only mirrors results to MLflow.
+stage that imports ``ddpm.app.config`` computes nothing with what the package's ``__init__`` imports.
+``ddpm/app/tracking/`` is exempt, as dvc.yaml documents: it only mirrors results to MLflow.
 """
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("ddpm", "stages")
-EXEMPT = {"ddpm/tracking.py"}
-READS = {"ddpm/kernels.py": {"ddpm/kernels.c"}}  # code a module reads at run time (C it compiles)
+EXEMPT = {f.relative_to(ROOT).as_posix() for f in (ROOT / "ddpm/app/tracking").glob("*.py")}
+READS = {"ddpm/nn/kernels.py": {"ddpm/nn/kernels.c"}}  # code a module reads at run time (C it compiles)
 
 
 def module_file(name: str) -> str | None:
-    """'ddpm.config' -> 'ddpm/config.py' when it is a project module (a package -> None: not followed)."""
+    """'ddpm.app.config' -> 'ddpm/app/config.py' when it is a project module (a package -> None: not followed)."""
     path = Path(*name.split("."))
     if name.split(".")[0] in PACKAGES and (ROOT / path.with_suffix(".py")).is_file():
         return path.with_suffix(".py").as_posix()
@@ -96,15 +96,15 @@ def test_stage_deps_list_its_import_closure(name):
 
 
 def test_closure_walker_sees_lazy_relative_and_submodule_imports():
-    assert "ddpm/samplers.py" in imports_of("ddpm/distributed.py")  # a function-level relative import
-    assert "ddpm/distributed.py" in imports_of("stages/sample.py")  # `from ddpm import distributed as dist`
-    assert "ddpm/names.py" in imports_of("ddpm/config.py")
+    assert "ddpm/diffusion/samplers.py" in imports_of("ddpm/training/distributed.py")  # a function-level relative import
+    assert "ddpm/training/distributed.py" in imports_of("stages/sample.py")  # `from ddpm import distributed as dist`
+    assert "ddpm/app/names.py" in imports_of("ddpm/app/config.py")
     assert not any(f.endswith("__init__.py") for f in closure("stages.report"))
 
 
 def test_report_code_is_not_a_training_dependency():
     """An edit to the report's code reruns the report, never a training or sampling stage."""
-    report_only = {"ddpm/report.py", "ddpm/figures.py", "ddpm/results.py", "ddpm/report_templates.py"}
+    report_only = {"ddpm/app/report/build.py", "ddpm/app/report/figures.py", "ddpm/app/results.py", "ddpm/app/report/templates.py"}
     report = stages()["report"]
     report_outs = {o if isinstance(o, str) else next(iter(o)) for key in ("outs", "metrics", "plots")
                    for o in report.get(key, [])}

@@ -1,4 +1,4 @@
-"""Tests for ddpm.fid: Frechet distance maths, the digits classifier featurizer, checkpoints and the
+"""Tests for ddpm.metrics.fid: Frechet distance maths, the digits classifier featurizer, checkpoints and the
 offline pytorch-fid Inception path (random weights saved locally; no network, ever)."""
 from __future__ import annotations
 
@@ -10,19 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm import fid
-from ddpm.fid import (
-    ClassifierFeaturizer,
-    InceptionFeaturizer,
-    extract_features,
-    feature_statistics,
-    fid_from_features,
-    frechet_distance,
-    load_featurizer,
-    make_featurizer,
-    save_featurizer,
-    train_classifier,
-)
+from ddpm.metrics import features, fid
+from ddpm.metrics.features import (ClassifierFeaturizer, InceptionFeaturizer, extract_features, load_featurizer,
+                                   make_featurizer, save_featurizer, train_classifier)
+from ddpm.metrics.fid import feature_statistics, fid_from_features, frechet_distance
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 
@@ -86,7 +77,7 @@ def random_inception_weights(tmp_path_factory):
     ckpt_dir.mkdir(parents=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        net = fid.fid_inception_v3_architecture()
+        net = features.fid_inception_v3_architecture()
     hub_file = ckpt_dir / WEIGHTS_NAME
     torch.save(net.state_dict(), hub_file)
     explicit = home / "my_weights.pth"
@@ -303,29 +294,29 @@ def test_inception_from_explicit_path_and_hub_cache(tmp_path, monkeypatch, no_ne
 # Rulers, intervals, KID (issue 12)
 # --------------------------------------------------------------------------------------------------
 def _ruler():
-    entry = fid.SHIPPED_RULERS["digits"]
-    return fid.RULERS_DIR / entry["file"], entry["sha256"]
+    entry = features.SHIPPED_RULERS["digits"]
+    return features.RULERS_DIR / entry["file"], entry["sha256"]
 
 
 def test_shipped_ruler_checksum_is_verified(tmp_path):
     path, sha = _ruler()
-    assert fid.file_sha256(path) == sha
-    net = fid.load_ruler(path, sha)
+    assert features.file_sha256(path) == sha
+    net = features.load_ruler(path, sha)
     assert net.feature_dim == 32
     bad = tmp_path / "ruler.pt"
     bad.write_bytes(path.read_bytes()[:-1] + bytes([path.read_bytes()[-1] ^ 1]))
     with pytest.raises(ValueError, match="sha256"):
-        fid.load_ruler(bad, sha)
+        features.load_ruler(bad, sha)
     recipe = {"kind": "classifier", "feature_dim": 32, "epochs": 15, "batch_size": 64, "lr": 0.01,
               "image_size": None, "channels": None}
-    assert fid.shipped_ruler("digits", recipe) == (path, sha)
-    assert fid.shipped_ruler("digits", {**recipe, "epochs": 3}) is None
-    assert fid.shipped_ruler("mnist", recipe) is None
-    assert fid.feature_space_id("classifier", 32, sha) == f"classifier-32d-{sha[:8]}"
+    assert features.shipped_ruler("digits", recipe) == (path, sha)
+    assert features.shipped_ruler("digits", {**recipe, "epochs": 3}) is None
+    assert features.shipped_ruler("mnist", recipe) is None
+    assert features.feature_space_id("classifier", 32, sha) == f"classifier-32d-{sha[:8]}"
 
 
 def test_shipped_ruler_features_identical_with_1_and_2_threads(digits):
-    net = fid.load_ruler(*_ruler())
+    net = features.load_ruler(*_ruler())
     images = digits[0][:300]
     prev = torch.get_num_threads()
     try:
@@ -339,7 +330,7 @@ def test_shipped_ruler_features_identical_with_1_and_2_threads(digits):
 
 
 def test_fid_from_images_is_the_feature_pipeline(digits):
-    net = fid.load_ruler(*_ruler())
+    net = features.load_ruler(*_ruler())
     real, gen = digits[0][:400], digits[0][400:800]
     mu, sigma = feature_statistics(extract_features(net, real))
     expect = frechet_distance(*feature_statistics(extract_features(net, gen)), mu, sigma)
@@ -398,7 +389,7 @@ def test_fid_infinity_removes_most_of_the_c_over_n_bias():
     """Gaussians (D = 32, as the digits ruler): the plug-in FID at N = 400 sits ~c/N above its N -> inf value
     (the target: N = 40,000 against the same reference); FID-infinity's mean over 6 draws is within a
     quarter of that bias of it, and its line predicts the plug-in at N."""
-    from ddpm.fid import fid_infinity
+    from ddpm.metrics.fid import fid_infinity
 
     rng = np.random.default_rng(1)
     d = 32

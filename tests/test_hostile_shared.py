@@ -19,7 +19,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from ddpm import tracking as tr
+from ddpm.app import tracking as tr
+from ddpm import cli
+from ddpm.app.tracking import pending
+from ddpm.app.tracking import runs
 
 ROOT = Path(__file__).resolve().parents[1]
 USER_TEXT = "the user's own file\n"
@@ -43,7 +46,7 @@ def test_symlinked_init_lock_is_never_followed(tmp_path, caplog, capsys):
     db.parent.mkdir()
     digest = hashlib.md5(str(db.resolve()).encode(), usedforsecurity=False).hexdigest()[:16]
     old = Path(tempfile.gettempdir()) / f"ddpm-mlflow-init-{digest}.lock"
-    new = tr.init_lock_path(db)
+    new = runs.init_lock_path(db)
     assert new.parent == db.parent
     old.unlink(missing_ok=True)
     old.symlink_to(victim)
@@ -55,7 +58,7 @@ def test_symlinked_init_lock_is_never_followed(tmp_path, caplog, capsys):
         tk = tr.Tracker(True, "x", uri=uri)
         assert tk.start_run("r", {"a": 1}, {}) is None  # refused: the Tracker warns and stops, never raises
         assert tk.failed and "symbolic link" in caplog.text and str(new) in caplog.text
-        assert tr.main(["table", "--uri", uri]) == 1
+        assert cli.main(["table", "--uri", uri]) == 1
         err = capsys.readouterr().err
         assert "symbolic link" in err and str(new) in err and "\n" not in err.strip()
         assert victim.read_text() == USER_TEXT and old.is_symlink() and new.is_symlink()
@@ -65,13 +68,13 @@ def test_symlinked_init_lock_is_never_followed(tmp_path, caplog, capsys):
 
 def test_init_lock_is_a_private_regular_file_beside_the_db(tmp_path):
     db = tmp_path / "mlflow.db"
-    lock = tr.init_lock_path(db)
+    lock = runs.init_lock_path(db)
     lock.write_text("kept")  # an existing lock is opened without truncation
-    with tr._init_lock(f"sqlite:///{db}"):
+    with runs._init_lock(f"sqlite:///{db}"):
         pass
     assert lock.read_text() == "kept" and not lock.is_symlink()
     lock.unlink()
-    with tr._init_lock(f"sqlite:///{db}"):
+    with runs._init_lock(f"sqlite:///{db}"):
         pass
     assert lock.is_file() and lock.stat().st_mode & 0o777 == 0o600
 
@@ -216,7 +219,7 @@ def test_an_import_that_fails_half_way_leaves_nothing_and_resumes(store, tmp_pat
         _start(other, parent_run_id=PENDING), {"op": "end_run", "run_id": other, "status": "FINISHED"},
         '{"op": "end_run", "run_id": "pending-'])  # a truncated last line (a crash) is skipped
     before = _snapshot(store)
-    real_send = tr._send
+    real_send = pending._send
 
     def flaky(client, rid, rec, root):
         if rec["op"] == "end_run":
@@ -285,7 +288,7 @@ def test_names_in_fid_csv_never_leave_the_repository(tmp_path, monkeypatch):
     import numpy as np
     import report_fixture as rf
 
-    from ddpm.results import ResultsError, inside, load_results
+    from ddpm.app.results import ResultsError, inside, load_results
 
     repo = rf.write_tree(tmp_path / "a" / "b" / "repo", schedules=("linear",), samplers=(("ddpm", 0.0),),
                          steps=(5,))

@@ -1,4 +1,4 @@
-"""ddpm.kernels: the fused CPU kernels (sampling, and GroupNorm + SiLU with its backward for training) against
+"""ddpm.nn.kernels: the fused CPU kernels (sampling, and GroupNorm + SiLU with its backward for training) against
 PyTorch's maths, where they decline, and the fallback."""
 import logging
 import os
@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from ci_tools import need
-from ddpm import kernels
-from ddpm.unet import Unet
+from ddpm.nn import kernels
+from ddpm.nn.unet import Unet
 
 
 @pytest.fixture
@@ -18,7 +18,7 @@ def library():
     """The built kernels: skipped on a machine without a C compiler, a failure under CI=true (ci_tools)."""
     need("cc")
     lib = kernels.library()
-    assert lib is not None, "a C compiler is on PATH but ddpm.kernels could not build (see its warning)"
+    assert lib is not None, "a C compiler is on PATH but ddpm.nn.kernels could not build (see its warning)"
     return lib
 
 
@@ -228,11 +228,11 @@ def test_a_failing_compiler_means_the_pytorch_path_and_one_warning(fresh, monkey
     cc.write_text("#!/bin/sh\necho 'broken-cc: cannot compile' >&2\nexit 1\n")
     cc.chmod(cc.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("CC", str(cc))
-    with caplog.at_level(logging.WARNING, logger="ddpm.kernels"), torch.no_grad():
+    with caplog.at_level(logging.WARNING, logger="ddpm.nn.kernels"), torch.no_grad():
         assert kernels.library() is None and kernels.library() is None
         m = Unet(dim=16, dim_mults=(1, 2), channels=1).eval().to(memory_format=torch.channels_last)
         assert m(_cl(2, 1, 8, 8), 3).shape == (2, 1, 8, 8)
-    warnings = [r.getMessage() for r in caplog.records if r.name == "ddpm.kernels"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "ddpm.nn.kernels"]
     assert len(warnings) == 1 and "broken-cc: cannot compile" in warnings[0]
     assert not any(fresh.glob("*.so")) and not any(p.is_dir() for p in fresh.iterdir())  # no partial files
 

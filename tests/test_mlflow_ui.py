@@ -14,25 +14,17 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from ci_tools import need
-from ddpm import tracking as tr
+from ci_tools import need, server_healthy
+from ddpm.app import tracking as tr
 
 ROOT = Path(__file__).resolve().parents[1]
 
 START_TIMEOUT = 90.0  # seconds; `mlflow ui` took 6-17 s to answer on a 2-core machine (FACTS)
 
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
 
 
 def _free_port() -> int:
@@ -59,9 +51,9 @@ def served(tmp_path):
                                 cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + START_TIMEOUT
-        while not _healthy(f"http://127.0.0.1:{port}") and time.monotonic() < deadline and proc.poll() is None:
+        while not server_healthy(f"http://127.0.0.1:{port}") and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.5)
-        assert _healthy(f"http://127.0.0.1:{port}"), log.read_text()[-3000:]
+        assert server_healthy(f"http://127.0.0.1:{port}"), log.read_text()[-3000:]
         link = re.search(r"ddpm: (http://\S+)", log.read_text())
         assert link, log.read_text()[-3000:]
         yield chromium, link.group(1), name

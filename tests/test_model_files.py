@@ -15,12 +15,13 @@ import pytest
 import torch
 
 from ddpm import GaussianDiffusion, Trainer, Unet
-from ddpm.checkpoint import (CHECKPOINT_FORMAT, MODEL_FORMAT, UnsafeFileError, checkpoint_path, latest_valid_checkpoint,
-                             list_checkpoints, load_checkpoint, load_model, remove_run_checkpoints, save_model)
-from ddpm.data import load_dataset
-from ddpm.diffusion import GaussianProcess
-from ddpm.schedules import get_beta_schedule
-from ddpm.train import TrainSettings, model_metadata, train
+from ddpm.training.checkpoint import (CHECKPOINT_FORMAT, MODEL_FORMAT, UnsafeFileError, checkpoint_path, latest_valid_checkpoint,
+                                      list_checkpoints, load_checkpoint, load_model, remove_run_checkpoints, save_model)
+from ddpm.data.datasets import load_dataset
+from ddpm.diffusion.process import GaussianProcess
+from ddpm.diffusion.schedules import get_beta_schedule
+from ddpm.training.checkpoint import model_metadata
+from ddpm.training.loop import TrainSettings, train
 
 ROOT = Path(__file__).resolve().parents[1]
 

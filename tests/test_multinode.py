@@ -1,5 +1,5 @@
 """Two nodes on one machine: two torchrun agents (`--nnodes 2`, one process each, a c10d rendezvous), each
-in its own working copy, started by ``ddpm.distributed.launch_nodes`` (what `python -m stages.train
+in its own working copy, started by ``ddpm.training.distributed.launch_nodes`` (what `python -m stages.train
 --nnodes 2 --node-rank R --rdzv HOST:PORT` uses).
 
 * exact: the two nodes' 3 recorded steps equal one process on the same full batches (the tolerances of
@@ -35,8 +35,8 @@ import pytest
 import torch
 from ci_tools import need
 
-from ddpm.data import model_to_uint8
-from ddpm.samplers import sample_images
+from ddpm.data.convert import model_to_uint8
+from ddpm.diffusion.samplers import sample_images
 from test_distributed import SAMPLE, _max_diff, check_like_one_process, spawn, tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,7 +126,7 @@ def working_copy(path: Path) -> Path:
     return path
 
 
-LAUNCH = ("import sys; from ddpm import distributed as d; "
+LAUNCH = ("import sys; from ddpm.training import distributed as d; "
           "raise SystemExit(d.launch_nodes('multinode_worker', ['out'], d.Nodes(2, int(sys.argv[1]), sys.argv[2], "
           "rdzv_timeout=60), 1, 'ddpm-multinode-test'))")
 
@@ -343,7 +343,7 @@ def test_a_node_that_never_rejoins_fails_the_job_and_writes_no_model(clones):
 
 def _disagreeing_node(folder) -> None:
     import stages.train as stage
-    from ddpm import distributed as dist
+    from ddpm.training import distributed as dist
 
     stage.PREPARED = folder  # both ranks read the same train.npz; rank 1 has other params or code
     try:

@@ -25,18 +25,19 @@ CHECK = textwrap.dedent('''
     from pathlib import Path
 
     import ddpm
-    from ddpm import fid, kernels
+    from ddpm.metrics import features
+    from ddpm.nn import kernels
 
     here = Path(ddpm.__file__).resolve()
     print("ddpm from", here)
     assert here.is_relative_to(Path(sys.prefix).resolve()), (here, sys.prefix)
-    assert kernels.SOURCE.is_file(), kernels.SOURCE  # ddpm/kernels.c, package data
+    assert kernels.SOURCE.is_file(), kernels.SOURCE  # ddpm/nn/kernels.c, package data
     import shutil
     if any(shutil.which(c) for c in ("cc", "gcc", "clang")):  # built from the installed source
         assert kernels.library() is not None
         print("kernels built from", kernels.SOURCE)
-    entry = fid.SHIPPED_RULERS["digits"]
-    ruler = fid.load_ruler(fid.RULERS_DIR / entry["file"], entry["sha256"])  # sha256-checked on load
+    entry = features.SHIPPED_RULERS["digits"]
+    ruler = features.load_ruler(features.RULERS_DIR / entry["file"], entry["sha256"])  # sha256-checked on load
     print("ruler", entry["file"], "loads:", type(ruler).__name__)
 
     # the README's first snippet, tiny sizes
@@ -97,7 +98,7 @@ def _env(tmp: Path) -> dict[str, str]:
 def test_wheel_installs_and_the_readme_snippets_run_outside_the_checkout(venv, png_folder):
     import torch
 
-    from ddpm.fid import FID_WEIGHTS_FILENAME, fid_inception_v3_architecture
+    from ddpm.metrics.features import FID_WEIGHTS_FILENAME, fid_inception_v3_architecture
 
     python, _, tmp = venv
     weights = tmp / "torch_home" / "hub" / "checkpoints"

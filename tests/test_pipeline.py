@@ -115,7 +115,7 @@ def test_repro_writes_the_outputs(repo):
 
 def test_mlflow_runs_form_the_comparison_table(repo):
     path, env, _ = repo
-    r = subprocess.run([sys.executable, "-m", "ddpm.tracking", "table", "--csv"], cwd=path, env=env,
+    r = subprocess.run([sys.executable, "-m", "ddpm.cli", "table", "--csv"], cwd=path, env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     from io import StringIO
@@ -182,7 +182,7 @@ def test_exp_run_timesteps(repo):
     assert {"train@linear-0", "train@cosine-0", "fid", "report"} <= ran
     show = run(["dvc", "exp", "show", "--no-pager", "--csv"], path, env)
     assert "t30" in show and "best_fid" in show
-    table = run([sys.executable, "-m", "ddpm.tracking", "table", "--csv"], path, env)
+    table = run([sys.executable, "-m", "ddpm.cli", "table", "--csv"], path, env)
     assert "30" in table  # the t30 runs carry timesteps=30
 
 

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from ddpm.fid import SHIPPED_RULERS
+from ddpm.metrics.features import SHIPPED_RULERS
 from test_pipeline import TINY, make_repo, run
 
 SHIPPED_RECIPE = {"kind": "classifier", "feature_dim": 32, "epochs": 15, "batch_size": 64, "lr": 0.01,

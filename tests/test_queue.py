@@ -61,7 +61,8 @@ def test_cache_links_by_copy():
 def test_two_queued_experiments_log_to_one_store(tmp_path):
     """Two queued experiments started with `dvc queue start -j 2` both finish, and both sets of MLflow
     runs (train + nested sample runs) are in `<repo>/mlflow.db`, none missing, none crossed."""
-    from ddpm.tracking import _open_client, comparison_table
+    from ddpm.app.tracking.runs import _open_client
+    from ddpm.app.tracking.table import comparison_table
 
     params = copy.deepcopy(TINY)
     params["diffusion"]["schedules"] = ["linear"]

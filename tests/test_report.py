@@ -1,4 +1,4 @@
-"""Tests for ddpm.results and ddpm.report: a pipeline output tree in the contract format (tests/report_fixture.py)
+"""Tests for ddpm.app.results and ddpm.app.report.build: a pipeline output tree in the contract format (tests/report_fixture.py)
 -> load_results -> build_report: files, Markdown content and links, a self-contained HTML page, aggregation over
 seeds, intervals, ties, the winner per step count, clear errors for missing columns, flat metrics, byte-for-byte
 determinism, and (with /usr/bin/chromium) that every image of the page loads in a browser."""
@@ -19,11 +19,12 @@ from scipy import stats
 from ci_tools import need
 
 import report_fixture as rf
-from ddpm import figures, pipeline
-from ddpm.names import sampler_label
-from ddpm.report import build_report, summary_metrics
-from ddpm.results import TIE_RULE, ResultsError, aggregate, load_results, winners_by_steps
-from ddpm.samplers import StepRule
+from ddpm.app.report import figures
+from ddpm.app import paths
+from ddpm.app.names import sampler_label
+from ddpm.app.report.build import build_report, summary_metrics
+from ddpm.app.results import TIE_RULE, ResultsError, aggregate, load_results, winners_by_steps
+from ddpm.diffusion.samplers import StepRule
 
 SCHEDULES = ("linear", "cosine")
 SAMPLERS = (("ddpm", 0.0), ("ddim", 0.0))
@@ -147,7 +148,7 @@ def test_sample_grids_pixels(built, tree, tmp_path):
     # 16 images of 8x8 at scale 3 in a 4x4 grid with 1 px padding: nearest-neighbour upscaling
     assert img.size == (4 * (8 * 3 + 1) + 1, 4 * (8 * 3 + 1) + 1)
     arr = np.asarray(img)
-    with np.load(tree / pipeline.sample_path(schedule="linear", seed=0, name="ddpm", eta=0.0, steps=5)) as f:
+    with np.load(tree / paths.sample_path(schedule="linear", seed=0, name="ddpm", eta=0.0, steps=5)) as f:
         first = f["images"][0, 0]
     assert np.array_equal(arr[1:25, 1:25], first.repeat(3, 0).repeat(3, 1))
 
@@ -183,7 +184,7 @@ def test_summary_metrics(built):
 def test_one_sampler_label_across_modules():
     for name, eta in (("ddpm", 0.0), ("ddpm_large", 0.0), ("ddim", 0.0), ("ddim", 0.5), ("ddim", 1.0)):
         label = sampler_label(name, eta)
-        assert StepRule(name, eta).label == pipeline.sampler_label(name, eta) == label
+        assert StepRule(name, eta).label == label
     assert [sampler_label("ddim", e) for e in (0.0, 0.5)] == ["ddim-eta0", "ddim-eta0.5"]
     df = rf.fid_rows(["cosine"], [("ddim", 0.0), ("ddim", 0.5)], [10], [0])
     df.loc[0, "fid"] = float("nan")

@@ -1,7 +1,7 @@
 """Every user-controlled string reaches the report escaped (issue 13): a `<script>` payload in the experiment name,
 params values, schedule names (folder and file names), sampler names, the ruler's metadata and the interval text
 appears in report.html only HTML-escaped, and in report.md only Markdown-escaped. Schedule and sampler names
-that are not in ddpm/names.py's vocabulary are refused when fid.csv is read (issue 28, row 8)."""
+that are not in ddpm/app/names.py's vocabulary are refused when fid.csv is read (issue 28, row 8)."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,8 +13,8 @@ import pytest
 from markupsafe import escape
 
 import report_fixture as rf
-from ddpm.report import build_report
-from ddpm.results import ResultsError, load_results
+from ddpm.app.report.build import build_report
+from ddpm.app.results import ResultsError, load_results
 
 PAYLOAD = '"><script>alert(1)</script>'
 NAME = '"><script>alert(1)'  # no "/": it names folders and files

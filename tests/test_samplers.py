@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm.diffusion import GaussianProcess
+from ddpm.diffusion.process import GaussianProcess
 from benchmarks.golden_diffusers import CASES, SHAPE, setup
-from ddpm.samplers import SPACINGS, STEP_RULES, StepRule, sample_images, sample_loop, timestep_grid
-from ddpm.schedules import get_beta_schedule
+from ddpm.diffusion.samplers import SPACINGS, STEP_RULES, StepRule, sample_images, sample_loop, timestep_grid
+from ddpm.diffusion.schedules import get_beta_schedule
 
 MU, S = 0.2, 0.5
 T = 1000
@@ -280,7 +280,7 @@ def test_stochastic_sets_do_not_depend_on_batch_size_or_chunk_order(rule):
 def test_the_first_block_is_the_stream_of_chunk_zero():
     """A set drawn at batch 400 is what it was before per-index noise: block 0's generator as one stream
     (x_T, then one z per noisy step), so the committed sample sets keep their images."""
-    from ddpm.samplers import NOISE_BLOCK, chunk_generator
+    from ddpm.diffusion.samplers import NOISE_BLOCK, chunk_generator
 
     p = GaussianProcess(get_beta_schedule("cosine", 100))
     model = GaussianOracle(p.alpha_bar64, "pred_noise")
@@ -291,7 +291,7 @@ def test_the_first_block_is_the_stream_of_chunk_zero():
 
 
 def test_schedules_share_x_T_and_step_noise_per_index(monkeypatch):
-    import ddpm.samplers as samplers
+    import ddpm.diffusion.samplers as samplers
 
     seen = {}
 
@@ -322,7 +322,7 @@ def test_schedules_share_x_T_and_step_noise_per_index(monkeypatch):
 
 
 def test_indexed_noise_skips_and_refuses_to_go_back():
-    from ddpm.samplers import IndexedNoise
+    from ddpm.diffusion.samplers import IndexedNoise
 
     a, b = IndexedNoise(0, 10, 5, (1, 2, 2), "cpu"), IndexedNoise(0, 0, 20, (1, 2, 2), "cpu")
     assert torch.equal(a.initial(), b.initial()[10:15])

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from ddpm.schedules import SCHEDULES, get_beta_schedule, rescale_zero_terminal_snr
+from ddpm.diffusion.schedules import SCHEDULES, get_beta_schedule, rescale_zero_terminal_snr
 
 
 def test_linear_alpha_bar_at_1000_matches_closed_form():

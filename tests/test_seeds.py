@@ -5,9 +5,9 @@ import pytest
 import torch
 import yaml
 
-from ddpm.checkpoint import build, spec_from_params
-from ddpm.config import ConfigError, Params, params_from_dict
-from ddpm.pipeline import checkpoint_dir, model_dir, sample_path
+from ddpm.training.checkpoint import build, spec_from_params
+from ddpm.app.config import ConfigError, Params, params_from_dict
+from ddpm.app.paths import checkpoint_dir, model_dir, sample_path
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -116,6 +116,7 @@ def test_pipeline_logs_runs_and_artifacts_to_a_shared_server(tmp_path, server):
     expected = {n: (path / "reports" / n).read_bytes() for n in ("report.md", "report.html", "fid.csv",
                                                                   "fid_summary.json", "metrics.json")}
     expected.update({f"figures/{n}": data for n, data in figures.items()})
+    expected["comparisons/comparisons.csv"] = (path / "reports" / "comparisons.csv").read_bytes()  # the question table
     assert stored == expected
     assert downloaded.read_bytes() == (path / "reports" / "report.md").read_bytes()
     metrics = json.loads((path / "reports" / "metrics.json").read_text())

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from ci_tools import need
-from ddpm.diffusion import GaussianProcess
-from ddpm.samplers import StepRule, sample_images
-from ddpm.schedules import get_beta_schedule
-from ddpm.speed import CompiledOrEager, Speed, sampling_model, use_project_compile_cache
-from ddpm.train import TrainSettings, train
-from ddpm.unet import Unet
+from ddpm.diffusion.process import GaussianProcess
+from ddpm.diffusion.samplers import StepRule, sample_images
+from ddpm.diffusion.schedules import get_beta_schedule
+from ddpm.nn.speed import CompiledOrEager, Speed, sampling_model, use_project_compile_cache
+from ddpm.training.loop import TrainSettings, train
+from ddpm.nn.unet import Unet
 
 
 def test_switch_per_device():
@@ -42,7 +42,7 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(caplog):
         return x * 2 + 1
 
     f = CompiledOrEager(fn, "the test function", backend=broken_backend)
-    with caplog.at_level(logging.WARNING, logger="ddpm.speed"):
+    with caplog.at_level(logging.WARNING, logger="ddpm.nn.speed"):
         y1 = f(torch.ones(3))
         y2 = f(torch.ones(3))
     assert torch.equal(y1, torch.full((3,), 3.0)) and torch.equal(y2, y1)
@@ -125,7 +125,7 @@ def test_tuned_allocator_reuses_freed_tensor_memory():
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt is glibc's: other C libraries keep their allocator (tune_allocator returns False)")
-    from ddpm.speed import tune_allocator
+    from ddpm.nn.speed import tune_allocator
 
     assert tune_allocator() and tune_allocator()  # applies, then stays applied
     # this thread's faults only (other threads, e.g. compile workers left by earlier tests, fault pages too),

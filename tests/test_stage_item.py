@@ -2,7 +2,7 @@
 import pytest
 
 from ci_tools import need
-from ddpm.config import ConfigError, load_params
+from ddpm.app.config import ConfigError, load_params
 from stages.item import GRIDS, items, resolve
 
 

@@ -1,4 +1,4 @@
-"""Tests of ddpm.tracking against throw-away SQLite stores in tmp dirs (never the repo's mlflow.db).
+"""Tests of ddpm.app.tracking.runs against throw-away SQLite stores in tmp dirs (never the repo's mlflow.db).
 
 One module-scoped store (creating a DB costs seconds) holds a train run with two nested sample runs;
 the other tests add runs under other experiment names so they do not disturb its table."""
@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from ddpm import tracking as tr
+from ddpm.app import tracking as tr
+from ddpm import cli
+from ddpm.app.tracking import runs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -179,7 +181,7 @@ def test_comparison_table_empty(tmp_path, store):
 
 def test_cli_table(store, tmp_path, capsys):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    out = subprocess.run([sys.executable, "-m", "ddpm.tracking", "table", "--experiment", "ddpm",
+    out = subprocess.run([sys.executable, "-m", "ddpm.cli", "table", "--experiment", "ddpm",
                           "--uri", store["uri"]], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -189,11 +191,11 @@ def test_cli_table(store, tmp_path, capsys):
     assert len(lines) == 3 and store["children"]["ddim"] in lines[1] and "8.25" in lines[1]
 
     # CSV and filter (in-process: same code path, saves a second interpreter start)
-    assert tr.main(["table", "--uri", store["uri"], "--experiment", "ddpm", "--csv",
+    assert cli.main(["table", "--uri", store["uri"], "--experiment", "ddpm", "--csv",
                     "--filter", "params.sampler = 'ddim'"]) == 0
     csv = capsys.readouterr().out.strip().splitlines()
     assert csv[0] == ",".join(tr.TABLE_COLUMNS) and len(csv) == 2 and "ddim" in csv[1]
-    assert tr.main(["table", "--uri", f"sqlite:///{tmp_path / 'empty.db'}"]) == 0
+    assert cli.main(["table", "--uri", f"sqlite:///{tmp_path / 'empty.db'}"]) == 0
     assert capsys.readouterr().out.strip() == "no runs"
 
 
@@ -232,7 +234,7 @@ def test_unreachable_server_pending_and_import(store, tmp_path, monkeypatch, cap
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     pending = tmp_path / "pending.jsonl"
     uri = f"http://127.0.0.1:{_free_port()}"
-    caplog.set_level(logging.WARNING, logger="ddpm.tracking")
+    caplog.set_level(logging.WARNING, logger="ddpm.app.tracking")
     tk = tr.Tracker(True, "ddpm-offline", uri=uri, pending_path=pending)
     parent = tk.start_run("train-cosine", {"schedule": "cosine", "timesteps": 100}, {"kind": "train"})
     tk.log_metrics(parent, [{"step": i, "loss": 1.0 / (i + 1)} for i in range(20)])
@@ -245,7 +247,7 @@ def test_unreachable_server_pending_and_import(store, tmp_path, monkeypatch, cap
     assert tk.find_runs("tags.kind = 'sample'") == []
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"  # what bounds the wait on a dead server
     assert tk.failed
-    warnings = [r for r in caplog.records if r.name == "ddpm.tracking" and r.levelno == logging.WARNING]
+    warnings = [r for r in caplog.records if r.name.startswith("ddpm.app.tracking") and r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert uri in warnings[0].getMessage() and str(pending) in warnings[0].getMessage()
     assert parent.startswith(tr.PENDING_PREFIX) and child.startswith(tr.PENDING_PREFIX)
@@ -279,12 +281,12 @@ def test_store_error_mid_run_keeps_points(store, tmp_path, monkeypatch, caplog):
         raise sqlite3.OperationalError("database is locked")
 
     monkeypatch.setattr(client, "log_batch", boom)
-    caplog.set_level(logging.WARNING, logger="ddpm.tracking")
+    caplog.set_level(logging.WARNING, logger="ddpm.app.tracking")
     tk.log_metrics(rid, [{"step": 1, "loss": 0.5}])
     tk.log_metrics(rid, [{"step": 2, "loss": 0.25}])
     tk.end_run(rid)
     assert tk.failed
-    ours = [r for r in caplog.records if r.name == "ddpm.tracking"]
+    ours = [r for r in caplog.records if r.name.startswith("ddpm.app.tracking")]
     assert len(ours) == 1 and "database is locked" in ours[0].getMessage()
     monkeypatch.undo()
 
@@ -315,13 +317,13 @@ def test_artifact_failure_keeps_tracking_metrics(store, tmp_path, monkeypatch, c
         raise PermissionError("Access Denied (s3://bucket/ddpm)")
 
     monkeypatch.setattr(client, "log_artifact", boom)
-    caplog.set_level(logging.WARNING, logger="ddpm.tracking")
+    caplog.set_level(logging.WARNING, logger="ddpm.app.tracking")
     tk.log_artifact(rid, out / "loss.csv")
     tk.log_artifacts(rid, out / "figures", "figures")  # not attempted after the first failure
     tk.log_metrics(rid, [{"step": 1, "loss": 0.5}])
     tk.end_run(rid)
     assert tk.artifacts_failed and not tk.failed and len(calls) == 1
-    ours = [r for r in caplog.records if r.name == "ddpm.tracking"]
+    ours = [r for r in caplog.records if r.name.startswith("ddpm.app.tracking")]
     assert len(ours) == 1, [r.getMessage() for r in ours]
     assert "loss.csv" in ours[0].getMessage() and "Access Denied" in ours[0].getMessage()
     assert [r["op"] for r in tr.read_pending(pending)] == ["artifact", "artifacts"]
@@ -341,11 +343,11 @@ def test_tracker_without_pending_path_drops_with_warning(tmp_path, monkeypatch, 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     monkeypatch.chdir(tmp_path)
-    caplog.set_level(logging.WARNING, logger="ddpm.tracking")
+    caplog.set_level(logging.WARNING, logger="ddpm.app.tracking")
     tk = tr.Tracker(True, "x", uri=f"http://127.0.0.1:{_free_port()}")
     assert tk.start_run("r", {}, {}) is None
     tk.log_metrics(None, [{"step": 0, "loss": 1.0}])
-    ours = [r for r in caplog.records if r.name == "ddpm.tracking"]
+    ours = [r for r in caplog.records if r.name.startswith("ddpm.app.tracking")]
     assert len(ours) == 1 and "dropped" in ours[0].getMessage()
     assert list(tmp_path.iterdir()) == []
 
@@ -359,14 +361,14 @@ def test_nested_under_pending_parent_from_another_process(store, tmp_path, monke
                    pending_path=tmp_path / "a.jsonl")
     parent = a.start_run("train", {"schedule": "linear"}, {"kind": "train"})
     a.end_run(parent)
-    caplog.set_level(logging.WARNING, logger="ddpm.tracking")
+    caplog.set_level(logging.WARNING, logger="ddpm.app.tracking")
     caplog.clear()
     b = tr.Tracker(True, "ddpm-xproc", uri=store["uri"], pending_path=tmp_path / "b.jsonl")
     child = b.start_run("sample", {"schedule": "linear", "sampler": "ddpm", "steps": 5},
                         {"kind": "sample"}, parent_run_id=parent)
     b.log_metrics(child, [{"step": 0, "fid": 9.0}])
     assert child.startswith(tr.PENDING_PREFIX) and not b.failed
-    assert len([r for r in caplog.records if r.name == "ddpm.tracking"]) == 1
+    assert len([r for r in caplog.records if r.name.startswith("ddpm.app.tracking")]) == 1
     ma = tr.import_pending(tmp_path / "a.jsonl", store["uri"])
     mb = tr.import_pending(tmp_path / "b.jsonl", store["uri"])
     df = tr.comparison_table("ddpm-xproc", uri=store["uri"])
@@ -375,7 +377,7 @@ def test_nested_under_pending_parent_from_another_process(store, tmp_path, monke
 
 def test_two_processes_log_concurrently(store, tmp_path):
     script = (
-        "import sys; from ddpm import tracking as tr\n"
+        "import sys; from ddpm.app import tracking as tr\n"
         "t = tr.Tracker(True, 'ddpm-concurrent', uri=sys.argv[1])\n"
         "r = t.start_run('w' + sys.argv[2], {}, {'kind': 'train'})\n"
         "for k in range(10):\n"
@@ -434,7 +436,7 @@ def test_credentials_never_reach_logs_stderr_or_files(tmp_path, monkeypatch, cap
     tk.log_metrics(rid, [{"step": 1, "loss": 0.5}])
     tk.end_run(rid)
     assert tk.failed and rid.startswith(tr.PENDING_PREFIX)
-    warning = [r.getMessage() for r in caplog.records if r.name == "ddpm.tracking"][0]
+    warning = [r.getMessage() for r in caplog.records if r.name.startswith("ddpm.app.tracking")][0]
     assert f"http://***@127.0.0.1:" in warning and "token=***" in warning
     pending = tmp_path / "mlflow-pending" / "train@linear.jsonl"
     assert tr.read_pending(pending)[0]["uri"] == tr.redact_uri(uri)
@@ -443,7 +445,7 @@ def test_credentials_never_reach_logs_stderr_or_files(tmp_path, monkeypatch, cap
     assert SECRET not in str(err.value) and err.value.__cause__ is None
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cli = [subprocess.run([sys.executable, "-m", "ddpm.tracking", *args], cwd=tmp_path, env=env,
+    cli = [subprocess.run([sys.executable, "-m", "ddpm.cli", *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
            for args in (["table"], ["import-pending", str(pending)])]
     assert [c.returncode for c in cli] == [1, 1] and all("error:" in c.stderr for c in cli)
@@ -479,7 +481,7 @@ def test_existing_experiments_get_the_kind_tag_and_a_chosen_one_stays(tmp_path):
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = tr._open_client(uri)
+    client = runs._open_client(uri)
     old, chosen = client.create_experiment("old"), client.create_experiment("chosen")
     client.set_experiment_tag(chosen, "mlflow.experimentKind", "genai_development")
     assert "mlflow.experimentKind" not in MlflowClient(uri).get_experiment(old).tags
@@ -493,15 +495,18 @@ def test_existing_experiments_get_the_kind_tag_and_a_chosen_one_stays(tmp_path):
     assert tr.experiments(f"sqlite:///{tmp_path / 'none.db'}") == {} and not (tmp_path / "none.db").exists()
 
 
-def test_ddpm_cli_reaches_every_tracking_subcommand_and_serves(store, tmp_path, capsys, monkeypatch):
+def test_ddpm_cli_has_every_subcommand_and_serves(store, tmp_path, capsys, monkeypatch):
     from ddpm import cli
 
-    names = set(cli.tracking_commands())
-    assert {"table", "import-pending"} <= names  # and whatever ddpm.tracking's parser adds, by its name
+    names = ("table", "compare", "import-pending", "serve")
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     help_ = capsys.readouterr().out
-    assert all(n in help_ for n in (*names, "serve"))
+    assert all(n in help_ for n in names)
+    for name in names:  # each subcommand has its own --help
+        with pytest.raises(SystemExit) as exit_:
+            cli.main([name, "--help"])
+        assert exit_.value.code == 0 and f"usage: ddpm {name}" in capsys.readouterr().out
     assert cli.main(["table", "--uri", store["uri"], "--experiment", "ddpm", "--csv"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 3  # header + the store's two sample runs
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://user:s3cret-token@host:5000")
@@ -549,4 +554,4 @@ def test_seed_summary_gives_mean_and_sd_over_training_seeds(store):
     assert list(summary["sampler"]) == ["ddim", "ddpm"] and list(summary["n_seeds"]) == [3, 3]
     assert list(summary["fid_mean"]) == [5.0, 15.0] and list(summary["fid_sd"]) == [1.0, 1.0]
     assert summary["kid_sd"].round(12).tolist() == [0.01, 0.01]
-    assert tr.main(["table", "--uri", store["uri"], "--experiment", "ddpm-seeds", "--seeds", "--csv"]) == 0
+    assert cli.main(["table", "--uri", store["uri"], "--experiment", "ddpm-seeds", "--seeds", "--csv"]) == 0

@@ -17,18 +17,18 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
+from ci_tools import server_healthy
 
-from ddpm import tracking as tr
-from ddpm.data import load_dataset
-from ddpm.diffusion import GaussianProcess
-from ddpm.schedules import get_beta_schedule
-from ddpm.train import TrainSettings, train
-from ddpm.unet import Unet
+from ddpm.app import tracking as tr
+from ddpm.data.datasets import load_dataset
+from ddpm.diffusion.process import GaussianProcess
+from ddpm.diffusion.schedules import get_beta_schedule
+from ddpm.training.loop import TrainSettings, train
+from ddpm.nn.unet import Unet
 
 STEPS = 24
 LOG_EVERY = 4
@@ -42,13 +42,6 @@ def _free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-
-def _healthy(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
 
 
 class Server:
@@ -77,7 +70,7 @@ class Server:
                                          start_new_session=True)
         deadline = t0 + SERVER_START_TIMEOUT
         while time.monotonic() < deadline:
-            if _healthy(self.port):
+            if server_healthy(f"http://127.0.0.1:{self.port}"):
                 return time.monotonic() - t0
             if self.proc.poll() is not None:
                 break
@@ -143,9 +136,9 @@ def mlflow_warnings():
 
 
 def _one_warning(caplog, mlflow_warnings) -> logging.LogRecord:
-    """The user sees exactly one warning: ddpm.tracking's (no urllib3 retry noise, no MLflow's)."""
+    """The user sees exactly one warning: ddpm.app.tracking.runs's (no urllib3 retry noise, no MLflow's)."""
     every = [r for r in caplog.records if r.levelno >= logging.WARNING] + mlflow_warnings
-    assert len(every) == 1 and every[0].name == "ddpm.tracking", \
+    assert len(every) == 1 and every[0].name.startswith("ddpm.app.tracking"), \
         [f"{r.name}: {r.getMessage()[:200]}" for r in every]
     return every[0]
 

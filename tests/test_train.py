@@ -3,12 +3,12 @@ import math
 import pytest
 import torch
 
-from ddpm.data import load_dataset
-from ddpm.diffusion import GaussianProcess
-from ddpm.schedules import get_beta_schedule
-from ddpm.train import (NonFiniteLossError, TrainSettings, checkpoint_path, list_checkpoints, load_model,
-                        model_metadata, train)
-from ddpm.unet import Unet
+from ddpm.data.datasets import load_dataset
+from ddpm.diffusion.process import GaussianProcess
+from ddpm.diffusion.schedules import get_beta_schedule
+from ddpm.training.checkpoint import list_checkpoints, load_model, model_metadata
+from ddpm.training.loop import NonFiniteLossError, TrainSettings, checkpoint_path, train
+from ddpm.nn.unet import Unet
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,7 @@ def test_grad_accum_and_bad_inputs(digits):
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_flat_parameters_train_like_per_tensor(digits, monkeypatch, channels_last):
     """FlatParams (one buffer for weights, one for gradients) changes nothing beyond float rounding."""
-    import ddpm.train as tr
+    import ddpm.training.loop as tr
 
     s = settings(steps=6, checkpoint_every=1000, channels_last=channels_last)
     model, process = setup()
@@ -152,7 +152,7 @@ def test_flat_parameters_train_like_per_tensor(digits, monkeypatch, channels_las
 
 def test_per_tensor_optimizer_state_loads_flat():
     """A checkpoint's optimizer state saved per parameter tensor resumes into the flat optimizer."""
-    from ddpm.train import FlatParams, flat_optimizer_state
+    from ddpm.training.loop import FlatParams, flat_optimizer_state
 
     torch.manual_seed(0)
     model = Unet(dim=8, dim_mults=(1, 2), channels=1, attn_heads=1, attn_dim_head=8).to(memory_format=torch.channels_last)

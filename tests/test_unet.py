@@ -6,7 +6,8 @@ import torch
 
 import torch.nn.functional as F
 
-from ddpm.unet import ONEDNN_LINEAR_MIN_MACS, Linear, Unet, dropout, linear
+from ddpm.nn.ops import ONEDNN_LINEAR_MIN_MACS, Linear, dropout, linear
+from ddpm.nn.unet import Unet
 
 
 @pytest.fixture(autouse=True)
@@ -141,7 +142,7 @@ def test_no_grad_path_computes_the_same_bits(channels_last):
 @pytest.mark.parametrize("channels, size", [(16, 8), (32, 4), (64, 8)])  # 2, 4, 8 channels per group
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_norm_scale_shift_matches_group_norm(channels, size, channels_last):
-    from ddpm.unet import norm_scale_shift
+    from ddpm.nn.ops import norm_scale_shift
 
     torch.manual_seed(0)
     norm = torch.nn.GroupNorm(8, channels)
@@ -226,7 +227,7 @@ def test_linear_module_keeps_nn_linear_parameters_and_state_dict():
 def test_attention_at_few_positions_matches_sdpa(grad):
     """On a CPU at <= 64 positions the attention is written out (without grads one head at a time, the scale
     folded into q's weights); it must give SDPA's values and gradients."""
-    from ddpm.unet import Attention
+    from ddpm.nn.unet import Attention
 
     torch.manual_seed(0)
     attn = Attention(16, heads=2, dim_head=8)
@@ -267,7 +268,7 @@ def test_one_t_for_the_batch_is_embedded_once_with_the_same_result():
 
 
 def test_norm_scale_shift_without_affine_falls_back_to_the_module():
-    from ddpm.unet import norm_scale_shift
+    from ddpm.nn.ops import norm_scale_shift
 
     norm = torch.nn.GroupNorm(8, 16, affine=False)
     x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)

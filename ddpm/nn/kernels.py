@@ -4,7 +4,7 @@ attention at 16 positions (sampling).
 On a CPU a sampling forward spends about a third of its time outside the convolutions, and a training step
 about a quarter, in chains of small memory-bound passes (GroupNorm's statistics, the normalisation, the
 scale-shift, SiLU, their backwards, attention's tiny batched products) that eager PyTorch cannot fuse and
-inductor fuses into slower code here (README "Performance"). ``kernels.c`` does each chain in one pass per
+inductor fuses into slower code here (docs/performance.md). ``kernels.c`` does each chain in one pass per
 image. It is built once per machine with the system C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``;
 with OpenMP, ``-O3 -march=native``) into a cache folder (``$DDPM_KERNEL_CACHE``, else
 ``$XDG_CACHE_HOME/ddpm/kernels`` or ``~/.cache/ddpm/kernels``) under a name that hashes the source, the
@@ -80,7 +80,7 @@ def _load() -> ctypes.CDLL | None:
         return _off("DDPM_CPU_KERNELS=0")
     cc = _compiler()
     if cc is None:
-        log.warning("ddpm.kernels: no C compiler ($CC, cc, gcc or clang) found; training and sampling keep PyTorch's ops")
+        log.warning("ddpm.nn.kernels: no C compiler ($CC, cc, gcc or clang) found; training and sampling keep PyTorch's ops")
         return _off("no C compiler")
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
@@ -91,7 +91,7 @@ def _load() -> ctypes.CDLL | None:
             _build(cc, target)
         lib = ctypes.CDLL(str(target))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        log.warning("ddpm.kernels: could not build the CPU kernels (%s); training and sampling keep PyTorch's ops", e)
+        log.warning("ddpm.nn.kernels: could not build the CPU kernels (%s); training and sampling keep PyTorch's ops", e)
         return _off(f"build failed: {str(e)[:200]}")
     i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.ddpm_group_norm_act.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, ctypes.c_float, c_int,
@@ -179,7 +179,7 @@ def _gn_forward(x, weight, bias, scale_shift, groups, eps, silu, stats: bool):
         *_ss_args(scale_shift, c), eps, int(silu), None if mean is None else mean.data_ptr(),
         None if rstd is None else rstd.data_ptr(), torch.get_num_threads())
     if rc:
-        raise MemoryError("ddpm.kernels: the GroupNorm kernel could not allocate its scratch")
+        raise MemoryError("ddpm.nn.kernels: the GroupNorm kernel could not allocate its scratch")
     return y, mean, rstd
 
 
@@ -219,7 +219,7 @@ class _GroupNormAct(torch.autograd.Function):
             weight.data_ptr(), bias.data_ptr(), *_ss_args(scale_shift, c), int(ctx.silu),
             dw.data_ptr(), db.data_ptr(), None if d_ss is None else d_ss.data_ptr(), torch.get_num_threads())
         if rc:
-            raise MemoryError("ddpm.kernels: the GroupNorm backward could not allocate its scratch")
+            raise MemoryError("ddpm.nn.kernels: the GroupNorm backward could not allocate its scratch")
         if d_ss is not None and scale_shift.shape[0] == 1:  # one row for the whole batch
             d_ss = d_ss.sum(0, keepdim=True)
         d_weight, d_bias = dw.sum(0), db.sum(0)

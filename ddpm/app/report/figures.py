@@ -1,4 +1,4 @@
-"""The report's figures: a :class:`ddpm.results.Results` -> matplotlib figures -> PNG bytes, deterministic (no pyplot state, fixed
+"""The report's figures: a :class:`ddpm.app.results.Results` -> matplotlib figures -> PNG bytes, deterministic (no pyplot state, fixed
 font, no ``Software`` tag, the forward-process noise from a fixed ``torch.Generator`` seed).
 
 :func:`draw_figures` returns ``{file name: PNG bytes}`` in report order; :func:`grid_png` renders one sample
@@ -14,10 +14,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .data import make_image_grid, model_to_uint8, uint8_to_model
-from .diffusion import GaussianProcess
-from .results import Floor, Results
-from .schedules import get_beta_schedule
+from ddpm.data.convert import make_image_grid, model_to_uint8, uint8_to_model
+from ddpm.diffusion.process import GaussianProcess
+from ddpm.app.results import Floor, Results
+from ddpm.diffusion.schedules import get_beta_schedule
 
 FORWARD_SEED = 0  # torch.Generator seed of the forward-process noise
 MAX_FORWARD_IMAGES = 8  # rows of the forward-process figure per schedule

@@ -13,7 +13,7 @@ The description (:func:`model_metadata`) is ``model_class``, ``model_config``, `
 
 Loading never runs code from a file: ``torch.load(weights_only=True)`` (tensors and plain containers
 only), and ``model_class`` must name a class in this process's registry (:func:`register_model`;
-``ddpm.unet.Unet`` is registered), never an import path taken from the file. A file that breaks either
+``ddpm.nn.unet.Unet`` is registered), never an import path taken from the file. A file that breaks either
 rule raises :class:`UnsafeFileError` naming it.
 """
 from __future__ import annotations
@@ -29,19 +29,19 @@ from typing import Any, Iterable, Optional
 import torch
 import torch.nn as nn
 
-from . import limits
-from .config import _CAPS as CAPS, MAX_TIMESTEPS, show
-from .diffusion import GaussianProcess
-from .io import atomic_torch_save
-from .names import OBJECTIVES, SCHEDULES
-from .schedules import get_beta_schedule
-from .unet import Unet
+from ddpm import limits
+from ddpm.app.config import _CAPS as CAPS, MAX_TIMESTEPS, show
+from ddpm.diffusion.process import GaussianProcess
+from ddpm.io import atomic_torch_save
+from ddpm.app.names import OBJECTIVES, SCHEDULES
+from ddpm.diffusion.schedules import get_beta_schedule
+from ddpm.nn.unet import Unet
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "ddpm-checkpoint/1"
 MODEL_FORMAT = "ddpm-model/1"
 EXPORT_KEYS = ("model_class", "model_config", "diffusion", "image_shape", "params", "train_seed",
-               "kernels")  # kernels: ddpm.kernels.kernel_record() of the run that trained it
+               "kernels")  # kernels: ddpm.nn.kernels.kernel_record() of the run that trained it
 _CKPT_RE = re.compile(r"^ckpt-(\d+)(?:-[0-9a-f]{8})?\.pt$")  # -<8 hex>: another run's, moved aside
 _MODEL_CLASSES: dict[str, type] = {}
 
@@ -68,7 +68,7 @@ def _check_model_class(obj: dict[str, Any], path: Path) -> None:
     name = obj.get("model_class")
     if name is not None and name not in _MODEL_CLASSES:
         raise UnsafeFileError(f"{str(path)!r}: model_class {name!r} is not a registered model class; allowed: "
-                              f"{', '.join(sorted(_MODEL_CLASSES))} (ddpm.checkpoint.register_model adds one)")
+                              f"{', '.join(sorted(_MODEL_CLASSES))} (ddpm.training.checkpoint.register_model adds one)")
 
 
 # --- reading ----------------------------------------------------------------------------------------
@@ -100,7 +100,7 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
 
 
 # --- checksums: a flipped bit in a resume checkpoint must not resume silently -----------------------------
-# the fields resume reads (ddpm/train.py); a checkpoint without one is refused like a corrupt one
+# the fields resume reads (ddpm/training/loop.py); a checkpoint without one is refused like a corrupt one
 CHECKPOINT_FIELDS = ("step", "run_key", "model", "ema", "optimizer", "scaler", "rng", "data_state")
 
 
@@ -256,7 +256,7 @@ def model_metadata(model: nn.Module, process: GaussianProcess, schedule: str, im
     }
 
 
-# --- descriptions are checked before anything is built: the limits of params.yaml (ddpm.config) ----------
+# --- descriptions are checked before anything is built: the limits of params.yaml (ddpm.app.config) ----------
 DIFFUSION_KEYS = ("schedule", "timesteps", "objective", "zero_terminal_snr", "min_snr_gamma", "clip_denoised")
 
 

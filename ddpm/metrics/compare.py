@@ -20,7 +20,7 @@ differences) gets its effect ``w . fid``, its interval and a two-sided bootstrap
 
 Interval: only the spread of the bootstrap distribution is used, never its location. A bootstrap FID is
 biased upwards by about c/N on top of the plug-in's own c/N (Chong & Forsyth 2020), so a percentile
-interval would sit one bias too high (see :func:`ddpm.fid.fid_interval`); for a difference of cells at the
+interval would sit one bias too high (see :func:`ddpm.metrics.fid.fid_interval`); for a difference of cells at the
 same N much of that bias cancels, and centring removes the rest. The target is the contrast of the
 *expected* plug-in FIDs at these sample counts. Default (``normal``): theta -/+ 1.96 sd*, with sd* the
 replicates' standard deviation, and p = 2 Phi(-|theta| / sd*). Why not the percentiles (``basic``,
@@ -33,7 +33,7 @@ results in benchmarks/results/interval_coverage_paired.txt, both methods side by
 Training seeds (:func:`estimate`): with one seed the bootstrap interval is the answer and does not hold
 training noise (say so). With S >= 2 seeds the contrast is computed per seed and the interval is the
 Student-t interval over the S per-seed values (each carries its sampling and its training noise), as
-:func:`ddpm.results.aggregate` does for single configurations.
+:func:`ddpm.app.results.aggregate` does for single configurations.
 
 The questions of a factorial grid (:func:`question_table`): each pair of schedules averaged over the
 sample sets, each pair of sample sets averaged over the schedules (kind ``sampler`` at the same step
@@ -52,7 +52,7 @@ Public API::
     PairedBootstrap.contrast(weights: {key: w}) -> Estimate (bootstrap)
     estimate(boot, weights_per_seed: list[{key: w}]) -> Estimate (bootstrap for one, t for several)
     holm(p, weights=None) -> adjusted p [K]
-    set_label(label, steps) -> "ddim-eta0-10" (from ddpm.names);  split_set("ddim-eta0-10") -> ("ddim-eta0", 10)
+    set_label(label, steps) -> "ddim-eta0-10" (from ddpm.app.names);  split_set("ddim-eta0-10") -> ("ddim-eta0", 10)
     question_table(boot, schedules, sets, seeds, alpha=0.05, main_share=0.8) -> DataFrame (COLUMNS)
     pairs_table(boot, pairs, seeds, family, alpha=0.05) -> DataFrame (COLUMNS), Holm over the pairs
     grid_comparisons(cells, reference, n_boot=1000, seed=0) -> DataFrame: question_table + ranking pairs
@@ -60,12 +60,12 @@ Public API::
     cross_table(cells_a, ref_a, cells_b, ref_b, n_boot=1000, seed=0) -> DataFrame: B - A per configuration + pooled
     save_features(path, cells, reference, space="") / load_features(file) -> (cells, reference, space)
 
-Features file (``reports/features.npz``, what ``python -m ddpm.tracking compare`` pairs across experiments):
+Features file (``reports/features.npz``, what ``ddpm compare`` pairs across experiments):
 ``keys`` [C] str "schedule|seed|set", ``features`` [C, N, D] and ``reference`` [M, D], float32 when that is
 exact (the featurizers compute in float32, so it is), else float64; ``space`` the feature space id
-(:func:`ddpm.fid.feature_space_id`).
+(:func:`ddpm.metrics.features.feature_space_id`).
 
-Across experiments (:func:`cross_table`, ``python -m ddpm.tracking compare A B``): the cells of A and B with
+Across experiments (:func:`cross_table`, ``ddpm compare A B``): the cells of A and B with
 the same (schedule, seed, set) pair up. Both sides are resampled with one index draw per replicate (valid
 whenever the pairs (a_i, b_i) are i.i.d. over i; with the same sampler seed and n they also share x_T, which
 is what makes pairing pay); one reference draw when both references are the same array, else one each.
@@ -80,8 +80,8 @@ from typing import Any, Hashable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .fid import _frechet_batch, _one_thread, _weighted_statistics, fid_from_features
-from .names import set_label
+from ddpm.metrics.fid import _frechet_batch, _one_thread, _weighted_statistics, fid_from_features
+from ddpm.app.names import set_label
 
 __all__ = ["COLUMNS", "Estimate", "PairedBootstrap", "cross_table", "estimate", "grid_comparisons", "holm",
            "load_features", "pairs_table", "paired_bootstrap", "question_table", "ranking_pairs", "save_features",
@@ -106,7 +106,7 @@ class Estimate:
 @dataclass(frozen=True)
 class PairedBootstrap:
     keys: tuple[Hashable, ...]
-    fid: np.ndarray  # [C] plug-in FID of each cell (ddpm.fid.fid_from_features)
+    fid: np.ndarray  # [C] plug-in FID of each cell (ddpm.metrics.fid.fid_from_features)
     draws: np.ndarray  # [B, C] bootstrap FIDs, one row per replicate
 
     def index(self, key: Hashable) -> int:
@@ -360,7 +360,7 @@ def pairs_table(boot: PairedBootstrap, pairs: Sequence[tuple[tuple[str, str], tu
 def ranking_pairs(fids: Mapping[tuple[str, str], float]) -> list[tuple[tuple[str, str], tuple[str, str]]]:
     """The comparisons a ranking of configurations (schedule, set) by FID states: the best against every other
     one, and at each step count with several samplers, the best there against each other sampler's best
-    configuration at that step count (as :func:`ddpm.results.winners_by_steps` reads them). Finite FIDs only."""
+    configuration at that step count (as :func:`ddpm.app.results.winners_by_steps` reads them). Finite FIDs only."""
     finite = sorted((f, c) for c, f in fids.items() if math.isfinite(f))
     if not finite:
         return []
@@ -403,7 +403,7 @@ def _compact(a: np.ndarray) -> np.ndarray:
 
 def save_features(path, cells: Mapping[tuple[str, int, str], Any], reference: Any, space: str = "") -> None:
     """Write every cell's features (one sample count) and the reference to ``path`` (npz, atomic)."""
-    from .io import atomic_save_npz
+    from ddpm.io import atomic_save_npz
 
     keys = list(cells)
     sizes = {np.shape(cells[k]) for k in keys}

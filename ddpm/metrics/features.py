@@ -1,13 +1,5 @@
-"""FID feature networks, feature statistics and the Frechet distance.
-
-The Frechet Inception Distance (Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule
-Converge to a Local Nash Equilibrium", Sec. 3) fits a Gaussian to the features of each image set and
-reports the Frechet (2-Wasserstein) distance between the two Gaussians, which has the closed form
-(Dowson & Landau 1982)::
-
-    d^2 = ||mu_1 - mu_2||^2 + tr(S_1) + tr(S_2) - 2 tr( (S_1 S_2)^{1/2} ).
-
-Two feature networks are provided:
+"""Feature networks ("rulers") for FID, KID and the comparisons: the in-domain classifier and pytorch-fid's
+InceptionV3, their checkpoints, and the shipped rulers.
 
 * :class:`ClassifierFeaturizer` (the default): a small CNN trained on the data set itself (usual
   practice for small in-domain data such as the 8x8 scikit-learn digits, where ImageNet features are
@@ -29,31 +21,17 @@ Public API::
     InceptionFeaturizer(weights_path=None)
     make_featurizer(kind="classifier", **kwargs)
     extract_features(featurizer, images, batch_size=256, device="cpu", progress=False) -> [N, D] float64
-    feature_statistics(features) -> (mu [D], sigma [D, D])
-    frechet_distance(mu1, sigma1, mu2, sigma2) -> float
-    fid_from_features(feats_a, feats_b) -> float
     save_featurizer(path, featurizer, metrics=None) / load_featurizer(path, device="cpu")
-    fid_from_images(featurizer, images_uint8, reference_mu, reference_sigma, device="cpu") -> float
-    fid_interval(feats, ref_feats, level=0.95, n_boot=200, seed=0) -> (lo, hi)
-    kid(feats, ref_feats, n_subsets=100, subset_size=1000, seed=0) -> (mean, std)
-    file_sha256(path) -> hex; feature_space_id(kind, dim, sha256) -> "classifier-32d-1a2b3c4d"
+    feature_space_id(kind, dim, sha256) -> "classifier-32d-1a2b3c4d"
     shipped_ruler(dataset) -> (path, sha256) | None; load_ruler(path, sha256, device="cpu")
-
-Intervals (:func:`fid_interval`) and what they refer to: ``fid`` is the plug-in FID at the sample
-count used (biased upwards, by roughly a constant over N: Chong & Forsyth 2020); the interval is a 95%
-interval for the *expected* plug-in FID at that same sample count and reference size, i.e. the value
-that re-running the sampler and re-drawing the real reference set would give on average. See
-:func:`fid_interval` for why this target and this bootstrap.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import warnings
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Union
 from unittest import mock
 
 import numpy as np
@@ -61,33 +39,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ddpm.io import atomic_torch_save, file_sha256  # noqa: F401  (file_sha256: part of this API)
+from ddpm.io import atomic_torch_save, file_sha256
 
-__all__ = [
-    "FEATURIZER_KINDS",
-    "FID_WEIGHTS_FILENAME",
-    "ClassifierFeaturizer",
-    "InceptionFeaturizer",
-    "extract_features",
-    "feature_space_id",
-    "fid_from_images",
-    "fid_interval",
-    "file_sha256",
-    "kid",
-    "load_ruler",
-    "shipped_ruler",
-    "feature_statistics",
-    "fid_infinity",
-    "fid_from_features",
-    "fid_inception_hub_path",
-    "frechet_distance",
-    "load_featurizer",
-    "fid_inception_v3_architecture",
-    "make_featurizer",
-    "resolve_inception_weights",
-    "save_featurizer",
-    "train_classifier",
-]
+
 
 ImageBatch = Union[np.ndarray, torch.Tensor]
 PathLike = Union[str, "os.PathLike[str]"]
@@ -458,9 +412,6 @@ def make_featurizer(kind: str = "classifier", **kwargs: Any) -> nn.Module:
     raise ValueError(f"unknown featurizer kind {kind!r}; allowed kinds: {', '.join(FEATURIZER_KINDS)}")
 
 
-# --------------------------------------------------------------------------------------------------
-# Features, statistics, distance
-# --------------------------------------------------------------------------------------------------
 def extract_features(featurizer: nn.Module, images: ImageBatch, batch_size: int = 256,
                      device: str = "cpu", progress: bool = False) -> np.ndarray:
     """Features of uint8 ``images`` [N, C, H, W] -> float64 [N, D], in eval mode, no autograd.
@@ -488,82 +439,6 @@ def extract_features(featurizer: nn.Module, images: ImageBatch, batch_size: int 
         dim = getattr(featurizer, "feature_dim", 0)
         return np.zeros((0, int(dim)), dtype=np.float64)
     return np.concatenate(out, axis=0)
-
-
-def feature_statistics(features: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Mean [D] and covariance [D, D] (float64, unbiased, ``np.cov(rowvar=False)``) of [N, D] features.
-
-    Warns when N <= D: the covariance is then singular and FID is poorly estimated.
-    """
-    f = np.asarray(features, dtype=np.float64)
-    if f.ndim != 2:
-        raise ValueError(f"features must have shape [N, D], got {f.shape}")
-    n, d = f.shape
-    if n < 2:
-        raise ValueError(f"need at least 2 feature vectors for a covariance, got {n}")
-    if not np.isfinite(f).all():
-        raise ValueError("features contain NaN or inf")
-    if n <= d:
-        warnings.warn(f"{n} samples for {d}-d features: the covariance is singular; use more samples "
-                      "than feature dimensions for a meaningful FID", RuntimeWarning, stacklevel=2)
-    mu = f.mean(axis=0)
-    sigma = np.atleast_2d(np.cov(f, rowvar=False))
-    return mu, sigma
-
-
-def _psd_sqrt(s: np.ndarray) -> np.ndarray:
-    """Symmetric PSD square root via eigh, tiny negative eigenvalues (rounding) clipped to 0."""
-    w, v = np.linalg.eigh(s)
-    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
-
-
-def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> float:
-    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (Dowson & Landau 1982;
-    FID: Heusel et al. 2017, Sec. 3)::
-
-        d^2 = ||mu1 - mu2||^2 + tr(sigma1) + tr(sigma2) - 2 tr sqrt(sigma1 sigma2)
-
-    ``sigma1 sigma2`` is similar to the symmetric PSD matrix ``M = sqrt(s1) s2 sqrt(s1)`` (conjugate
-    by sqrt(s1)), so tr sqrt(s1 s2) = sum_i sqrt(lambda_i(M)): two symmetric eigendecompositions
-    instead of scipy's ``sqrtm`` of a non-symmetric product (2.6 s vs 12 s at D = 2048 on a quiet
-    2-core machine, shared/FACTS.md), real-valued, and well defined for singular covariances.
-    Matches ``pytorch_fid.fid_score.calculate_frechet_distance`` to ~1e-6 relative or better. The
-    result is clipped at 0 (it can only go negative by rounding).
-    """
-    mu1 = np.atleast_1d(np.asarray(mu1, dtype=np.float64))
-    mu2 = np.atleast_1d(np.asarray(mu2, dtype=np.float64))
-    sigma1 = np.atleast_2d(np.asarray(sigma1, dtype=np.float64))
-    sigma2 = np.atleast_2d(np.asarray(sigma2, dtype=np.float64))
-    if mu1.ndim != 1 or mu2.ndim != 1:
-        raise ValueError(f"means must be vectors [D], got shapes {mu1.shape} and {mu2.shape}")
-    if mu1.shape != mu2.shape:
-        raise ValueError(f"mean vectors differ in length: {mu1.shape} vs {mu2.shape}")
-    d = mu1.shape[0]
-    for name, s in (("sigma1", sigma1), ("sigma2", sigma2)):
-        if s.shape != (d, d):
-            raise ValueError(f"{name} must have shape ({d}, {d}) to match the means, got {s.shape}")
-    for name, a in (("mu1", mu1), ("mu2", mu2), ("sigma1", sigma1), ("sigma2", sigma2)):
-        if not np.isfinite(a).all():
-            raise ValueError(f"{name} contains NaN or inf")
-    # Symmetrise: covariances are symmetric up to rounding, and eigh reads only one triangle.
-    s1 = 0.5 * (sigma1 + sigma1.T)
-    s2 = 0.5 * (sigma2 + sigma2.T)
-    root1 = _psd_sqrt(s1)
-    m = root1 @ s2 @ root1
-    eig = np.linalg.eigvalsh(0.5 * (m + m.T))
-    tr_covmean = float(np.sqrt(np.clip(eig, 0.0, None)).sum())
-    diff = mu1 - mu2
-    value = float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
-    return max(value, 0.0)
-
-
-def fid_from_features(feats_a: Any, feats_b: Any) -> float:
-    """FID between two feature sets [N_a, D] and [N_b, D]."""
-    a = np.asarray(feats_a)
-    b = np.asarray(feats_b)
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"feature sets must be [N, D] with the same D, got {a.shape} and {b.shape}")
-    return frechet_distance(*feature_statistics(a), *feature_statistics(b))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -622,8 +497,8 @@ def classifier_params(c: dict[str, int]) -> int:
 def check_classifier_config(c: Any, source: str) -> None:
     """Refuse a classifier description that is malformed, out of bounds or too large for the memory budget, before
     building it: one ValueError line naming ``source`` and the key."""
-    from .config import show
-    from .limits import FLOAT_BYTES, check_budget, count
+    from ddpm.app.config import show
+    from ddpm.limits import FLOAT_BYTES, check_budget, count
 
     if not isinstance(c, dict):
         raise ValueError(f"{source}: config: got {show(c)}; allowed: a mapping of {', '.join(CLASSIFIER_BOUNDS)}")
@@ -672,166 +547,10 @@ def load_featurizer(path: PathLike, device: str = "cpu") -> nn.Module:
 
 
 # --------------------------------------------------------------------------------------------------
-# One FID from images; intervals; KID
-# --------------------------------------------------------------------------------------------------
-def fid_from_images(featurizer: nn.Module, images_uint8: ImageBatch, reference_mu: Any,
-                    reference_sigma: Any, device: str = "cpu") -> float:
-    """Plug-in FID of uint8 ``images_uint8`` [N, C, H, W] against reference statistics (mu [D],
-    sigma [D, D]): features -> statistics -> Frechet distance. The one FID of the project (the fid
-    stage, the training curve and the API call it)."""
-    feats = extract_features(featurizer, images_uint8, device=device)
-    return frechet_distance(*feature_statistics(feats), reference_mu, reference_sigma)
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run small batched numpy/torch maths on one thread: on the shared 2-core machine the
-    interval and KID took 3.2 s and 0.6 s a cell with the default threads, 0.06 s and 0.11 s with
-    one (measured side by side); one thread also makes the values independent of the thread count."""
-    from threadpoolctl import threadpool_limits  # comes with scikit-learn
-
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with threadpool_limits(1):
-            yield
-    finally:
-        torch.set_num_threads(prev)
-
-
-def _weighted_statistics(x: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Means [B, D] and unbiased covariances [B, D, D] of B resamples of ``x`` [N, D] given as
-    multinomial counts [B, N] (each row sums to N): no resampled copy of ``x`` is built."""
-    n = x.shape[0]
-    xc = x - x.mean(axis=0)  # centre first: better rounding, same covariances
-    mu = counts @ xc / n
-    second = np.matmul(xc.T[None] * counts[:, None, :], xc) / n
-    cov = (second - mu[:, :, None] * mu[:, None, :]) * (n / (n - 1))
-    return mu + x.mean(axis=0), cov
-
-
-def _frechet_batch(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray) -> np.ndarray:
-    """:func:`frechet_distance` over a batch: mu [B, D], sigma [B, D, D] -> [B] (same eigen form)."""
-    w, v = np.linalg.eigh(0.5 * (s1 + np.swapaxes(s1, -1, -2)))
-    root1 = (v * np.sqrt(np.clip(w, 0.0, None))[..., None, :]) @ np.swapaxes(v, -1, -2)
-    m = root1 @ s2 @ root1
-    eig = np.linalg.eigvalsh(0.5 * (m + np.swapaxes(m, -1, -2)))
-    diff = mu1 - mu2
-    value = ((diff * diff).sum(-1) + np.trace(s1, axis1=-2, axis2=-1) + np.trace(s2, axis1=-2, axis2=-1)
-             - 2.0 * np.sqrt(np.clip(eig, 0.0, None)).sum(-1))
-    return np.clip(value, 0.0, None)
-
-
-def fid_interval(feats: Any, ref_feats: Any, *, level: float = 0.95, n_boot: int = 200,
-                 seed: int = 0) -> tuple[float, float]:
-    """A ``level`` interval for the expected plug-in FID at these sample counts, E[FID(N, M)].
-
-    Target: FID computed from N generated and M reference features is biased upwards by about
-    c/N + c'/M (Chong & Forsyth 2020, "Effectively Unbiased FID", Sec. 3), so its N -> inf value is
-    not what the plug-in estimates. We keep the plug-in (``fid``, comparable with earlier runs and
-    papers at the same N) and give the interval for its mean at this N and M: "what another draw of
-    the samples and of the real reference set would give, on average".
-
-    Method: bootstrap both feature sets jointly (``n_boot`` multinomial resamples, seeded), and use
-    only the *spread* of the bootstrap distribution, not its location (a "basic" bootstrap for the
-    target E[FID(N, M)]): with q the quantiles of theta* - mean(theta*), the interval is
-    [theta - q_hi, theta - q_lo]. A naive percentile bootstrap [q_lo(theta*), q_hi(theta*)] sits
-    about one bias too high, because a resample of N points is itself a finite sample of the
-    empirical distribution; its bias-corrected variant targets the N -> inf value but corrects only
-    first-order bias, which near the floor (true FID ~ 0, where the bias dominates) it misses
-    badly (measured: 0% coverage of 0 at D = 32, N = 400). Independent sample draws would need
-    extra sampling; FID-infinity needs a fit per resample and came out about 5x wider in a short
-    trial (3 replications). Coverage is tested on Gaussians (tests/test_fid.py: near nominal at
-    D = 4); at D = 32, N = 400, M = 1347: 96% at FID ~ 10 with the true spread's width, and
-    conservative near the floor, 99-100% with intervals 1.4-2x wider than needed
-    (benchmarks/interval_coverage.py). Cost: n_boot batched D x D
-    eigendecompositions, about 0.06 s at those sizes (one thread).
-    """
-    a, b = np.asarray(feats, dtype=np.float64), np.asarray(ref_feats, dtype=np.float64)
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"feature sets must be [N, D] with the same D, got {a.shape} and {b.shape}")
-    if not 0.0 < level < 1.0 or n_boot < 10:
-        raise ValueError(f"need 0 < level < 1 and n_boot >= 10, got level={level}, n_boot={n_boot}")
-    rng = np.random.default_rng(seed)
-    ca = rng.multinomial(len(a), np.full(len(a), 1.0 / len(a)), size=n_boot).astype(np.float64)
-    cb = rng.multinomial(len(b), np.full(len(b), 1.0 / len(b)), size=n_boot).astype(np.float64)
-    with _one_thread():
-        boot = _frechet_batch(*_weighted_statistics(a, ca), *_weighted_statistics(b, cb))
-        theta = fid_from_features(a, b)
-    alpha = (1.0 - level) / 2.0
-    q_lo, q_hi = np.quantile(boot - boot.mean(), [alpha, 1.0 - alpha])
-    return max(theta - float(q_hi), 0.0), theta - float(q_lo)
-
-
-def fid_infinity(feats: Any, ref_feats: Any, *, n_points: int = 8, reps: int = 16, min_fraction: float = 0.25,
-                 seed: int = 0) -> tuple[float, float]:
-    """FID-infinity (Chong & Forsyth 2020, "Effectively Unbiased FID", Sec. 3.2): (intercept, slope) of the line
-    FID(k) = intercept + slope / k fitted by least squares to the mean plug-in FID of ``reps`` random subsets
-    (without replacement, seeded) of k of the N features, at ``n_points`` sizes k spaced evenly in 1 / k from
-    max(N * min_fraction, D + 2) to N, against the whole reference. The intercept is the FID extrapolated to
-    infinitely many samples (the reference's own c'/M bias stays: it is shared by every cell and the floor),
-    so FIDs drawn at different N compare; ``intercept + slope / n`` predicts the plug-in at n. On Gaussians
-    (D = 32, N = 400, M = 1347) it removes ~98% of the c/N bias with the plug-in's spread
-    (tests/test_fid.py). NaN, NaN when fewer than 3 distinct sizes fit (N too small for D). About 0.2 s at
-    N = 400, D = 32 (one thread)."""
-    a, b = np.asarray(feats, dtype=np.float64), np.asarray(ref_feats, dtype=np.float64)
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"feature sets must be [N, D] with the same D, got {a.shape} and {b.shape}")
-    n, d = a.shape
-    k_min = max(int(n * min_fraction), d + 2)
-    if k_min >= n:
-        return float("nan"), float("nan")
-    sizes = np.unique(np.round(1.0 / np.linspace(1.0 / n, 1.0 / k_min, n_points)).astype(int))
-    if len(sizes) < 3:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    mu_b, s_b = feature_statistics(b)
-    means = []
-    with _one_thread():
-        for k in sizes:
-            sub = a[np.stack([rng.permutation(n)[:k] for _ in range(1 if k == n else reps)])]  # [R, k, D]
-            mu = sub.mean(axis=1)
-            xc = sub - mu[:, None, :]
-            cov = np.matmul(np.swapaxes(xc, 1, 2), xc) / (k - 1)
-            means.append(_frechet_batch(mu, cov, np.broadcast_to(mu_b, mu.shape), np.broadcast_to(s_b, cov.shape)).mean())
-    slope, intercept = np.polyfit(1.0 / sizes, np.asarray(means), 1)
-    return float(intercept), float(slope)
-
-
-def kid(feats: Any, ref_feats: Any, *, n_subsets: int = 100, subset_size: int = 1000,
-        seed: int = 0) -> tuple[float, float]:
-    """Kernel Inception Distance (Binkowski et al. 2018, "Demystifying MMD GANs", Sec. 4): the
-    unbiased MMD^2 with the cubic polynomial kernel k(x, y) = (x.y / D + 1)^3, averaged over
-    ``n_subsets`` random subsets of ``min(subset_size, N, M)`` features from each set (drawn without
-    replacement from a seeded generator); returns (mean, std over subsets), as the paper and
-    torchmetrics' ``KernelInceptionDistance`` report them. The MMD itself is torchmetrics'
-    ``maximum_mean_discrepancy`` and ``poly_kernel`` (run in float64), so only the subset draw is ours.
-    About 0.1 s at N = 400, M = 1348, D = 32 (one thread)."""
-    from torchmetrics.image.kid import maximum_mean_discrepancy, poly_kernel
-
-    a, b = np.asarray(feats, dtype=np.float64), np.asarray(ref_feats, dtype=np.float64)
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"feature sets must be [N, D] with the same D, got {a.shape} and {b.shape}")
-    size = min(subset_size, len(a), len(b))
-    if size < 2 or n_subsets < 1:
-        raise ValueError(f"KID needs at least 2 features per set and n_subsets >= 1, got {size}, {n_subsets}")
-    rng = np.random.default_rng(seed)
-    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-    values = []
-    with _one_thread():
-        for _ in range(n_subsets):
-            ib = torch.from_numpy(rng.choice(len(b), size, replace=False))
-            ia = torch.from_numpy(rng.choice(len(a), size, replace=False))
-            kernels = poly_kernel(tb[ib], tb[ib]), poly_kernel(tb[ib], ta[ia]), poly_kernel(ta[ia], ta[ia])
-            values.append(float(maximum_mean_discrepancy(*kernels)))
-    return float(np.mean(values)), float(np.std(values))
-
-
-# --------------------------------------------------------------------------------------------------
 # Rulers: fixed, named feature spaces
 # --------------------------------------------------------------------------------------------------
 RULERS_DIR = Path(__file__).resolve().parent / "rulers"
-# Shipped rulers: dataset -> (file under ddpm/rulers/, sha256, the featurizer params it was made with).
+# Shipped rulers: dataset -> (file under ddpm/metrics/rulers/, sha256, the featurizer params it was made with).
 # Made by `python3 -m benchmarks.ruler --ship` (see that file for why and the numbers).
 SHIPPED_RULERS: dict[str, dict[str, Any]] = {
     "digits": {"file": "digits-classifier-32d.pt",
@@ -863,5 +582,5 @@ def load_ruler(path: PathLike, sha256: str, device: str = "cpu") -> nn.Module:
     got = file_sha256(path)
     if got != sha256:
         raise ValueError(f"ruler '{path}': sha256 {got} does not match the expected {sha256}; "
-                         "restore the file from git (`git checkout -- ddpm/rulers`)")
+                         "restore the file from git (`git checkout -- ddpm/metrics/rulers`)")
     return load_featurizer(path, device=device)

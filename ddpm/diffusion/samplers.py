@@ -22,9 +22,9 @@ from typing import Callable, NamedTuple, Optional
 import torch
 import torch.nn as nn
 
-from .diffusion import GaussianProcess
-from .grids import timestep_grid  # noqa: F401  (re-exported: the grids are part of the sampling API)
-from .names import MULTISTEP_RULES, SPACINGS, STEP_RULES, sampler_label  # noqa: F401
+from ddpm.diffusion.process import GaussianProcess
+from ddpm.diffusion.grids import timestep_grid  # noqa: F401  (re-exported: the grids are part of the sampling API)
+from ddpm.app.names import MULTISTEP_RULES, SPACINGS, STEP_RULES, sampler_label  # noqa: F401
 
 ZERO_SNR_ALPHA_BAR = 2.0**-24  # what diffusers' DPMSolverMultistepScheduler puts at alpha_bar_T = 0
 

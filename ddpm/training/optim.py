@@ -1,6 +1,6 @@
 """What the optimizer steps: flat parameters, fused AdamW with linear warm-up, EMA of the weights, AMP.
 
-Split out of the training loop (``ddpm.train``) so the loop holds only the order of operations.
+Split out of the training loop (``ddpm.training.loop``) so the loop holds only the order of operations.
 """
 from __future__ import annotations
 

@@ -1,18 +1,18 @@
 """The names the configuration accepts, and the one spelling of a sampler's label.
 
-A tiny module without imports, so that ``ddpm/config.py`` can validate ``params.yaml`` without importing
+A tiny module without imports, so that ``ddpm/app/config.py`` can validate ``params.yaml`` without importing
 the maths modules (data, diffusion, samplers, schedules): an edit to those then reruns only the stages
 that compute with them. Each registry in those modules is checked against its tuple here by
 ``tests/test_config.py``.
 """
 from __future__ import annotations
 
-DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "folder")  # ddpm.data.DATASETS
-OBJECTIVES = ("pred_noise", "pred_x0", "pred_v")  # ddpm.diffusion
-STEP_RULES = ("ddpm", "ddpm_large", "ddim", "dpmpp_2m", "dpmpp_2m_sde")  # ddpm.samplers.StepRule
+DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "folder")  # ddpm.data.datasets.DATASETS
+OBJECTIVES = ("pred_noise", "pred_x0", "pred_v")  # ddpm.diffusion.process
+STEP_RULES = ("ddpm", "ddpm_large", "ddim", "dpmpp_2m", "dpmpp_2m_sde")  # ddpm.diffusion.samplers.StepRule
 MULTISTEP_RULES = ("dpmpp_2m", "dpmpp_2m_sde")  # rules that keep history (DPM-Solver++ multistep)
-SPACINGS = ("linspace", "trailing", "leading")  # diffusers' timestep_spacing (ddpm.grids)
-SCHEDULES = ("linear", "cosine", "sigmoid", "quadratic")  # keys of ddpm.schedules.SCHEDULES
+SPACINGS = ("linspace", "trailing", "leading")  # diffusers' timestep_spacing (ddpm.diffusion.grids)
+SCHEDULES = ("linear", "cosine", "sigmoid", "quadratic")  # keys of ddpm.diffusion.schedules.SCHEDULES
 
 
 def sampler_label(name: str, eta: float) -> str:

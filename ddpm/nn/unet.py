@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
+from ddpm.nn import ops
 
 __all__ = ["Unet"]
 
@@ -37,47 +37,6 @@ __all__ = ["Unet"]
 def _groups(channels: int, groups: int) -> int:
     """Largest group count <= ``groups`` that divides ``channels`` (GroupNorm needs divisibility)."""
     return math.gcd(channels, groups)
-
-
-def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Inverted dropout (Srivastava et al. 2014): zero each element with probability p, scale the rest by
-    1 / (1 - p). The mask comes from one uniform draw compared in place, which on a CPU costs less than
-    ``F.dropout``'s Bernoulli sampling (measured: see README "Performance")."""
-    if not training or p == 0:
-        return x
-    if p == 1:
-        return x * 0
-    keep = torch.rand_like(x).ge_(p).div_(1 - p)  # U >= p with probability 1 - p
-    return x * keep
-
-
-# Below this many multiply-adds (rows x in x out) a CPU matrix product stays with F.linear (MKL's sgemm):
-# oneDNN's convolution costs a few microseconds more to set up (measured, 2 threads: 128 x 128 x 128
-# 29.5 vs 23.3 us, 400 x 128 x 256 89.5 vs 126.1 us).
-ONEDNN_LINEAR_MIN_MACS = 8 << 20
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` (y = x W^T + b); on a CPU in float32, for products of ``ONEDNN_LINEAR_MIN_MACS`` or
-    more, computed as a 1x1 convolution over the rows, which runs on oneDNN's kernels: MKL's sgemm,
-    which F.linear calls, runs at about half their rate on AMD CPUs (2 threads, rows x 64 -> 384 at
-    6,400 rows: 0.66 vs 1.52 ms forward, 3.2 vs 5.9 ms with the backward; a 2048^2 product 433 vs 212
-    GFLOP/s). The same sums; the rounding may differ in the last bits."""
-    rows = x.numel() // max(x.shape[-1], 1)
-    if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
-            or rows * weight.shape[0] * weight.shape[1] < ONEDNN_LINEAR_MIN_MACS):
-        return F.linear(x, weight, bias)
-    k = x.shape[-1]
-    cols = x.reshape(1, rows, 1, k).permute(0, 3, 1, 2)  # [1, k, rows, 1], channels_last: the same memory
-    y = F.conv2d(cols, weight[:, :, None, None], bias)  # [1, out, rows, 1], channels_last
-    return y.permute(0, 2, 3, 1).reshape(*x.shape[:-1], weight.shape[0])
-
-
-class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters, same state_dict) whose product goes through :func:`linear`."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
 
 
 class SinusoidalPosEmb(nn.Module):
@@ -95,55 +54,6 @@ class SinusoidalPosEmb(nn.Module):
         return torch.cat((args.sin(), args.cos()), dim=-1)
 
 
-def norm_scale_shift(norm: nn.GroupNorm, x: torch.Tensor, scale: torch.Tensor | None = None,
-                     shift: torch.Tensor | None = None) -> torch.Tensor:
-    """``norm(x) * (1 + scale) + shift`` (the scale-shift optional), for sampling: no grads, a new tensor.
-
-    For a channels_last CPU map with <= 4 channels per group, PyTorch's NHWC GroupNorm kernel runs at a
-    third to half the speed of its NCHW one (batch 400 at 8x8: 294 vs 82 us at 16 channels); there the
-    statistics come from per-channel sums and the normalisation, affine and scale-shift are one addcmul
-    (136 us at 16 channels, 187 vs 294 at 32). The variance is E[x^2] - E[x]^2, as the NHWC kernel
-    computes it too. Elsewhere the module itself, then the scale-shift in place."""
-    b, c = x.shape[:2]
-    if x.device.type != "cpu" or x.ndim != 4 or c // norm.num_groups > 4 or norm.weight is None \
-            or not x.is_contiguous(memory_format=torch.channels_last):
-        h = norm(x)
-        return h if scale is None else h.mul_(1 + scale).add_(shift)
-    g, n = norm.num_groups, x[0].numel() // norm.num_groups  # elements per group
-    mean = x.sum(dim=(2, 3)).view(b, g, -1).sum(-1).div_(n)  # [B, G]
-    var = (x * x).sum(dim=(2, 3)).view(b, g, -1).sum(-1).div_(n).sub_(mean * mean).clamp_min_(0)
-    rstd = var.add_(norm.eps).rsqrt_()
-    a = rstd.repeat_interleave(c // g, dim=1) * norm.weight  # [B, C]: y = a x + (bias - mean a)
-    bias = norm.bias - mean.repeat_interleave(c // g, dim=1) * a
-    a, bias = a[:, :, None, None], bias[:, :, None, None]
-    if scale is not None:  # (a x + bias) (1 + scale) + shift
-        a, bias = a * (1 + scale), torch.addcmul(shift, bias, 1 + scale)
-    return torch.addcmul(bias, x, a)
-
-
-def norm_act(norm: nn.GroupNorm, x: torch.Tensor, scale_shift: torch.Tensor | None = None,
-             silu: bool = True) -> torch.Tensor:
-    """``act(norm(x) * (1 + scale) + shift)`` with ``scale_shift`` None or the time projection's [1 or B, 2C]
-    (scale, then shift) and act SiLU or none. One pass of the fused CPU kernel where it applies
-    (``ddpm.kernels``: channels_last float32 on a CPU; with grads its backward is one pass too); else, with
-    grads, PyTorch's ops each writing a new tensor, and without, :func:`norm_scale_shift` and SiLU in place."""
-    if torch.is_grad_enabled():
-        y = kernels.group_norm_act_train(x, norm, scale_shift, silu)
-        if y is None:
-            y = norm(x)
-            if scale_shift is not None:
-                scale, shift = scale_shift[:, :, None, None].chunk(2, dim=1)
-                y = y * (1 + scale) + shift
-            y = F.silu(y) if silu else y
-        return y
-    y = kernels.group_norm_act(x, norm, scale_shift, silu)
-    if y is None:
-        scale, shift = (None, None) if scale_shift is None else scale_shift[:, :, None, None].chunk(2, dim=1)
-        y = norm_scale_shift(norm, x, scale, shift)
-        y = F.silu(y, inplace=True) if silu else y
-    return y
-
-
 class ResnetBlock(nn.Module):
     """GN -> SiLU -> conv3x3 -> GN * (1 + scale) + shift -> SiLU -> dropout -> conv3x3, + (1x1) skip."""
 
@@ -151,7 +61,7 @@ class ResnetBlock(nn.Module):
         super().__init__()
         self.norm1 = nn.GroupNorm(_groups(dim_in, groups), dim_in)
         self.conv1 = nn.Conv2d(dim_in, dim_out, 3, padding=1)
-        self.time_proj = nn.Sequential(nn.SiLU(), Linear(time_dim, 2 * dim_out))
+        self.time_proj = nn.Sequential(nn.SiLU(), ops.Linear(time_dim, 2 * dim_out))
         self.norm2 = nn.GroupNorm(_groups(dim_out, groups), dim_out)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(dim_out, dim_out, 3, padding=1)
@@ -159,9 +69,9 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         scale_shift = self.time_proj(temb)  # [B or 1, 2 * dim_out]
-        h = self.conv1(norm_act(self.norm1, x))
-        h = norm_act(self.norm2, h, scale_shift)  # a name rebound at each step frees the map before it (sampling)
-        h = self.conv2(dropout(h, self.dropout.p, self.training))
+        h = self.conv1(ops.norm_act(self.norm1, x))
+        h = ops.norm_act(self.norm2, h, scale_shift)  # a name rebound at each step frees the map before it (sampling)
+        h = self.conv2(ops.dropout(h, self.dropout.p, self.training))
         # with grads autograd keeps each op's input, so nothing in place; sampling adds the residual in place
         return h + self.res_conv(x) if torch.is_grad_enabled() else h.add_(self.res_conv(x))
 
@@ -169,7 +79,8 @@ class ResnetBlock(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention over the H*W positions, GroupNorm pre-norm, residual.
 
-    Works on [B, HW, C] tokens, which is a free view of a channels_last feature map.
+    Works on [B, HW, C] tokens, which is a free view of a channels_last feature map; the products run in
+    :func:`ddpm.nn.ops.attention` (the CPU dispatch).
     """
 
     def __init__(self, dim: int, heads: int = 4, dim_head: int = 32, groups: int = 8):
@@ -177,49 +88,14 @@ class Attention(nn.Module):
         self.heads, self.dim_head = heads, dim_head
         inner = heads * dim_head
         self.norm = nn.GroupNorm(_groups(dim, groups), dim)
-        self.to_qkv = Linear(dim, 3 * inner, bias=False)
-        self.to_out = Linear(inner, dim)
+        self.to_qkv = ops.Linear(dim, 3 * inner, bias=False)
+        self.to_out = ops.Linear(inner, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        tokens = norm_act(self.norm, x, silu=False).flatten(2).transpose(1, 2)  # [B, HW, C]
-        written_out = x.device.type == "cpu" and h * w <= 64  # a CPU at a few positions: no SDPA (below)
-        if written_out and not torch.is_grad_enabled():  # sampling
-            out = self.to_out(self._heads_in_turn(tokens))
-            return x + out.transpose(1, 2).unflatten(2, (h, w))
-        # chunk, not unflatten + permute + select: the backward is then one concatenation instead of a
-        # scatter into a zero tensor (that scatter kernel was 1.4 ms of a ~100 ms compiled CPU step;
-        # end to end, eager training ran about 1% faster, compiled within noise)
-        q, k, v = (u.unflatten(-1, (self.heads, self.dim_head)).transpose(1, 2)
-                   for u in self.to_qkv(tokens).chunk(3, dim=-1))
-        if not written_out:
-            out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, HW, dim_head]
-        else:  # a CPU at a few positions: softmax(q k^T / sqrt(d)) v (Vaswani et al. eq. 1) written out beats
-            # SDPA's flash kernel, which slows down with a second thread (2 threads, 16 positions: training
-            # batch 128 0.99 vs 2.81 ms forward and backward, sampling batch 400 2.0 vs 3.2 ms; 1 thread: even)
-            out = torch.softmax((q @ k.transpose(-2, -1)).mul_(self.dim_head ** -0.5), dim=-1) @ v
-        out = self.to_out(out.transpose(1, 2).flatten(2))  # [B, HW, C]
+        tokens = ops.norm_act(self.norm, x, silu=False).flatten(2).transpose(1, 2)  # [B, HW, C]
+        out = self.to_out(ops.attention(tokens, self.to_qkv.weight, self.heads, self.dim_head))  # [B, HW, C]
         return x + out.transpose(1, 2).unflatten(2, (h, w))  # channels_last-strided view
-
-    def _heads_in_turn(self, tokens: torch.Tensor) -> torch.Tensor:
-        """softmax(q k^T / sqrt(d)) v (Vaswani et al. eq. 1) one head at a time, no grads: [B, HW, C] ->
-        [B, HW, heads * dim_head]. Each head's q, k and v are strided column blocks of one projection, which
-        ``bmm`` reads as they are, where the 4-D product first copies q, k and v into head-major order; the
-        1 / sqrt(d) is folded into q's weights. Sampling batch 400 at 4x4, 2 threads: 1.1-1.4x per call, a
-        forward 1.01-1.03x (README "Performance"); in training the copies' backward is cheaper than four
-        heads' (1.43 vs 2.60 ms), so training keeps the 4-D form. At 16 positions (a 4x4 map) with d 16, 32
-        or 64 the products run as one fused CPU kernel instead (``ddpm.kernels.attention16``: 1.7x per call)."""
-        inner, d = self.heads * self.dim_head, self.dim_head
-        weight = self.to_qkv.weight
-        qkv = linear(tokens, torch.cat((weight[:inner] * d ** -0.5, weight[inner:])))  # [B, HW, 3 inner]
-        fused = kernels.attention16(qkv, self.heads, d)  # 16 positions: all heads in one pass of C
-        if fused is not None:
-            return fused
-        outs = []
-        for i in range(self.heads):
-            q, k, v = (qkv[..., j * inner + i * d: j * inner + (i + 1) * d] for j in range(3))
-            outs.append(torch.softmax(torch.bmm(q, k.transpose(1, 2)), dim=-1).bmm(v))
-        return torch.cat(outs, dim=-1)
 
 
 class Downsample(nn.Module):
@@ -262,8 +138,8 @@ class Unet(nn.Module):
         attn_heads, attn_dim_head: multi-head self-attention shape (inner width = product).
         full_attn: one bool per level, self-attention at that level; default only the deepest.
             A single bool applies to all levels. The middle block always has self-attention.
-        flash_attn: accepted for denoising-diffusion-pytorch compatibility; attention always goes through
-            ``F.scaled_dot_product_attention``, which picks the flash kernel where the device has one.
+        flash_attn: accepted for denoising-diffusion-pytorch compatibility and ignored: the attention kernel is
+            chosen per device by ``ddpm.nn.ops.attention``.
     """
 
     def __init__(
@@ -308,7 +184,7 @@ class Unet(nn.Module):
         self.init_conv = nn.Conv2d(channels, init_dim, 3, padding=1)  # 3x3, not 7x7: images may be 8x8
         self.time_pos_emb = SinusoidalPosEmb(dim)
         self.time_mlp = nn.Sequential(
-            Linear(self.time_pos_emb.out_dim, time_dim), nn.GELU(), Linear(time_dim, time_dim)
+            ops.Linear(self.time_pos_emb.out_dim, time_dim), nn.GELU(), ops.Linear(time_dim, time_dim)
         )
 
         def res(a: int, b: int) -> ResnetBlock:

@@ -23,16 +23,16 @@ from typing import Any, Callable, Optional
 
 import yaml
 
-from . import limits
-from .grids import timestep_grid
-from .names import DATASETS, MULTISTEP_RULES, OBJECTIVES, SCHEDULES, SPACINGS, STEP_RULES
+from ddpm import limits
+from ddpm.diffusion.grids import timestep_grid
+from ddpm.app.names import DATASETS, MULTISTEP_RULES, OBJECTIVES, SCHEDULES, SPACINGS, STEP_RULES
 
 FEATURIZERS = ("classifier", "inception")
 NATIVE_SIZES = {"digits": 8, "mnist": 28, "fashion_mnist": 28, "cifar10": 32}  # `folder`: known only once read
 DATASET_SIZES = {"digits": 1797, "mnist": 60000, "fashion_mnist": 60000, "cifar10": 50000}  # train splits
 MAX_INT = 2**63 - 1  # int64: beyond it numpy and torch overflow deep inside
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding and torch.manual_seed both accept [0, 2**32)
-MAX_TIMESTEPS = 100_000  # also bounds a model file's description (ddpm.checkpoint)
+MAX_TIMESTEPS = 100_000  # also bounds a model file's description (ddpm.training.checkpoint)
 DEVICE_RE = re.compile(r"auto|cpu|cuda(:[0-9]{1,2})?")
 # Bounds on the file itself, checked on its YAML events before anything is built: a few KB of anchors and
 # aliases (a "billion laughs") would otherwise expand to gigabytes, and deep nesting overflows the stack.
@@ -190,7 +190,7 @@ class Params:
     seeds: tuple[int, ...] = (0,)  # training seeds: one model per schedule and seed (init, data order, noise)
     timesteps: int = 1000
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    fast: bool = True  # channels_last and the fused CPU kernels; on CUDA torch.compile + bf16 autocast (ddpm/speed.py)
+    fast: bool = True  # channels_last and the fused CPU kernels; on CUDA torch.compile + bf16 autocast (ddpm/nn/speed.py)
     data: DataConfig = field(default_factory=DataConfig)
     featurizer: FeaturizerConfig = field(default_factory=FeaturizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -328,13 +328,13 @@ def _check_grid(p: Params, need: Need, problems: list[str]) -> None:
     cells = len(p.seeds) * len(p.diffusion.schedules) * len(s)
     need(cells <= MAX_SAMPLE_SETS, "seeds x diffusion.schedules x sample.samplers",
          f"{len(p.seeds)} x {len(p.diffusion.schedules)} x {len(s)} = {cells} sample stages",
-         f"at most {MAX_SAMPLE_SETS} (ddpm.config.MAX_SAMPLE_SETS; split the grid over experiments)")
+         f"at most {MAX_SAMPLE_SETS} (ddpm.app.config.MAX_SAMPLE_SETS; split the grid over experiments)")
 
 
 def _check_memory(p: Params, problems: list[str]) -> None:
     """Training and sampling memory, estimated from the UNet's structure (ddpm.limits), against the budget."""
     size = p.data.image_size or NATIVE_SIZES.get(p.data.name)
-    if size is None:  # a folder at its native size: known once read (ddpm.data checks the decoded bytes)
+    if size is None:  # a folder at its native size: known once read (ddpm.data.datasets checks the decoded bytes)
         size = 2 ** (len(p.model.dim_mults) - 1)
     m, t, s = p.model, p.train, p.sample
     config = dict(dim=m.dim, dim_mults=list(m.dim_mults), channels=p.data.channels or 3,
@@ -492,7 +492,7 @@ def _check_sizes(p: Params, need) -> None:
 
 
 def holdout_size(d: DataConfig) -> int | None:
-    """Images in the held-out split of ``d`` (as :func:`ddpm.data.split_holdout` counts them), None
+    """Images in the held-out split of ``d`` (as :func:`ddpm.data.datasets.split_holdout` counts them), None
     for ``folder`` (known once prepare has read it; prepare checks it then)."""
     n = DATASET_SIZES.get(d.name)
     if n is None or not 0 < d.holdout_fraction < 1:
@@ -519,7 +519,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     size = path.stat().st_size
     if size > MAX_YAML_BYTES:
         raise ConfigError([f"the file holds {size} bytes; allowed: at most {MAX_YAML_BYTES} "
-                           "(ddpm.config.MAX_YAML_BYTES)"], str(path))
+                           "(ddpm.app.config.MAX_YAML_BYTES)"], str(path))
     try:
         text = path.read_text()
         check_yaml(text, str(path))
@@ -578,7 +578,7 @@ def _check_events(events: Any, source: str) -> None:
             path = child_path()
             if len(stack) >= MAX_YAML_DEPTH:
                 raise ConfigError([f"{_path(path)}: nested more than {MAX_YAML_DEPTH} levels deep; allowed: at most "
-                                   f"{MAX_YAML_DEPTH} (ddpm.config.MAX_YAML_DEPTH)"], source)
+                                   f"{MAX_YAML_DEPTH} (ddpm.app.config.MAX_YAML_DEPTH)"], source)
             stack.append([path, isinstance(ev, yaml.MappingStartEvent), True, None, 1, ev.anchor, 0])
         elif isinstance(ev, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
             path, _, _, _, n, anchor, _ = stack.pop()

@@ -5,10 +5,10 @@ attributes and does one job per method; :func:`train` runs it. It knows nothing 
 checkpoint folder, nor of MLflow: it reports through callbacks (``on_log`` with the per-step losses,
 ``on_eval`` with the EMA model). Every random draw comes from generators it owns and checkpoints (data
 order, timesteps and noise), plus torch's global RNG for dropout, which is seeded here and saved too, so a
-resumed run continues bit for bit on the CPU. The file formats live in ``ddpm.checkpoint``; flat
-parameters, EMA, warm-up and AMP in ``ddpm.optim``.
+resumed run continues bit for bit on the CPU. The file formats live in ``ddpm.training.checkpoint``; flat
+parameters, EMA, warm-up and AMP in ``ddpm.training.optim``.
 
-Under torchrun (``ddpm.distributed.init`` called first) the model trains in DistributedDataParallel:
+Under torchrun (``ddpm.training.distributed.init`` called first) the model trains in DistributedDataParallel:
 every rank draws the same global data order and takes its shard of each global batch of
 ``batch_size`` images, draws its own timesteps, noise and dropout (seeds offset by rank), and stores
 its RNG states in rank 0's checkpoints; only rank 0 calls ``on_log``/``on_eval``, writes checkpoints and
@@ -26,15 +26,13 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 
-from . import distributed as dist
-from .checkpoint import (CHECKPOINT_FORMAT, checkpoint_path, checkpoints_by_run, latest_valid_checkpoint,  # noqa: F401
-                         list_checkpoints, load_checkpoint, load_model, model_metadata, move_aside, prune,
-                         save_checkpoint)
-from .config import TrainConfig
-from .diffusion import GaussianProcess
-from .io import atomic_torch_save
-from .optim import EMA, FlatParams, amp_settings, flat_optimizer_state, make_optimizer, warmup_lr  # noqa: F401
-from .speed import CompiledOrEager, compile_options, to_channels_last
+from ddpm.training import distributed as dist
+from ddpm.training.checkpoint import (CHECKPOINT_FORMAT, checkpoint_path, checkpoints_by_run, latest_valid_checkpoint,
+                                      move_aside, prune, save_checkpoint)
+from ddpm.app.config import TrainConfig
+from ddpm.diffusion.process import GaussianProcess
+from ddpm.training.optim import (EMA, FlatParams, amp_settings, flat_optimizer_state, make_optimizer, warmup_lr)
+from ddpm.nn.speed import CompiledOrEager, compile_options, to_channels_last
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +49,7 @@ class TrainSettings(TrainConfig):
 
     adam_betas: tuple[float, float] = (0.9, 0.999)
     eval_every: int = 0  # calls on_eval every N steps (and at the end); 0: never
-    channels_last: bool = False  # NHWC weights and activations (ddpm.speed)
+    channels_last: bool = False  # NHWC weights and activations (ddpm.nn.speed)
     compile: bool = False        # torch.compile the loss (forward and backward), eager if that fails
 
     @classmethod
@@ -257,7 +255,7 @@ class TrainLoop:
     # --- one step -----------------------------------------------------------------------------------------
     def next_batch(self) -> torch.Tensor:
         """This rank's shard of the next global micro-batch, in [-1, 1] (flipped where asked)."""
-        from .data import uint8_to_model
+        from ddpm.data.convert import uint8_to_model
 
         idx, need = [], self.micro * self.world  # the same on every rank (g_data is not offset by rank)
         while need:

@@ -3,7 +3,7 @@
 :func:`load_results` reads ``reports/fid.csv``, ``reports/fid_summary.json``, ``reports/comparisons.csv``,
 ``featurizer/metrics.json``, each model's ``loss.csv`` and ``fid_curve.csv`` (``models/<schedule>/seed<k>/``),
 the sample sets of the first training seed and a few held-out images, and returns a :class:`Results`.
-Nothing here draws or formats: :mod:`ddpm.figures` draws and :mod:`ddpm.report` renders.
+Nothing here draws or formats: :mod:`ddpm.app.report.figures` draws and :mod:`ddpm.app.report.build` renders.
 
 Aggregation over training seeds (:func:`aggregate`): one row per configuration (schedule, sampler, eta,
 spacing, steps). With one seed, its FID interval is the one in ``fid.csv`` and KID's sd is ``kid_std``.
@@ -11,7 +11,7 @@ With n >= 2 seeds, the FID is the mean over seeds, ``fid_sd`` their sample sd, t
 Student-t interval of that mean (it holds training and sampling noise, since each seed's FID carries
 both), and KID's sd the sd over seeds.
 
-Comparisons (``reports/comparisons.csv``, written by the fid stage with :mod:`ddpm.compare`): each difference
+Comparisons (``reports/comparisons.csv``, written by the fid stage with :mod:`ddpm.metrics.compare`): each difference
 between configurations has its own interval from a paired bootstrap (sample sets share x_T per index and one
 reference). Family ``questions``: the questions of the schedule x sample-set design; family ``ranking``: the
 best configuration against every other one and each step count's best against the other samplers there, Holm
@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import pipeline
-from .limits import LimitError
-from .names import SCHEDULES, SPACINGS, STEP_RULES, sampler_label, set_label
+from ddpm.app import paths
+from ddpm.limits import LimitError
+from ddpm.app.names import SCHEDULES, SPACINGS, STEP_RULES, sampler_label, set_label
 
 FID_COLUMNS = ("schedule", "sampler", "eta", "steps", "fid", "n_samples", "features",
                "seed", "spacing", "fid_lo", "fid_hi", "kid", "kid_std")
@@ -42,12 +42,12 @@ CURVE_COLUMNS = ("step", "fid", "floor")
 LOSS_COLUMNS = ("step", "loss")
 CONFIG_KEYS = ["schedule", "sampler", "eta", "spacing", "steps"]
 COMPARISON_COLUMNS = ("question", "kind", "a", "b", "effect", "lo", "hi", "p", "p_holm", "verdict", "family",
-                      "family_size", "method")  # ddpm.compare.COLUMNS
+                      "family_size", "method")  # ddpm.metrics.compare.COLUMNS
 TIE_RULE = ("two configurations tie when their paired FID difference is not resolved at 95% (paired bootstrap, "
             "Holm over the ranking's comparisons)")
 MAX_JSON_BYTES = 1 << 20  # JSON files the report reads are small; refuse anything larger
 # fid.csv columns that name files (models/<schedule>/seed<k>/, samples/.../<sampler>-eta<eta>-<steps>.npz):
-# only the configuration's vocabulary (ddpm/names.py), so no row can point outside the repository
+# only the configuration's vocabulary (ddpm/app/names.py), so no row can point outside the repository
 NAME_COLUMNS = {"schedule": SCHEDULES, "sampler": STEP_RULES, "spacing": SPACINGS}
 MAX_SEED_OR_STEPS = 10**9
 
@@ -137,7 +137,7 @@ def read_fid_table(path: Path) -> pd.DataFrame:
 
 def check_names(df: pd.DataFrame, path: Path) -> None:
     """The columns of ``fid.csv`` that become file names hold allowed values: schedule, sampler and spacing
-    from ddpm/names.py, seed and steps whole numbers, eta a finite number; else ResultsError naming the line."""
+    from ddpm/app/names.py, seed and steps whole numbers, eta a finite number; else ResultsError naming the line."""
     for col, allowed in NAME_COLUMNS.items():
         for i, v in enumerate(df[col]):
             if v not in allowed:
@@ -212,7 +212,7 @@ def paired(comparisons: pd.DataFrame, a: pd.Series, b: pd.Series) -> pd.Series:
         return hit.iloc[0]
     hit = rank[(rank["a"] == nb) & (rank["b"] == na)]
     if not len(hit):
-        raise ResultsError(f"{pipeline.COMPARISONS_CSV}: no paired comparison of {na} and {nb}; rerun the fid stage")
+        raise ResultsError(f"{paths.COMPARISONS_CSV}: no paired comparison of {na} and {nb}; rerun the fid stage")
     r = hit.iloc[0].copy()
     r["effect"], r["lo"], r["hi"] = -r["effect"], -r["hi"], -r["lo"]
     return r
@@ -271,7 +271,7 @@ def _load_arrays(path: Path, key: str) -> np.ndarray:
     if not path.is_file():
         raise ResultsError(f"{path} not found: run the stage that writes it (`dvc repro`)")
     try:
-        return pipeline.load_arrays(path, (key,))[key]  # bounded, and only this key is read
+        return paths.load_arrays(path, (key,))[key]  # bounded, and only this key is read
     except LimitError as err:
         raise ResultsError(str(err)) from err
 
@@ -280,9 +280,9 @@ def _load_model_files(root: Path, schedules: tuple[str, ...], seeds: tuple[int, 
     losses, curves = {}, {}
     for schedule in schedules:
         for seed in seeds:
-            folder = inside(root, pipeline.model_dir(schedule=schedule, seed=seed))
-            losses[(schedule, seed)] = read_csv(folder / pipeline.LOSS_CSV, LOSS_COLUMNS)
-            curve = folder / pipeline.FID_CURVE_CSV
+            folder = inside(root, paths.model_dir(schedule=schedule, seed=seed))
+            losses[(schedule, seed)] = read_csv(folder / paths.LOSS_CSV, LOSS_COLUMNS)
+            curve = folder / paths.FID_CURVE_CSV
             if curve.is_file():  # absent when train.fid_every = 0
                 curves[(schedule, seed)] = read_csv(curve, CURVE_COLUMNS)
     return losses, curves
@@ -292,29 +292,29 @@ def _load_samples(root: Path, rows: pd.DataFrame, seed: int, shape: tuple[int, .
                   ) -> dict[tuple[str, str, int], np.ndarray]:
     out = {}
     for r in rows[rows["seed"] == seed].itertuples(index=False):
-        path = inside(root, pipeline.sample_path(schedule=r.schedule, seed=seed, name=r.sampler, eta=float(r.eta),
+        path = inside(root, paths.sample_path(schedule=r.schedule, seed=seed, name=r.sampler, eta=float(r.eta),
                                                  steps=int(r.steps)))
-        out[(r.schedule, r.label, int(r.steps))] = pipeline.load_sample_set(path, shape)
+        out[(r.schedule, r.label, int(r.steps))] = paths.load_sample_set(path, shape)
     return out
 
 
 def load_results(p: Any, root: str | Path = ".") -> Results:
     """Everything the report shows, from the files under ``root`` (the repository root); ``p``: the
-    :class:`ddpm.config.Params`. The configurations come from ``fid.csv`` (the fid stage wrote one row per
+    :class:`ddpm.app.config.Params`. The configurations come from ``fid.csv`` (the fid stage wrote one row per
     params.yaml grid cell and seed)."""
     root = Path(root)
-    rows = read_fid_table(root / pipeline.FID_CSV)
+    rows = read_fid_table(root / paths.FID_CSV)
     features = str(rows["features"].iloc[0])
-    floor = read_floor(root / pipeline.FID_SUMMARY, features)
-    featurizer = read_json(root / pipeline.FEATURIZER_METRICS, FEATURIZER_KEYS)
+    floor = read_floor(root / paths.FID_SUMMARY, features)
+    featurizer = read_json(root / paths.FEATURIZER_METRICS, FEATURIZER_KEYS)
     if str(featurizer["features"]) != features:
-        raise ResultsError(f"{root / pipeline.FEATURIZER_METRICS}: features {featurizer['features']!r} differ "
+        raise ResultsError(f"{root / paths.FEATURIZER_METRICS}: features {featurizer['features']!r} differ "
                            f"from fid.csv's {features!r}")
-    comparisons = read_comparisons(root / pipeline.COMPARISONS_CSV)
+    comparisons = read_comparisons(root / paths.COMPARISONS_CSV)
     seeds = tuple(sorted(int(s) for s in set(rows["seed"])))
     schedules = tuple(dict.fromkeys(rows["schedule"]))
     losses, curves = _load_model_files(root, schedules, seeds)
-    real = _load_arrays(root / pipeline.HOLDOUT, "images")[: p.report.forward_images]
+    real = _load_arrays(root / paths.HOLDOUT, "images")[: p.report.forward_images]
     return Results(rows=rows, configs=aggregate(rows, comparisons), comparisons=comparisons, floor=floor, seeds=seeds,
                    schedules=schedules,
                    losses=losses, fid_curves=curves, samples=_load_samples(root, rows, seeds[0], real.shape[1:]), real_images=real,

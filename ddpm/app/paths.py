@@ -18,9 +18,8 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
-from .io import atomic_save_npz, atomic_write_json, file_sha256  # noqa: F401  (re-exported for the stages)
-from .limits import load_npz, npz_headers
-from .names import sampler_label  # noqa: F401  (re-exported: the one spelling, see ddpm/names.py)
+from ddpm.io import atomic_save_npz, atomic_write_json
+from ddpm.limits import load_npz, npz_headers
 
 PREPARED = Path("data/prepared")
 FEATURIZER = Path("featurizer")
@@ -31,7 +30,7 @@ REPORTS = Path("reports")
 # File names, spelled here once (dvc.yaml spells them too: it cannot import Python)
 FID_CSV = REPORTS / "fid.csv"
 FID_SUMMARY = REPORTS / "fid_summary.json"
-COMPARISONS_CSV = REPORTS / "comparisons.csv"  # ddpm.compare: the question table and the ranking's pairs
+COMPARISONS_CSV = REPORTS / "comparisons.csv"  # ddpm.metrics.compare: the question table and the ranking's pairs
 FEATURES_NPZ = REPORTS / "features.npz"  # every sample set's features + the reference (tracking's `compare`)
 REPORT_METRICS = REPORTS / "metrics.json"
 FEATURIZER_METRICS = FEATURIZER / "metrics.json"

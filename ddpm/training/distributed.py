@@ -194,7 +194,7 @@ def sample_images_sharded(model, process, num_samples: int, image_shape: Sequenc
     """``samplers.sample_images`` split over the ranks (chunk k on rank k % world), ``post`` applied per rank
     (e.g. ``model_to_uint8``, so only uint8 travels), merged in chunk order on rank 0; None on the other ranks.
     The result equals ``post(sample_images(...))`` of one process with the same arguments."""
-    from .samplers import sample_images
+    from ddpm.diffusion.samplers import sample_images
 
     mine = chunk_share(math.ceil(num_samples / batch_size))
     x = post(sample_images(model, process, num_samples, tuple(image_shape), steps, rule, seed=seed,

@@ -1,14 +1,14 @@
-"""The experiment report: a :class:`ddpm.results.Results` -> one document structure -> Markdown + HTML + PNGs.
+"""The experiment report: a :class:`ddpm.app.results.Results` -> one document structure -> Markdown + HTML + PNGs.
 
 :func:`build_report` writes, under ``out_dir``:
 
 * ``report.md``: Markdown that references the PNG figures in ``figures/`` by relative path;
 * ``report.html``: one self-contained page (CSS inline, every image a base64 ``data:`` URI, no
   script, no network), to open straight from disk or an artifact store;
-* ``figures/*.png``: from :mod:`ddpm.figures`, and one pixel-exact sample grid per (schedule, sampler,
+* ``figures/*.png``: from :mod:`ddpm.app.report.figures`, and one pixel-exact sample grid per (schedule, sampler,
   steps) of the first training seed.
 
-Both files are rendered by Jinja2 (:mod:`ddpm.report_templates`) from the same :class:`Document`:
+Both files are rendered by Jinja2 (:mod:`ddpm.app.report.templates`) from the same :class:`Document`:
 a title, a summary of :class:`Span` s, and sections of blocks (paragraph, note, table, figure, gallery).
 The HTML template autoescapes every string; the Markdown one escapes through the ``md`` filter. Every
 file is written atomically (:mod:`ddpm.io`) and the output is deterministic (no timestamps, no timings).
@@ -27,12 +27,12 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import pandas as pd
 
-from . import figures as F
-from .data import make_image_grid
-from .figures import fmt_num
-from .io import atomic_write_bytes, atomic_write_text
-from .pipeline import grid_name, slug
-from .results import TIE_RULE, Results, final_loss, winners_by_steps
+from ddpm.app.report import figures as F
+from ddpm.data.convert import make_image_grid
+from ddpm.app.report.figures import fmt_num
+from ddpm.io import atomic_write_bytes, atomic_write_text
+from ddpm.app.paths import grid_name, slug
+from ddpm.app.results import TIE_RULE, Results, final_loss, winners_by_steps
 
 __all__ = ["build_report", "summary_metrics", "build_document", "Document"]
 
@@ -427,7 +427,7 @@ def render(doc: Document, pngs: Mapping[str, bytes]) -> tuple[str, str]:
     """(Markdown, HTML) of ``doc``; ``pngs``: figure file name -> PNG bytes (the HTML's data URIs)."""
     from jinja2 import Environment, StrictUndefined
 
-    from .report_templates import CSS, HTML, MARKDOWN
+    from ddpm.app.report.templates import CSS, HTML, MARKDOWN
 
     def env(autoescape: bool) -> Environment:
         e = Environment(autoescape=autoescape, undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True,

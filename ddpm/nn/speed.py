@@ -1,17 +1,17 @@
 """How the same maths runs fast: one switch (``fast`` in params.yaml) for channels_last, the fused CPU kernels
-(``ddpm.kernels``: the train and sample stages turn them off with ``fast: false``, and record whether they ran) and,
+(``ddpm.nn.kernels``: the train and sample stages turn them off with ``fast: false``, and record whether they ran) and,
 on CUDA, torch.compile and bf16 autocast. Nothing here changes what is computed beyond float rounding.
 
-What each part buys was measured side by side (``python benchmarks/peers.py``, README "Performance"):
+What each part buys was measured side by side (``python -m benchmarks.peers``, docs/performance.md):
 - channels_last: the layout oneDNN's and cuDNN's fastest convolutions use; everywhere (on a 2-core CPU
   eager training runs 5-10% faster in it, inductor's graphs are even).
-- flat parameters (``ddpm.optim.FlatParams``, always on): the optimizer, clipping and EMA each run one
+- flat parameters (``ddpm.training.optim.FlatParams``, always on): the optimizer, clipping and EMA each run one
   kernel over one buffer.
 - torch.compile (inductor), on CUDA: fuses GroupNorm, SiLU, scale-shift and residual adds into few kernels.
   Not on a CPU: there eager channels_last, with the Unet's linear layers on oneDNN and its attention
   written out, beats inductor's graphs at every size measured (see ``Speed.resolve``). It falls back to
   eager, with one warning, wherever compiling fails (no C++ compiler, an unsupported op).
-- bf16 autocast on CUDA (fp16 with a grad scaler where bf16 is missing; see ``ddpm.optim.amp_settings``).
+- bf16 autocast on CUDA (fp16 with a grad scaler where bf16 is missing; see ``ddpm.training.optim.amp_settings``).
 - the process's allocator keeps freed memory (:func:`tune_allocator`; the train and sample stages call it).
 """
 from __future__ import annotations
@@ -74,7 +74,7 @@ def tune_allocator() -> bool:
     that size faults its pages in again, each zeroed by the kernel. How often depends on the process's
     allocation history (glibc adapts its mmap threshold), so the same eager code ran at 20-24 training
     steps/s with 1.3-2.2M page faults in 300 steps in some processes and 26-28 with 0.13M (imports only)
-    here; sampling at batch 400 at 52-68 ms a step against 54 (README "Performance"). Numbers are unchanged:
+    here; sampling at batch 400 at 52-68 ms a step against 54 (docs/performance.md). Numbers are unchanged:
     only where memory comes from. Process-wide and idempotent; returns whether it applied."""
     global _allocator_tuned
     if _allocator_tuned:

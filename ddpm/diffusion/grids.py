@@ -1,13 +1,13 @@
 """Timestep grids of the sampling loop: pure arithmetic on (T, S, spacing), no torch.
 
-Its own small module so that ``ddpm/config.py`` can check that a sample set's grid can be built without
-importing the sampling maths (which would tie every stage's dvc.yaml deps to ``ddpm/samplers.py``).
+Its own small module so that ``ddpm/app/config.py`` can check that a sample set's grid can be built without
+importing the sampling maths (which would tie every stage's dvc.yaml deps to ``ddpm/diffusion/samplers.py``).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .names import SPACINGS
+from ddpm.app.names import SPACINGS
 
 
 def timestep_grid(num_timesteps: int, steps: int, spacing: str = "linspace", solver: bool = False) -> list[int]:

@@ -1,0 +1,3 @@
+"""The generated report: its sections (build.py), figures (figures.py) and HTML template
+(templates.py).
+"""
