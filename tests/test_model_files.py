@@ -177,3 +177,16 @@ def test_trainer_resumes_only_its_own_run(tmp_path, image_folder):
 def test_save_best_and_latest_only_is_rejected(image_folder, tmp_path):
     with pytest.raises(ValueError, match="save_best_and_latest_only=True is not supported"):
         trainer(image_folder, tmp_path / "r", save_best_and_latest_only=True)
+
+
+def test_model_files_keep_the_class_name_they_had_before_the_folder_move(tmp_path):
+    """The UNet moved from ddpm/unet.py to ddpm/nn/unet.py; files still name it ddpm.unet.Unet, so files exported
+    before the move load, and a rerun exports the same bytes."""
+    model = Unet(dim=8, dim_mults=(1, 2), channels=1, attn_heads=1, attn_dim_head=8)
+    meta = model_metadata(model, GaussianProcess(get_beta_schedule("linear", 10)), "linear", (1, 8, 8), params={})
+    assert meta["model_class"] == "ddpm.unet.Unet"
+    save_model(tmp_path / "model.pt", meta, model, 1)
+    assert type(load_model(tmp_path / "model.pt")[0]) is Unet
+    raw = torch.load(tmp_path / "model.pt", weights_only=True)
+    torch.save({**raw, "model_class": "ddpm.nn.unet.Unet"}, tmp_path / "new_name.pt")  # the import path loads too
+    assert type(load_model(tmp_path / "new_name.pt")[0]) is Unet

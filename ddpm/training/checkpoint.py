@@ -51,13 +51,21 @@ class UnsafeFileError(ValueError):
 
 
 # --- the model-class allow-list ---------------------------------------------------------------------
+# The name files give a class is part of the file format, not of the code's layout: the UNet keeps the name it had
+# before ddpm/ moved into folders (ddpm/unet.py -> ddpm/nn/unet.py), so old files load and new ones are the same bytes.
+FILE_NAMES = {"ddpm.nn.unet.Unet": "ddpm.unet.Unet"}
+
+
 def class_name(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
+    """The name model files give ``cls`` (``model_class``): its import path, or its stable name in FILE_NAMES."""
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    return FILE_NAMES.get(name, name)
 
 
 def register_model(cls: type) -> type:
-    """Allow files to name ``cls`` as their ``model_class`` (code of this process, never of a file)."""
-    _MODEL_CLASSES[class_name(cls)] = cls
+    """Allow files to name ``cls`` as their ``model_class`` (code of this process, never of a file): by its file
+    name and by its import path."""
+    _MODEL_CLASSES[class_name(cls)] = _MODEL_CLASSES[f"{cls.__module__}.{cls.__qualname__}"] = cls
     return cls
 
 
