@@ -17,7 +17,7 @@ import pytest
 
 from ci_tools import need
 
-from tests.test_pipeline import ROOT, TINY, make_repo, run
+from test_pipeline import ROOT, TINY, make_repo, run
 
 QUEUE_TIMEOUT_S = 300
 EXPS = {"q20": 20, "q30": 30}  # experiment name -> timesteps

@@ -12,7 +12,7 @@ import sys
 
 import pandas as pd
 
-from tests.test_pipeline import TINY, make_repo, ran_stages, run
+from test_pipeline import TINY, make_repo, ran_stages, run
 
 OUTPUTS = ("data/prepared", "featurizer", "models", "samples", "reports")
 

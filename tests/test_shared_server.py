@@ -20,8 +20,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.test_pipeline import TINY, make_repo, ran_stages, run
-from tests.test_tracking_server import Server, _free_port
+from test_pipeline import TINY, make_repo, ran_stages, run
+from test_tracking_server import Server, _free_port
 
 
 @contextlib.contextmanager
