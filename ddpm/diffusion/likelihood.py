@@ -10,11 +10,12 @@ summed over dimensions per image, except ``bound_exact``'s ``bpd``.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
-from ddpm.diffusion.process import GaussianProcess
+if TYPE_CHECKING:  # process.py imports this module (L_hybrid); the process is only passed through here
+    from ddpm.diffusion.process import GaussianProcess
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 LN2 = math.log(2.0)
