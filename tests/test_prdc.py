@@ -84,3 +84,25 @@ def test_fid_stage_measures_the_four_metrics_with_intervals():
     for m in METRICS:
         assert {m, f"{m}_lo", f"{m}_hi"} <= set(COLUMNS) and row[f"{m}_lo"] <= row[m] <= row[f"{m}_hi"]
     assert row["precision"] == prdc(fake, real)["precision"]
+
+
+def test_fidelity_diversity_figure_draws_every_set_of_the_first_seed():
+    import pandas as pd
+
+    from ddpm.app.report.figures import _fig_png, fidelity_diversity
+
+    rows = []
+    for seed in (0, 1):
+        for i, schedule in enumerate(("linear", "cosine")):
+            for label, steps in (("ddim-eta0", 10), ("ddpm", 100)):
+                vals = {m: 0.5 + 0.1 * i for m in METRICS}
+                rows.append({"schedule": schedule, "seed": seed, "label": label, "steps": steps, **vals,
+                             **{f"{m}_lo": v - 0.05 for m, v in vals.items()},
+                             **{f"{m}_hi": v + 0.05 for m, v in vals.items()}})
+    df = pd.DataFrame(rows)
+    fig = fidelity_diversity(df, ("linear", "cosine"), seed=0)
+    axes = fig.axes
+    assert [a.get_xlabel() for a in axes] == ["recall (diversity)", "coverage (diversity)"]
+    assert all(len(a.containers) == 4 for a in axes)  # 2 schedules x 2 sets of seed 0, one errorbar each
+    assert _fig_png(fig)[:4] == b"\x89PNG"
+    assert fidelity_diversity(df.drop(columns=["density"]), ("linear",), 0) is None

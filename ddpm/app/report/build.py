@@ -351,6 +351,13 @@ def _fid_section(r: Results, figs: Mapping[str, bytes]) -> Section:
                          "FID vs number of sampling steps (log scale) per schedule (colour) and sampler (marker and "
                          "line style), with 95% intervals as error bars; dashed with a grey band: the real-vs-real "
                          "floor and its interval."))
+    blocks.append(figure("fidelity_diversity.png" if "fidelity_diversity.png" in figs else None,
+                         "Fidelity vs diversity", "FID folds fidelity and diversity into one number; these separate "
+                         "them (same features and reference). Left: improved precision (samples inside the real "
+                         "data's k-NN balls) against recall (real images inside the samples' balls), Kynkäänniemi "
+                         "et al. 2019. Right: density (real balls per sample / k; dashed: 1, a set drawn like the "
+                         "reference) against coverage (real balls holding a sample), Naeem et al. 2020. k = 5; "
+                         "error bars: 95% intervals from FID's bootstrap."))
     return Section("fid", "FID", [b for b in blocks if b])
 
 
