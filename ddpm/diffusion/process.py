@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 
 OBJECTIVES = ("pred_noise", "pred_x0", "pred_v")
+# The reverse step's variance (Nichol & Dhariwal 2021, Sec. 3.1): beta_tilde_t, beta_t, or learned between them (eq. 15)
+VARIANCES = ("fixed_small", "fixed_large", "learned_range")
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -34,7 +36,10 @@ class GaussianProcess:
         objective: str = "pred_noise",
         min_snr_gamma: Optional[float] = None,
         device: torch.device | str = "cpu",
+        variance: str = "fixed_small",
     ) -> None:
+        if variance not in VARIANCES:
+            raise ValueError(f"unknown variance {variance!r}; allowed: {', '.join(VARIANCES)}")
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {objective!r}; allowed: {', '.join(OBJECTIVES)}")
         if min_snr_gamma is not None and min_snr_gamma <= 0:
@@ -43,6 +48,7 @@ class GaussianProcess:
         if betas.ndim != 1 or not bool(((betas > 0) & (betas <= 1)).all()):
             raise ValueError("betas must be a 1-D tensor with values in (0, 1]")
         self.objective = objective
+        self.variance = variance
         self.min_snr_gamma = min_snr_gamma
         self.device = torch.device(device)
         self.betas64 = betas
@@ -65,7 +71,12 @@ class GaussianProcess:
     def to(self, device: torch.device | str) -> "GaussianProcess":
         if torch.device(device) == self.device:
             return self
-        return GaussianProcess(self.betas64, self.objective, self.min_snr_gamma, device)
+        return GaussianProcess(self.betas64, self.objective, self.min_snr_gamma, device, self.variance)
+
+    @property
+    def learned_variance(self) -> bool:
+        """True when the network outputs 2C channels: the prediction, then v of eq. 15 (Nichol & Dhariwal)."""
+        return self.variance == "learned_range"
 
     # --- forward process -------------------------------------------------------------------------
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
