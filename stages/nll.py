@@ -20,6 +20,8 @@ from ddpm.app.config import ConfigError, load_params, resolve_device
 from ddpm.app.paths import HOLDOUT, PREPARED, load_arrays, model_dir, nll_path, read_json, save_arrays, setup_logging
 from ddpm.diffusion.likelihood import bin_width
 from ddpm.metrics.nll import data_levels, exact_bound, stratified_bound, summarize, to_grid
+from ddpm.nn import kernels
+from ddpm.nn.speed import Speed, sampling_model, tune_allocator
 from ddpm.training.checkpoint import load_model
 
 
@@ -38,13 +40,18 @@ def main() -> None:
     if len(held) < p.nll.images:
         raise ConfigError([f"nll.images: got {p.nll.images}; allowed: at most {len(held)} (the held-out images)"])
     model, process, _ = load_model(model_dir(args.schedule, args.seed) / "model.pt", device=device)
+    if p.fast:
+        tune_allocator()  # as the sample stage: channels_last and the fused CPU kernels (ddpm.nn.speed)
+    else:
+        kernels.disable("fast: false")
+    net = sampling_model(model, Speed.resolve(p.fast, device))
     x0 = to_grid(held[:p.nll.images], levels).to(device=device, dtype=torch.float32)
     gen = torch.Generator(device=device).manual_seed(p.seed)
     start = time.perf_counter()
     if p.nll.estimator == "exact":
-        out = exact_bound(model, process, x0, bin_width=bin_width(levels), generator=gen)
+        out = exact_bound(net, process, x0, bin_width=bin_width(levels), generator=gen)
     else:
-        out = stratified_bound(model, process, x0, bin_width=bin_width(levels), n_t=p.nll.n_t, generator=gen)
+        out = stratified_bound(net, process, x0, bin_width=bin_width(levels), n_t=p.nll.n_t, generator=gen)
     s = summarize(out)
     log.info("nll %s seed %d: %.4f bits/dim [%.4f, %.4f] (%s, n_t %d, %d images, %d levels) in %.1f s", args.schedule,
              args.seed, s["bpd"], s["bpd_lo"], s["bpd_hi"], p.nll.estimator, p.nll.n_t, s["images"], levels,
