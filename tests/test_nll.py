@@ -159,3 +159,37 @@ def test_stratified_agrees_with_exact_on_a_real_model():
     assert st[0]["bpd"] == pytest.approx(st[0]["prior"] + st[0]["decoder"] + st[0]["diffusion"])
     with pytest.raises(ValueError, match="eval"):
         stratified_bound(model.train(), process, x0, bin_width=2 / 16, n_t=3, generator=torch.Generator())
+
+
+def test_report_shows_the_nll_section_and_terms_figure(tmp_path):
+    """nll_table's three files in a report fixture tree: the report gains the bits/dim table, the paired
+    differences and the terms-against-t figure; without nll.csv there is no such section."""
+    import pandas as pd
+
+    from ddpm.app.report.build import build_report
+    from ddpm.app.results import load_results
+    from stages.nll_table import COLUMNS, pairs, term_rows
+    from report_fixture import params, write_tree
+
+    root = write_tree(tmp_path)
+    p = params()
+    plain = build_report(root / "reports", load_results(p, root))
+    assert "Likelihood (bits/dim)" not in plain["markdown"].read_text()
+    rng = np.random.default_rng(0)
+    per = {("linear", 0): rng.normal(3.2, 0.4, 50)}
+    per[("cosine", 0)] = per[("linear", 0)] + 0.3 + rng.normal(0, 0.01, 50)
+    d = {"terms": np.abs(rng.normal(size=(50, 4))) / np.arange(1, 5), "weights": np.array([1, 2, 10, 36])}
+    rows = [{"schedule": s, "seed": 0, "objective": "pred_noise", "estimator": "stratified", "n_t": 4, "images": 50,
+             "levels": 17, **summarize({"bpd": b, "prior": b * 0, "decoder": b * 0, "diffusion": b})}
+            for (s, _), b in per.items()]
+    pd.DataFrame(rows, columns=COLUMNS).to_csv(root / "reports" / "nll.csv", index=False)
+    pd.DataFrame(term_rows("linear", 0, d) + term_rows("cosine", 0, d)).to_csv(root / "reports" / "nll_terms.csv",
+                                                                               index=False)
+    pairs(per, ("linear", "cosine"), (0,)).to_csv(root / "reports" / "nll_comparisons.csv", index=False)
+    out = build_report(root / "reports", load_results(p, root))
+    md = out["markdown"].read_text()
+    assert "Likelihood (bits/dim)" in md and "nll_terms.png" in md and "bpd(a) − bpd(b)" in md
+    assert f"{rows[0]['bpd']:.4g}"[:4] in md
+    assert (root / "reports" / "figures" / "nll_terms.png").read_bytes()[:4] == b"\x89PNG"
+    from ddpm.app.report.build import summary_metrics
+    assert summary_metrics(load_results(p, root))["nll_bpd_cosine"] == pytest.approx(rows[1]["bpd"])

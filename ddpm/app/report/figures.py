@@ -213,6 +213,24 @@ def fidelity_diversity(rows: pd.DataFrame, schedules: tuple[str, ...], seed: int
     return fig
 
 
+def nll_terms(terms: pd.DataFrame | None, schedules: tuple[str, ...], seed: int) -> Any:
+    """The bound's terms L_t (bits/dim, mean over held-out images and each stratum's t) against t, log-log, one line
+    per schedule (training seed ``seed``): where the bits are spent (Nichol & Dhariwal 2021, Fig. 2)."""
+    if terms is None or not len(terms):
+        return None
+    fig, axes = _new_figure(7.5, 4.2)
+    ax = axes[0, 0]
+    for i, s in enumerate(schedules):
+        g = terms[(terms["schedule"] == s) & (terms["seed"] == seed)].sort_values("t_lo")
+        if len(g):
+            mid = np.sqrt(g["t_lo"].to_numpy(np.float64) * g["t_hi"].to_numpy(np.float64))  # stratum centre (log)
+            ax.plot(mid, g["term"].to_numpy(np.float64), color=f"C{i}", marker="o", ms=3, lw=1.4, label=s)
+    ax.set_xscale("log")
+    _positive_log(ax, [terms["term"].to_numpy(np.float64)])
+    _finish(ax, "t (log scale)", "L_t, bits/dim", "Terms of the variational bound against t")
+    return fig
+
+
 def fid_over_training(curves: Mapping[tuple[str, int], pd.DataFrame], schedules: tuple[str, ...]) -> Any:
     """FID of the EMA model over training, each curve against the floor at its own sample count."""
     keys = [k for s in schedules for k in curves if k[0] == s and len(curves[k])]
@@ -388,6 +406,7 @@ def draw_figures(r: Results) -> dict[str, bytes]:
         figs = {
             "fid_vs_steps.png": fid_vs_steps(r.configs, r.floor, r.schedules),
             "fidelity_diversity.png": fidelity_diversity(r.rows, r.schedules, r.seeds[0]),
+            "nll_terms.png": nll_terms(r.nll["terms"] if r.nll else None, r.schedules, r.seeds[0]),
             "loss.png": losses(r.losses, r.schedules),
             "loss_quarters.png": loss_quarters(r.losses, r.schedules, r.seeds[0]),
             "fid_over_training.png": fid_over_training(r.fid_curves, r.schedules),
