@@ -193,3 +193,27 @@ def test_report_shows_the_nll_section_and_terms_figure(tmp_path):
     assert (root / "reports" / "figures" / "nll_terms.png").read_bytes()[:4] == b"\x89PNG"
     from ddpm.app.report.build import summary_metrics
     assert summary_metrics(load_results(p, root))["nll_bpd_cosine"] == pytest.approx(rows[1]["bpd"])
+
+
+def test_track_puts_the_nll_row_on_the_train_run_once(tmp_path):
+    import logging
+
+    from mlflow.tracking import MlflowClient
+
+    from ddpm.app.tracking.runs import Tracker
+    from stages.track import mirror_nll
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tk = Tracker(True, "ddpm", uri=uri, pending_path=tmp_path / "pending.jsonl")
+    run = tk.start_run("train-linear-seed0", tags={"kind": "train", "schedule": "linear"})
+    tk.end_run(run)
+    row = {"schedule": "linear", "seed": "0", "objective": "pred_noise", "estimator": "stratified", "n_t": "16",
+           "images": "449", "levels": "17", "bpd": "3.17", "bpd_lo": "3.13", "bpd_hi": "3.21", "prior": "2e-05",
+           "decoder": "6e-07", "diffusion": "3.17"}
+    log = logging.getLogger("test")
+    assert mirror_nll(tk, row, {("linear", 0): run}, log) is True
+    assert mirror_nll(tk, row, {("linear", 0): run}, log) is False  # keyed by content: nothing added
+    got = MlflowClient(uri).get_run(run).data
+    assert got.metrics["nll_bpd"] == 3.17 and got.metrics["nll_bpd_hi"] == 3.21
+    assert got.tags["nll_estimator"] == "stratified"
+    assert mirror_nll(tk, row, {}, log) is False  # no train run for that model
