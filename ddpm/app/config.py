@@ -25,7 +25,7 @@ import yaml
 
 from ddpm import limits
 from ddpm.diffusion.grids import timestep_grid
-from ddpm.app.names import DATASETS, MULTISTEP_RULES, OBJECTIVES, SCHEDULES, SPACINGS, STEP_RULES
+from ddpm.app.names import DATASETS, MULTISTEP_RULES, OBJECTIVES, SCHEDULES, SPACINGS, STEP_RULES, VARIANCES
 
 FEATURIZERS = ("classifier", "inception")
 NATIVE_SIZES = {"digits": 8, "mnist": 28, "fashion_mnist": 28, "cifar10": 32}  # `folder`: known only once read
@@ -99,6 +99,7 @@ class DiffusionConfig:
     zero_terminal_snr: bool = False
     min_snr_gamma: Optional[float] = None
     clip_denoised: bool = True
+    variance: str = "fixed_small"  # fixed_small | fixed_large | learned_range (L_hybrid, Nichol & Dhariwal)
 
 
 @dataclass(frozen=True)
@@ -405,6 +406,7 @@ def _check_diffusion(p: Params, need: Need, problems: list[str]) -> None:
         need(s in SCHEDULES, f"diffusion.schedules[{i}]", s, ", ".join(SCHEDULES))
     need(len(set(df.schedules)) == len(df.schedules), "diffusion.schedules", list(df.schedules), "distinct names")
     need(df.objective in OBJECTIVES, "diffusion.objective", df.objective, ", ".join(OBJECTIVES))
+    need(df.variance in VARIANCES, "diffusion.variance", df.variance, ", ".join(VARIANCES))
     need(df.min_snr_gamma is None or df.min_snr_gamma > 0, "diffusion.min_snr_gamma", df.min_snr_gamma,
          "null or a number > 0")
     need(not (df.zero_terminal_snr and df.objective == "pred_noise"), "diffusion.zero_terminal_snr",

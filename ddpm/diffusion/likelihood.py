@@ -10,11 +10,12 @@ summed over dimensions per image, except ``bound_exact``'s ``bpd``.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
-from ddpm.diffusion.process import GaussianProcess
+if TYPE_CHECKING:  # process.py imports this module (L_hybrid); the process is only passed through here
+    from ddpm.diffusion.process import GaussianProcess
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 LN2 = math.log(2.0)
@@ -129,9 +130,12 @@ def vb_terms_from_output(process: GaussianProcess, out: torch.Tensor, x0: torch.
     tab = _tables(process)
     mean, log_var, _ = mean_variance_from_output(process, out, x_t, t, clip_denoised, tab)
     true_mean, true_log_var = q_posterior(process, x0, x_t, t, tab)
+    first = t == 0
     kl = normal_kl(true_mean, true_log_var, mean, log_var).flatten(1).sum(1)  # Ho et al. eq. 5, L_{t-1}
+    if not bool(first.any()):  # the decoder's CDFs cost more than the KL: only where some t is 0
+        return kl
     nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var, bin_width).flatten(1).sum(1)  # L_0
-    return torch.where(t == 0, nll, kl)
+    return torch.where(first, nll, kl)
 
 
 def vb_terms(model: Model, process: GaussianProcess, x0: torch.Tensor, t: torch.Tensor, *, bin_width: float,
