@@ -19,7 +19,7 @@ from ddpm.io import atomic_path
 from ddpm.metrics.compare import holm
 from ddpm.metrics.nll import paired, summarize
 
-COLUMNS = ["schedule", "seed", "objective", "estimator", "n_t", "images", "levels", "bpd", "bpd_lo", "bpd_hi",
+COLUMNS = ["schedule", "seed", "objective", "variance", "estimator", "n_t", "images", "levels", "bpd", "bpd_lo", "bpd_hi",
            "prior", "decoder", "diffusion"]
 TERM_COLUMNS = ["schedule", "seed", "t_lo", "t_hi", "term"]  # term: mean L_t over images and the stratum's t, bits/dim
 PAIR_COLUMNS = ["seed", "a", "b", "effect", "lo", "hi", "p", "p_holm", "verdict"]
@@ -60,6 +60,7 @@ def main() -> None:
             d = load_arrays(nll_path(schedule, seed), KEYS)
             s = summarize(d)
             rows.append({"schedule": schedule, "seed": seed, "objective": p.diffusion.objective,
+                         "variance": p.diffusion.variance,
                          "estimator": str(d["estimator"]), "n_t": int(d["n_t"]), "levels": int(d["levels"]), **s})
             terms += term_rows(schedule, seed, d)
             per_image[(schedule, seed)] = d["bpd"]

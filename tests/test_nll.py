@@ -179,7 +179,7 @@ def test_report_shows_the_nll_section_and_terms_figure(tmp_path):
     per = {("linear", 0): rng.normal(3.2, 0.4, 50)}
     per[("cosine", 0)] = per[("linear", 0)] + 0.3 + rng.normal(0, 0.01, 50)
     d = {"terms": np.abs(rng.normal(size=(50, 4))) / np.arange(1, 5), "weights": np.array([1, 2, 10, 36])}
-    rows = [{"schedule": s, "seed": 0, "objective": "pred_noise", "estimator": "stratified", "n_t": 4, "images": 50,
+    rows = [{"schedule": s, "seed": 0, "objective": "pred_noise", "variance": "fixed_small", "estimator": "stratified", "n_t": 4, "images": 50,
              "levels": 17, **summarize({"bpd": b, "prior": b * 0, "decoder": b * 0, "diffusion": b})}
             for (s, _), b in per.items()]
     pd.DataFrame(rows, columns=COLUMNS).to_csv(root / "reports" / "nll.csv", index=False)

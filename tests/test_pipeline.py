@@ -26,7 +26,7 @@ TINY = {
                    "inception_weights": None},
     "model": {"dim": 8, "dim_mults": [1, 2], "dropout": 0.0, "attn_heads": 1, "attn_dim_head": 8},
     "diffusion": {"schedules": ["linear", "cosine"], "objective": "pred_noise", "zero_terminal_snr": False,
-                  "min_snr_gamma": None, "clip_denoised": True},
+                  "min_snr_gamma": None, "clip_denoised": True, "variance": "fixed_small"},
     "train": {"steps": 6, "batch_size": 16, "lr": 0.001, "weight_decay": 0.0, "warmup_steps": 2, "grad_accum": 1,
               "max_grad_norm": 1.0, "ema_decay": 0.9, "ema_warmup": 10, "ema_every": 1, "amp": False,
               "horizontal_flip": False, "log_every": 3, "checkpoint_every": 3, "keep_checkpoints": 2,
