@@ -28,7 +28,7 @@ from ddpm.training.loop import TrainSettings, train
 from ddpm.nn.unet import Unet
 
 log = logging.getLogger(__name__)
-__all__ = ["Unet", "GaussianDiffusion", "Trainer"]
+__all__ = ["Unet", "GaussianDiffusion", "LearnedGaussianDiffusion", "Trainer"]
 
 
 class GaussianDiffusion(nn.Module):
@@ -60,10 +60,16 @@ class GaussianDiffusion(nn.Module):
         clip_denoised: bool = True,
         sampler: Optional[str] = None,
         spacing: str = "linspace",
+        variance: str = "fixed_small",
+        vb_loss_weight: float = 0.001,
     ) -> None:
         super().__init__()
         if not hasattr(model, "channels"):
             raise ValueError(f"model {type(model).__name__} needs an attribute `channels` (number of image channels)")
+        out_dim = getattr(model, "out_dim", None)
+        if variance == "learned_range" and out_dim is not None and out_dim != 2 * int(model.channels):
+            raise ValueError(f"variance 'learned_range' needs a model with out_dim = 2 * channels = {2 * model.channels}, "
+                             f"got out_dim={out_dim}; allowed: Unet(..., learned_variance=True)")
         self.model = model
         self.channels = int(model.channels)
         self.image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
@@ -73,8 +79,10 @@ class GaussianDiffusion(nn.Module):
         self.zero_terminal_snr = zero_terminal_snr
         self.process = build_process({"schedule": beta_schedule, "timesteps": timesteps, "objective": objective,
                                       "zero_terminal_snr": zero_terminal_snr,
-                                      "min_snr_gamma": min_snr_gamma if min_snr_loss_weight else None},
-                                     source="GaussianDiffusion")
+                                      "min_snr_gamma": min_snr_gamma if min_snr_loss_weight else None,
+                                      "variance": variance}, source="GaussianDiffusion")
+        pr = self.process  # lambda of L_hybrid is a training setting, not part of the model's description
+        self.process = GaussianProcess(pr.betas64, pr.objective, pr.min_snr_gamma, pr.device, pr.variance, vb_loss_weight)
         self.num_timesteps = timesteps
         self.sampling_timesteps = timesteps if sampling_timesteps is None else sampling_timesteps
         if not 1 <= self.sampling_timesteps <= timesteps:
@@ -119,6 +127,21 @@ class GaussianDiffusion(nn.Module):
     def metadata(self) -> dict[str, Any]:
         return model_metadata(self.model, self.process, self.beta_schedule, (self.channels, *self.image_size),
                               self.clip_denoised, self.zero_terminal_snr)
+
+
+class LearnedGaussianDiffusion(GaussianDiffusion):
+    """``LearnedGaussianDiffusion(model, vb_loss_weight=0.001, image_size=..., ...)`` (denoising-diffusion-pytorch):
+    Sigma learned in the range [beta_tilde_t, beta_t] (Nichol & Dhariwal eq. 15) and the loss L_hybrid =
+    L_simple + lambda L_vlb with the mean's gradient stopped in L_vlb (their Sec. 3.1). ``model`` outputs 2C
+    channels (``Unet(..., learned_variance=True)``). L_vlb is the paper's sum over t, estimated by T * L_t in
+    bits/dim as improved-diffusion's (rescaled) loss: at T = 1000 lambda = 0.001 is improved-diffusion's weight 1;
+    denoising-diffusion-pytorch adds lambda * L_t, a 1000 times smaller weight."""
+
+    def __init__(self, model: nn.Module, vb_loss_weight: float = 0.001, *args: Any, **kwargs: Any) -> None:
+        if "variance" in kwargs:
+            raise ValueError("LearnedGaussianDiffusion takes no variance=; it is learned_range")
+        super().__init__(model, *args, variance="learned_range", vb_loss_weight=vb_loss_weight, **kwargs)
+        self.vb_loss_weight = vb_loss_weight
 
 
 def _check_training_memory(diffusion: GaussianDiffusion, micro_batch: int) -> None:

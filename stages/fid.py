@@ -14,24 +14,28 @@ from ddpm.metrics import compare
 from ddpm.app.config import load_params, resolve_device
 from ddpm.metrics.features import extract_features, load_featurizer
 from ddpm.metrics.fid import fid_from_features, fid_infinity, fid_interval, kid
+from ddpm.metrics.prdc import METRICS as PRDC, prdc_with_intervals
 from ddpm.io import atomic_path
 from ddpm.app.names import sampler_label
 from ddpm.app.paths import COMPARISONS_CSV, FEATURES_NPZ, FEATURIZER, FID_CSV, FID_SUMMARY, load_arrays, load_sample_set, prepared_image_shape, sample_path, setup_logging, write_json
 
 COLUMNS = ["schedule", "sampler", "eta", "steps", "fid", "n_samples", "features", "seed", "spacing", "fid_lo",
-           "fid_hi", "kid", "kid_std", "fid_inf"]
+           "fid_hi", "kid", "kid_std", "fid_inf", *[f"{m}{x}" for m in PRDC for x in ("", "_lo", "_hi")]]
 INTERVAL = "95% bootstrap interval for E[FID] at n_samples (basic bootstrap of both feature sets, 200 resamples)"
 FID_INF = ("fid_inf: FID-infinity (Chong & Forsyth 2020): the line FID(k) = a + b / k fitted to subsets of k of the n "
            "features, extrapolated to 1 / k = 0; comparable across n (the reference's own bias stays in every value)")
+PRDC_NOTE = ("precision, recall (Kynkaanniemi et al. 2019), density, coverage (Naeem et al. 2020): prdc.compute_prdc "
+             "with k = 5 against the FID reference; intervals: the FID interval's bootstrap, same resamples")
 N_BOOT = 1000  # replicates of the paired bootstrap (18 cells: about 3 s)
 
 
 def measure(feats, ref_feats) -> dict[str, float]:
-    """fid (plug-in), fid_lo, fid_hi and kid, kid_std of features [N, D] against the reference features."""
+    """fid (plug-in), fid_lo, fid_hi, kid, kid_std, fid_inf and precision, recall, density, coverage (each with
+    _lo, _hi) of features [N, D] against the reference features."""
     lo, hi = fid_interval(feats, ref_feats)
     k, k_std = kid(feats, ref_feats)
     return {"fid": fid_from_features(feats, ref_feats), "fid_lo": lo, "fid_hi": hi, "kid": k, "kid_std": k_std,
-            "fid_inf": fid_infinity(feats, ref_feats)[0]}
+            "fid_inf": fid_infinity(feats, ref_feats)[0], **prdc_with_intervals(feats, ref_feats)}
 
 
 def floor_at(held, ref_feats, n: int) -> tuple[dict[str, float], int]:
@@ -96,7 +100,7 @@ def main() -> None:
         "features": features, "fid_floor": floor["fid"], "fid_floor_lo": floor["fid_lo"],
         "fid_floor_hi": floor["fid_hi"], "kid_floor": floor["kid"], "kid_floor_std": floor["kid_std"],
         "n_samples": n, "interval": INTERVAL, "fid_floor_inf": floor["fid_inf"], "fid_floor_real_images": floor_real,
-        "fid_inf": FID_INF})
+        "fid_inf": FID_INF, "prdc": PRDC_NOTE, **{f"{m}_floor": floor[m] for m in PRDC}})
     write_comparisons(p, cells, ref_feats, features)
 
 

@@ -27,11 +27,13 @@ GRIDS: dict[str, Callable[[Params], list[tuple[str, tuple]]]] = {
     "train": lambda p: [("schedule", p.diffusion.schedules), ("seed", p.seeds)],
     "sample": lambda p: [("schedule", p.diffusion.schedules), ("seed", p.seeds),
                          ("sampler", tuple(s.key for s in p.sample.samplers))],
+    "nll": lambda p: [("schedule", p.diffusion.schedules), ("seed", p.seeds)],
 }
 # stage -> its module's command-line arguments for one item
 ARGS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "train": lambda it: [it["schedule"], str(it["seed"])],
     "sample": lambda it: [it["schedule"], str(it["seed"]), it["sampler"]],
+    "nll": lambda it: [it["schedule"], str(it["seed"])],
 }
 
 

@@ -7,6 +7,8 @@ rerun finds what is there and adds nothing:
 - a `sample` run per row of reports/fid.csv (FID, its interval, KID, the floor; the report's sample grid of the
   first training seed) nested under its model's train run, keyed by tag result_key (the sample set's content
   hash, its row and the floor);
+- on each model's train run, the nll stage's numbers (reports/nll.csv: nll_bpd, its interval, the prior, decoder
+  and diffusion parts, in bits/dim), keyed by tag nll_key (the row's content) so a rerun adds nothing;
 - a `report` run keyed by the report files' content (tag results_key): reports/metrics.json's numbers, and as
   artifacts report.md, report.html, fid.csv, fid_summary.json, metrics.json, comparisons.csv where present,
   figures/ (every sample grid).
@@ -22,14 +24,14 @@ import pandas as pd
 
 from ddpm.app.config import load_params
 from ddpm.app.names import sampler_label
-from ddpm.app.paths import COMPARISONS_CSV, FID_CSV, FID_CURVE_CSV, FID_SUMMARY, LOSS_CSV, REPORT_METRICS, REPORTS, TRAIN_JSON, grid_name, load_sample_set, model_dir, read_json, sample_key, sample_path, setup_logging
+from ddpm.app.paths import NLL_CSV, COMPARISONS_CSV, FID_CSV, FID_CURVE_CSV, FID_SUMMARY, LOSS_CSV, REPORT_METRICS, REPORTS, TRAIN_JSON, grid_name, load_sample_set, model_dir, read_json, sample_key, sample_path, setup_logging
 from ddpm.io import file_sha256
 from ddpm.app.results import NAME_COLUMNS, check_names
 from ddpm.app.tracking.runs import Tracker, kernel_tags, pending_file
 from ddpm.app.tracking.table import log_comparisons
 
 REPORT_FILES = (REPORTS / "report.md", REPORTS / "report.html", FID_CSV, FID_SUMMARY, REPORT_METRICS,
-                COMPARISONS_CSV)
+                COMPARISONS_CSV, NLL_CSV)
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -98,6 +100,22 @@ def mirror_sample(tracker: Tracker, p, row: dict[str, str], floor: dict, parents
     return True
 
 
+NLL_METRICS = {"nll_bpd": "bpd", "nll_bpd_lo": "bpd_lo", "nll_bpd_hi": "bpd_hi", "nll_prior": "prior",
+               "nll_decoder": "decoder", "nll_diffusion": "diffusion"}
+
+
+def mirror_nll(tracker: Tracker, row: dict[str, str], parents: dict, log) -> bool:
+    """The nll row of one model as metrics on its train run (tag nll_key = the row's content); True if logged."""
+    run = parents.get((row["schedule"], int(row["seed"])))
+    key = hashlib.sha256(json.dumps(row, sort_keys=True).encode()).hexdigest()[:16]
+    if not run or tracker.find_runs(tags={"nll_key": key}):
+        return False
+    tracker.log_metrics(run, [{"step": 0, **{m: row[c] for m, c in NLL_METRICS.items()}}])
+    tracker.set_tags(run, {"nll_key": key, "nll_estimator": row["estimator"], "nll_images": row["images"]})
+    log.info("track: nll of %s seed %s on its train run", row["schedule"], row["seed"])
+    return True
+
+
 def mirror_report(tracker: Tracker, p, parents: dict, log) -> bool:
     """The report run, unless one with the same report files' content exists; True if made."""
     files = [f for f in REPORT_FILES if f.is_file()]
@@ -136,6 +154,9 @@ def main() -> None:
         rows = read_csv(FID_CSV)
         check_names(pd.DataFrame(rows, columns=[*NAME_COLUMNS, "seed", "steps", "eta"]).fillna(""), FID_CSV)
         made = sum(mirror_sample(tracker, p, row, floor, parents, log) for row in rows)
+    if NLL_CSV.is_file():
+        for row in read_csv(NLL_CSV):
+            mirror_nll(tracker, row, parents, log)
     mirror_report(tracker, p, parents, log)
     log.info("track: %d new sample-set run(s) in MLflow", made)
 

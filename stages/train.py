@@ -49,7 +49,7 @@ from ddpm.training.loop import TrainResult, TrainSettings, train
 # the params a trained model depends on (declared for this stage in dvc.yaml): a checkpoint made with
 # other values of these is never resumed from
 TRAIN_KEYS = ("seed", "timesteps", "fast", "model", "diffusion.objective", "diffusion.zero_terminal_snr",
-              "diffusion.min_snr_gamma", "diffusion.clip_denoised", "train")
+              "diffusion.min_snr_gamma", "diffusion.clip_denoised", "diffusion.variance", "train")
 CODE = [Path("stages/train.py"), *Path("ddpm").glob("*.py")]
 
 

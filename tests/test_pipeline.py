@@ -26,13 +26,14 @@ TINY = {
                    "inception_weights": None},
     "model": {"dim": 8, "dim_mults": [1, 2], "dropout": 0.0, "attn_heads": 1, "attn_dim_head": 8},
     "diffusion": {"schedules": ["linear", "cosine"], "objective": "pred_noise", "zero_terminal_snr": False,
-                  "min_snr_gamma": None, "clip_denoised": True},
+                  "min_snr_gamma": None, "clip_denoised": True, "variance": "fixed_small"},
     "train": {"steps": 6, "batch_size": 16, "lr": 0.001, "weight_decay": 0.0, "warmup_steps": 2, "grad_accum": 1,
               "max_grad_norm": 1.0, "ema_decay": 0.9, "ema_warmup": 10, "ema_every": 1, "amp": False,
               "horizontal_flip": False, "log_every": 3, "checkpoint_every": 3, "keep_checkpoints": 2,
               "fid_every": 3, "fid_samples": 16, "fid_sampling_steps": 2, "nproc_per_node": 1},
     "sample": {"samplers": ["ddpm-eta0.0-3", "ddim-eta0.0-3"], "spacing": "linspace",
                "n_samples": 24, "batch_size": 24, "nproc_per_node": 1},
+    "nll": {"estimator": "stratified", "n_t": 4, "images": 16},
     "report": {"grid_images": 16, "grid_scale": 2, "forward_images": 2},
     "tracking": {"enabled": True, "experiment": "tiny"},
 }
@@ -78,10 +79,19 @@ def repo(tmp_path_factory):
 
 def test_repro_writes_the_outputs(repo):
     path, env, out = repo
-    assert ran_stages(out) >= {"prepare", "featurizer", "train@linear-0", "train@cosine-0", "fid", "report"}
+    assert ran_stages(out) >= {"prepare", "featurizer", "train@linear-0", "train@cosine-0", "fid", "report",
+                               "nll@linear-0", "nll@cosine-0", "nll_table"}
     fid = pd.read_csv(path / "reports" / "fid.csv")
     assert list(fid.columns) == ["schedule", "sampler", "eta", "steps", "fid", "n_samples", "features", "seed",
-                                 "spacing", "fid_lo", "fid_hi", "kid", "kid_std", "fid_inf"]
+                                 "spacing", "fid_lo", "fid_hi", "kid", "kid_std", "fid_inf",
+                                 *[f"{m}{x}" for m in ("precision", "recall", "density", "coverage")
+                                   for x in ("", "_lo", "_hi")]]
+    assert ((fid["precision_lo"] <= fid["precision"]) & (fid["precision"] <= fid["precision_hi"])).all()
+    nll = pd.read_csv(path / "reports" / "nll.csv")  # issue 27: bits/dim per model, on the same held-out images
+    assert list(nll["schedule"]) == ["linear", "cosine"] and (nll["images"] == 16).all() and (nll["levels"] == 17).all()
+    assert ((nll["bpd_lo"] < nll["bpd"]) & (nll["bpd"] < nll["bpd_hi"])).all()
+    with np.load(path / "nll" / "linear" / "seed0" / "nll.npz") as f:
+        assert f["bpd"].shape == (16,) and f["t"].shape == (16, 4)
     assert np.isfinite(fid["fid_inf"]).all()  # n = 24 > D + 2 = 10: the FID-infinity fit has its sizes
     assert (fid["fid_lo"] < fid["fid_hi"]).all() and (fid["kid_std"] > 0).all()
     assert fid["features"].str.fullmatch(r"classifier-8d-[0-9a-f]{8}").all()

@@ -25,7 +25,7 @@ import yaml
 
 from ddpm import limits
 from ddpm.diffusion.grids import timestep_grid
-from ddpm.app.names import DATASETS, MULTISTEP_RULES, OBJECTIVES, SCHEDULES, SPACINGS, STEP_RULES
+from ddpm.app.names import DATASETS, MULTISTEP_RULES, OBJECTIVES, SCHEDULES, SPACINGS, STEP_RULES, VARIANCES
 
 FEATURIZERS = ("classifier", "inception")
 NATIVE_SIZES = {"digits": 8, "mnist": 28, "fashion_mnist": 28, "cifar10": 32}  # `folder`: known only once read
@@ -99,6 +99,7 @@ class DiffusionConfig:
     zero_terminal_snr: bool = False
     min_snr_gamma: Optional[float] = None
     clip_denoised: bool = True
+    variance: str = "fixed_small"  # fixed_small | fixed_large | learned_range (L_hybrid, Nichol & Dhariwal)
 
 
 @dataclass(frozen=True)
@@ -172,6 +173,13 @@ class SampleConfig:
 
 
 @dataclass(frozen=True)
+class NllConfig:
+    estimator: str = "stratified"  # stratified (prior + decoder exact, n_t strata of t) | exact (all T terms)
+    n_t: int = 16  # strata of t = 1..T-1 (stratified); one t per stratum per image
+    images: int = 449  # held-out images scored (the first ones); every model scores the same images
+
+
+@dataclass(frozen=True)
 class ReportConfig:
     grid_images: int = 64
     grid_scale: int = 4
@@ -197,6 +205,7 @@ class Params:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    nll: NllConfig = field(default_factory=NllConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
@@ -314,7 +323,7 @@ def _check(p: Params, problems: list[str]) -> None:
             problems.append(f"{key}: got {show(value)}; allowed: {allowed}")
 
     for check in (_check_top, _check_data_and_model, _check_diffusion, _check_train, _check_sample,
-                  _check_report_and_tracking, _check_grid):
+                  _check_nll, _check_report_and_tracking, _check_grid):
         check(p, need, problems)
     if not problems:  # the estimate needs valid sizes
         _check_memory(p, problems)
@@ -397,6 +406,7 @@ def _check_diffusion(p: Params, need: Need, problems: list[str]) -> None:
         need(s in SCHEDULES, f"diffusion.schedules[{i}]", s, ", ".join(SCHEDULES))
     need(len(set(df.schedules)) == len(df.schedules), "diffusion.schedules", list(df.schedules), "distinct names")
     need(df.objective in OBJECTIVES, "diffusion.objective", df.objective, ", ".join(OBJECTIVES))
+    need(df.variance in VARIANCES, "diffusion.variance", df.variance, ", ".join(VARIANCES))
     need(df.min_snr_gamma is None or df.min_snr_gamma > 0, "diffusion.min_snr_gamma", df.min_snr_gamma,
          "null or a number > 0")
     need(not (df.zero_terminal_snr and df.objective == "pred_noise"), "diffusion.zero_terminal_snr",
@@ -458,6 +468,15 @@ def _check_sample(p: Params, need: Need, problems: list[str]) -> None:
     need(s.batch_size >= 1, "sample.batch_size", s.batch_size, "an integer >= 1")
     need(s.nproc_per_node >= 1, "sample.nproc_per_node", s.nproc_per_node,
          "an integer >= 1 (processes on this machine)")
+
+
+def _check_nll(p: Params, need: Need, problems: list[str]) -> None:
+    n = p.nll
+    need(n.estimator in ("stratified", "exact"), "nll.estimator", n.estimator, "stratified | exact")
+    need(1 <= n.n_t <= p.timesteps - 1, "nll.n_t", n.n_t, f"an integer in [1, timesteps - 1 = {p.timesteps - 1}]")
+    held = holdout_size(p.data)
+    need(2 <= n.images <= (held or 1_000_000), "nll.images", n.images,
+         f"an integer in [2, {held}] (the held-out images)" if held else "an integer >= 2")
 
 
 def _check_report_and_tracking(p: Params, need: Need, problems: list[str]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "folder")  # ddpm.data.datasets.DATASETS
 OBJECTIVES = ("pred_noise", "pred_x0", "pred_v")  # ddpm.diffusion.process
+VARIANCES = ("fixed_small", "fixed_large", "learned_range")  # ddpm.diffusion.process (Nichol & Dhariwal Sec. 3.1)
 STEP_RULES = ("ddpm", "ddpm_large", "ddim", "dpmpp_2m", "dpmpp_2m_sde")  # ddpm.diffusion.samplers.StepRule
 MULTISTEP_RULES = ("dpmpp_2m", "dpmpp_2m_sde")  # rules that keep history (DPM-Solver++ multistep)
 SPACINGS = ("linspace", "trailing", "leading")  # diffusers' timestep_spacing (ddpm.diffusion.grids)

@@ -27,6 +27,10 @@ MODELS = Path("models")
 CHECKPOINTS = Path("checkpoints")
 SAMPLES = Path("samples")
 REPORTS = Path("reports")
+NLL = Path("nll")  # nll/<schedule>/seed<k>/nll.npz: per-image bits/dim of one model (the nll stage)
+NLL_CSV = REPORTS / "nll.csv"  # one row per model: bpd, its interval, the bound's parts
+NLL_TERMS_CSV = REPORTS / "nll_terms.csv"  # mean L_t per stratum of t (the report's where-the-bits-go figure)
+NLL_COMPARISONS_CSV = REPORTS / "nll_comparisons.csv"  # paired per-image differences between schedules
 # File names, spelled here once (dvc.yaml spells them too: it cannot import Python)
 FID_CSV = REPORTS / "fid.csv"
 FID_SUMMARY = REPORTS / "fid_summary.json"
@@ -59,6 +63,11 @@ def grid_name(schedule: str, label: str, steps: int) -> str:
 def model_dir(schedule: str, seed: int) -> Path:
     """models/<schedule>/seed<k>/: the model of one schedule and training seed."""
     return MODELS / schedule / f"seed{int(seed)}"
+
+
+def nll_path(schedule: str, seed: int) -> Path:
+    """nll/<schedule>/seed<k>/nll.npz: the nll stage's per-image values for one model."""
+    return NLL / schedule / f"seed{int(seed)}" / "nll.npz"
 
 
 def checkpoint_dir(schedule: str, seed: int) -> Path:

@@ -86,6 +86,7 @@ class Results:
     params: dict[str, Any]
     timesteps: int
     zero_terminal_snr: bool
+    nll: dict[str, pd.DataFrame] | None = None  # nll.csv, nll_terms.csv, nll_comparisons.csv (keys table, terms, pairs)
 
     @property
     def best(self) -> pd.Series | None:
@@ -298,6 +299,18 @@ def _load_samples(root: Path, rows: pd.DataFrame, seed: int, shape: tuple[int, .
     return out
 
 
+NLL_FILES = {"table": ("nll.csv", ("schedule", "seed", "bpd", "bpd_lo", "bpd_hi", "prior", "decoder", "diffusion")),
+             "terms": ("nll_terms.csv", ("schedule", "seed", "t_lo", "t_hi", "term")),
+             "pairs": ("nll_comparisons.csv", ("seed", "a", "b", "effect", "lo", "hi", "p_holm", "verdict"))}
+
+
+def read_nll(root: Path) -> dict[str, pd.DataFrame] | None:
+    """The nll stage's tables under ``root``/reports (None when nll.csv is absent: a run without the nll stage)."""
+    if not (root / paths.NLL_CSV).is_file():
+        return None
+    return {key: read_csv(root / paths.REPORTS / name, cols) for key, (name, cols) in NLL_FILES.items()}
+
+
 def load_results(p: Any, root: str | Path = ".") -> Results:
     """Everything the report shows, from the files under ``root`` (the repository root); ``p``: the
     :class:`ddpm.app.config.Params`. The configurations come from ``fid.csv`` (the fid stage wrote one row per
@@ -319,5 +332,5 @@ def load_results(p: Any, root: str | Path = ".") -> Results:
                    schedules=schedules,
                    losses=losses, fid_curves=curves, samples=_load_samples(root, rows, seeds[0], real.shape[1:]), real_images=real,
                    featurizer=featurizer, params=p.to_dict(), timesteps=int(p.timesteps),
-                   zero_terminal_snr=bool(p.diffusion.zero_terminal_snr))
+                   zero_terminal_snr=bool(p.diffusion.zero_terminal_snr), nll=read_nll(root))
 

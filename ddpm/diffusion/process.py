@@ -11,7 +11,11 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from ddpm.diffusion.likelihood import LN2, vb_terms_from_output
+
 OBJECTIVES = ("pred_noise", "pred_x0", "pred_v")
+# The reverse step's variance (Nichol & Dhariwal 2021, Sec. 3.1): beta_tilde_t, beta_t, or learned between them (eq. 15)
+VARIANCES = ("fixed_small", "fixed_large", "learned_range")  # = ddpm.app.names.VARIANCES (tests/test_config.py)
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -34,7 +38,13 @@ class GaussianProcess:
         objective: str = "pred_noise",
         min_snr_gamma: Optional[float] = None,
         device: torch.device | str = "cpu",
+        variance: str = "fixed_small",
+        vb_loss_weight: float = 0.001,
     ) -> None:
+        if variance not in VARIANCES:
+            raise ValueError(f"unknown variance {variance!r}; allowed: {', '.join(VARIANCES)}")
+        if not (isinstance(vb_loss_weight, (int, float)) and 0 <= vb_loss_weight < float("inf")):
+            raise ValueError(f"vb_loss_weight must be a number >= 0, got {vb_loss_weight!r}")
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {objective!r}; allowed: {', '.join(OBJECTIVES)}")
         if min_snr_gamma is not None and min_snr_gamma <= 0:
@@ -43,6 +53,8 @@ class GaussianProcess:
         if betas.ndim != 1 or not bool(((betas > 0) & (betas <= 1)).all()):
             raise ValueError("betas must be a 1-D tensor with values in (0, 1]")
         self.objective = objective
+        self.variance = variance
+        self.vb_loss_weight = float(vb_loss_weight)  # lambda of L_hybrid (Nichol & Dhariwal Sec. 3.1); learned only
         self.min_snr_gamma = min_snr_gamma
         self.device = torch.device(device)
         self.betas64 = betas
@@ -65,7 +77,13 @@ class GaussianProcess:
     def to(self, device: torch.device | str) -> "GaussianProcess":
         if torch.device(device) == self.device:
             return self
-        return GaussianProcess(self.betas64, self.objective, self.min_snr_gamma, device)
+        return GaussianProcess(self.betas64, self.objective, self.min_snr_gamma, device, self.variance,
+                               self.vb_loss_weight)
+
+    @property
+    def learned_variance(self) -> bool:
+        """True when the network outputs 2C channels: the prediction, then v of eq. 15 (Nichol & Dhariwal)."""
+        return self.variance == "learned_range"
 
     # --- forward process -------------------------------------------------------------------------
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -97,11 +115,25 @@ class GaussianProcess:
         return w
 
     def losses(self, model: Model, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Per-sample weighted simple loss [B] (Ho et al. eq. 14: || target - model(x_t, t) ||^2, mean over pixels)."""
+        """Per-sample loss [B]: the weighted simple loss (Ho et al. eq. 14: || target - model(x_t, t) ||^2, mean over
+        pixels); with learned variances L_hybrid = L_simple + lambda L_vlb (Nichol & Dhariwal Sec. 3.1)."""
         x_t = self.q_sample(x0, t, noise)
-        out = model(x_t, t)
-        err = F.mse_loss(out.float(), self.target(x0, noise, t), reduction="none").flatten(1).mean(1)
-        return err * self.loss_weight(t)
+        out = model(x_t, t).float()
+        pred = out[:, :x0.shape[1]] if self.learned_variance else out
+        err = F.mse_loss(pred, self.target(x0, noise, t), reduction="none").flatten(1).mean(1)
+        loss = err * self.loss_weight(t)
+        if self.learned_variance:
+            loss = loss + self.vb_loss_weight * self.num_timesteps * self._vlb_bits(out, x0, x_t, t)
+        return loss
+
+    def _vlb_bits(self, out: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """L_t [B] in bits/dim with the mean's gradient stopped: only Sigma learns from it (Nichol & Dhariwal Sec. 3.1,
+        improved-diffusion's ``frozen_out``). T * L_t estimates L_vlb = sum_t L_t; the decoder's bins at t = 0 are
+        improved-diffusion's 2/255 (the loss does not know the data; the bound evaluated later uses the data's)."""
+        C = x0.shape[1]
+        frozen = torch.cat([out[:, :C].detach(), out[:, C:]], dim=1)
+        nats = vb_terms_from_output(self, frozen, x0, x_t, t, bin_width=2 / 255, clip_denoised=False)
+        return (nats / (LN2 * x0[0].numel())).float()
 
     def sample_timesteps(self, batch: int, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
         """t ~ Uniform{0..T-1} [batch], drawn from ``generator``."""

@@ -121,6 +121,19 @@ class StepRule:
     def label(self) -> str:
         return sampler_label(self.name, self.eta)
 
+    @property
+    def uses_learned_variance(self) -> bool:
+        """The ancestral DDPM rules sample with a learned Sigma; DDIM and the solvers keep their own sigma."""
+        return self.name in ("ddpm", "ddpm_large")
+
+    def learned_sigma(self, ab_t: float, ab_prev: float, v_out: torch.Tensor) -> torch.Tensor:
+        """sqrt(Sigma) = exp((v log beta + (1 - v) log beta_tilde) / 2), v = (out + 1) / 2 (Nichol & Dhariwal
+        eq. 15), with beta and beta_tilde of the respaced chain: beta = 1 - ab_t / ab_prev (their Sec. 4)."""
+        beta = 1 - ab_t / ab_prev
+        log_beta, log_tilde = math.log(beta), math.log(beta * (1 - ab_prev) / (1 - ab_t))
+        v = (v_out + 1) / 2
+        return torch.exp(0.5 * (v * log_beta + (1 - v) * log_tilde))
+
 
 def predict_x0_eps(
     out: torch.Tensor, x_t: torch.Tensor, objective: str, sqrt_ab: float, sqrt_1m_ab: float, clip: bool
@@ -187,8 +200,9 @@ def sample_loop(
             # [B] as a stride-0 view of one t: any model gets a t per image, ours embeds it once
             t_batch = torch.full((), t, device=device, dtype=torch.long).expand(shape[0])
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                out = model(x, t_batch)
-            x0, eps = predict_x0_eps(out.float(), x, process.objective, math.sqrt(ab_t), math.sqrt(1 - ab_t), clip_denoised)
+                out = model(x, t_batch).float()
+            out, v_out = out.chunk(2, dim=1) if process.learned_variance else (out, None)
+            x0, eps = predict_x0_eps(out, x, process.objective, math.sqrt(ab_t), math.sqrt(1 - ab_t), clip_denoised)
             x_prev = c.x0 * x0
             if c.xt:
                 x_prev = x_prev + c.xt * x
@@ -197,7 +211,9 @@ def sample_loop(
             if c.hist:
                 x_prev = x_prev + c.hist * x0_hist
             if c.sigma:
-                x_prev = x_prev + c.sigma * noise.step(i)
+                learned = v_out is not None and rule.uses_learned_variance
+                sigma = rule.learned_sigma(ab_t, ab_prev, v_out) if learned else c.sigma
+                x_prev = x_prev + sigma * noise.step(i)
             x = x_prev
             if rule.multistep:
                 x0_hist, ab_hist = x0, ab_t

@@ -194,15 +194,29 @@ def fid_interval(feats: Any, ref_feats: Any, *, level: float = 0.95, n_boot: int
         raise ValueError(f"feature sets must be [N, D] with the same D, got {a.shape} and {b.shape}")
     if not 0.0 < level < 1.0 or n_boot < 10:
         raise ValueError(f"need 0 < level < 1 and n_boot >= 10, got level={level}, n_boot={n_boot}")
-    rng = np.random.default_rng(seed)
-    ca = rng.multinomial(len(a), np.full(len(a), 1.0 / len(a)), size=n_boot).astype(np.float64)
-    cb = rng.multinomial(len(b), np.full(len(b), 1.0 / len(b)), size=n_boot).astype(np.float64)
+    ca, cb = bootstrap_counts(len(a), len(b), n_boot, seed)
     with _one_thread():
         boot = _frechet_batch(*_weighted_statistics(a, ca), *_weighted_statistics(b, cb))
         theta = fid_from_features(a, b)
+    lo, hi = basic_interval(theta, boot, level)
+    return max(lo, 0.0), hi
+
+
+def bootstrap_counts(n_a: int, n_b: int, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The resamples of :func:`fid_interval`: multinomial counts [n_boot, n_a] of the samples, then [n_boot, n_b]
+    of the reference, from one seeded generator (float64). Other metrics of a set reuse them (ddpm.metrics.prdc)."""
+    rng = np.random.default_rng(seed)
+    ca = rng.multinomial(n_a, np.full(n_a, 1.0 / n_a), size=n_boot).astype(np.float64)
+    cb = rng.multinomial(n_b, np.full(n_b, 1.0 / n_b), size=n_boot).astype(np.float64)
+    return ca, cb
+
+
+def basic_interval(theta: float, boot: np.ndarray, level: float) -> tuple[float, float]:
+    """Basic bootstrap interval [theta - q_hi, theta - q_lo], q the quantiles of boot - mean(boot): only the
+    replicates' spread is used, never their location (see :func:`fid_interval`)."""
     alpha = (1.0 - level) / 2.0
     q_lo, q_hi = np.quantile(boot - boot.mean(), [alpha, 1.0 - alpha])
-    return max(theta - float(q_hi), 0.0), theta - float(q_lo)
+    return theta - float(q_hi), theta - float(q_lo)
 
 
 def fid_infinity(feats: Any, ref_feats: Any, *, n_points: int = 8, reps: int = 16, min_fraction: float = 0.25,

@@ -138,6 +138,7 @@ class Unet(nn.Module):
         attn_heads, attn_dim_head: multi-head self-attention shape (inner width = product).
         full_attn: one bool per level, self-attention at that level; default only the deepest.
             A single bool applies to all levels. The middle block always has self-attention.
+        learned_variance: output 2 * channels (default ``out_dim``) for a learned Sigma.
         flash_attn: accepted for denoising-diffusion-pytorch compatibility and ignored: the attention kernel is
             chosen per device by ``ddpm.nn.ops.attention``.
     """
@@ -155,6 +156,7 @@ class Unet(nn.Module):
         attn_dim_head: int = 32,
         full_attn: bool | Sequence[bool] | None = None,
         flash_attn: bool = True,
+        learned_variance: bool = False,
     ):
         super().__init__()
         dim_mults = tuple(int(m) for m in dim_mults)
@@ -169,7 +171,9 @@ class Unet(nn.Module):
         if len(full_attn) != levels:
             raise ValueError(f"full_attn={full_attn} needs one bool per level of dim_mults={dim_mults}")
         init_dim = int(init_dim) if init_dim is not None else dim
-        out_dim = int(out_dim) if out_dim is not None else channels
+        # learned variance (denoising-diffusion-pytorch's argument): 2C outputs, the prediction then v of
+        # Nichol & Dhariwal eq. 15; recorded as out_dim in ``config``
+        out_dim = int(out_dim) if out_dim is not None else channels * (2 if learned_variance else 1)
 
         self.channels, self.out_dim, self.dim_mults = channels, out_dim, dim_mults
         self.full_attn = full_attn

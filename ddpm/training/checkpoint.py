@@ -33,7 +33,7 @@ from ddpm import limits
 from ddpm.app.config import _CAPS as CAPS, MAX_TIMESTEPS, show
 from ddpm.diffusion.process import GaussianProcess
 from ddpm.io import atomic_torch_save
-from ddpm.app.names import OBJECTIVES, SCHEDULES
+from ddpm.app.names import OBJECTIVES, SCHEDULES, VARIANCES
 from ddpm.diffusion.schedules import get_beta_schedule
 from ddpm.nn.unet import Unet
 
@@ -258,14 +258,15 @@ def model_metadata(model: nn.Module, process: GaussianProcess, schedule: str, im
         "model_config": config,
         "diffusion": {"schedule": schedule, "timesteps": process.num_timesteps, "objective": process.objective,
                       "zero_terminal_snr": zero_terminal_snr, "min_snr_gamma": process.min_snr_gamma,
-                      "clip_denoised": clip_denoised},
+                      "clip_denoised": clip_denoised, "variance": process.variance},
         "image_shape": list(image_shape),
         "params": params or {},
     }
 
 
 # --- descriptions are checked before anything is built: the limits of params.yaml (ddpm.app.config) ----------
-DIFFUSION_KEYS = ("schedule", "timesteps", "objective", "zero_terminal_snr", "min_snr_gamma", "clip_denoised")
+DIFFUSION_KEYS = ("schedule", "timesteps", "objective", "zero_terminal_snr", "min_snr_gamma", "clip_denoised",
+                  "variance")  # files without "variance" (before issue 27) are fixed_small
 
 
 def _int(v: Any, lo: int, hi: int) -> bool:
@@ -284,6 +285,7 @@ def _diffusion_problems(d: Any, required: tuple[str, ...], checked: tuple[str, .
         "min_snr_gamma": (lambda v: v is None or (isinstance(v, (int, float)) and math.isfinite(v) and v > 0),
                           "null or a number > 0"),
         "clip_denoised": (lambda v: isinstance(v, bool), "true or false"),
+        "variance": (lambda v: v in VARIANCES, ", ".join(VARIANCES)),
     }
     for key, (ok, allowed) in checks.items():
         if key in d and key in checked and not ok(d[key]):
@@ -326,7 +328,7 @@ def check_description(spec: Any, source: str = "description", batch: int = 1) ->
     is allowed. The checks are params.yaml's limits."""
     if not isinstance(spec, dict):
         raise ValueError(f"{source}: not a model description (got {type(spec).__name__})")
-    problems = _diffusion_problems(spec.get("diffusion"), DIFFUSION_KEYS)
+    problems = _diffusion_problems(spec.get("diffusion"), DIFFUSION_KEYS[:-1])  # "variance" may be absent (older files)
     shape = spec.get("image_shape")
     if not (isinstance(shape, (list, tuple)) and len(shape) == 3 and _int(shape[0], 1, 64)
             and all(_int(x, 1, 1024) for x in shape[1:])):
@@ -352,7 +354,8 @@ def build_process(diffusion: dict[str, Any], device: torch.device | str = "cpu",
     if problems:
         raise ValueError(f"{source}: {'; '.join(problems)}")
     betas = get_beta_schedule(diffusion["schedule"], diffusion["timesteps"], diffusion.get("zero_terminal_snr", False))
-    return GaussianProcess(betas, diffusion.get("objective", "pred_noise"), diffusion.get("min_snr_gamma"), device)
+    return GaussianProcess(betas, diffusion.get("objective", "pred_noise"), diffusion.get("min_snr_gamma"), device,
+                           diffusion.get("variance", "fixed_small"))
 
 
 def build(spec: dict[str, Any], device: torch.device | str = "cpu", source: str = "description"
@@ -376,10 +379,11 @@ def spec_from_params(p: Any, schedule: str, image_shape: tuple[int, ...], train_
     return {
         "model_class": class_name(Unet),
         "model_config": dict(dim=m.dim, dim_mults=list(m.dim_mults), channels=image_shape[0], dropout=m.dropout,
-                             attn_heads=m.attn_heads, attn_dim_head=m.attn_dim_head),
+                             attn_heads=m.attn_heads, attn_dim_head=m.attn_dim_head,
+                             **({"out_dim": 2 * image_shape[0]} if d.variance == "learned_range" else {})),
         "diffusion": {"schedule": schedule, "timesteps": p.timesteps, "objective": d.objective,
                       "zero_terminal_snr": d.zero_terminal_snr, "min_snr_gamma": d.min_snr_gamma,
-                      "clip_denoised": d.clip_denoised},
+                      "clip_denoised": d.clip_denoised, "variance": d.variance},
         "image_shape": list(image_shape),
         "params": p.to_dict(),
         "train_seed": train_seed,

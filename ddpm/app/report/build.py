@@ -351,7 +351,43 @@ def _fid_section(r: Results, figs: Mapping[str, bytes]) -> Section:
                          "FID vs number of sampling steps (log scale) per schedule (colour) and sampler (marker and "
                          "line style), with 95% intervals as error bars; dashed with a grey band: the real-vs-real "
                          "floor and its interval."))
+    blocks.append(figure("fidelity_diversity.png" if "fidelity_diversity.png" in figs else None,
+                         "Fidelity vs diversity", "FID folds fidelity and diversity into one number; these separate "
+                         "them (same features and reference). Left: improved precision (samples inside the real "
+                         "data's k-NN balls) against recall (real images inside the samples' balls), Kynkäänniemi "
+                         "et al. 2019. Right: density (real balls per sample / k; dashed: 1, a set drawn like the "
+                         "reference) against coverage (real balls holding a sample), Naeem et al. 2020. k = 5; "
+                         "error bars: 95% intervals from FID's bootstrap."))
     return Section("fid", "FID", [b for b in blocks if b])
+
+
+def _nll_section(r: Results, figs: Mapping[str, bytes]) -> Section | None:
+    """Bits/dim per model with its interval and parts; the schedules' paired per-image differences; the terms."""
+    if r.nll is None:
+        return None
+    t, pairs = r.nll["table"], r.nll["pairs"]
+    rows = [[x["schedule"], str(int(x["seed"])), fmt_num(x["bpd"]), fmt_interval(x["bpd_lo"], x["bpd_hi"]),
+             fmt_num(x["prior"]), fmt_num(x["decoder"]), fmt_num(x["diffusion"])] for _, x in t.iterrows()]
+    est = t.iloc[0]
+    blocks = [Block("table", header=["schedule", "seed", "bits/dim", "95% interval", "prior L_T", "decoder L_0",
+                                     "diffusion L_1..L_T-1"], rows=rows, classes=[""] * len(rows),
+                    align=["l", "r", "r", "r", "r", "r", "r"]),
+              note(f"Negative log-likelihood bound (Ho et al. 2020, eq. 5) on the same {int(est['images'])} held-out "
+                   f"images, {int(est['levels'])}-level decoder bins; estimator: {est['estimator']}"
+                   + (f" ({int(est['n_t'])} geometric strata of t, one draw each; prior and decoder exact)"
+                      if est["estimator"] == "stratified" else " (all T terms)")
+                   + "; interval: Student-t over images (holds the estimator's noise).")]
+    if len(pairs):
+        prow = [[p["a"], p["b"], str(int(p["seed"])), f"{fmt_num(p['effect'])} {fmt_interval(p['lo'], p['hi'])}",
+                 fmt_num(p["p_holm"]), p["verdict"]] for _, p in pairs.iterrows()]
+        blocks += [Block("table", header=["a", "b", "seed", "bpd(a) − bpd(b)", "p (Holm)", "lower"], rows=prow,
+                         classes=[""] * len(prow), align=["l", "l", "r", "r", "r", "l"]),
+                   note("Paired per-image differences (same images, same t and noise draws), 95% t-intervals, Holm "
+                        "over each seed's schedule pairs; 'tie' when not resolved at 5%.")]
+    blocks.append(figure("nll_terms.png" if "nll_terms.png" in figs else None, "Bound terms against t",
+                         "Mean term L_t of the bound (bits/dim) per stratum of t: the bits are spent at small t "
+                         "(compare Nichol & Dhariwal 2021, Fig. 2)."))
+    return Section("nll", "Likelihood (bits/dim)", [b for b in blocks if b])
 
 
 def _samples_section(r: Results, grids: Mapping, grid_images: int, grid_scale: int) -> Section:
@@ -409,11 +445,13 @@ def build_document(r: Results, figs: Mapping[str, bytes], grids: Mapping, grid_i
         hero = figure(grids[key][0] if key in grids else None, "best configuration samples",
                       f"Samples of the best configuration ({config_name(r.best)}).", pixel=True)
     params = params_table(r.params)
-    sections = [_fid_section(r, figs), _questions_section(r), _samples_section(r, grids, grid_images, grid_scale),
+    sections = [_fid_section(r, figs), _questions_section(r), _nll_section(r, figs),
+                _samples_section(r, grids, grid_images, grid_scale),
                 _training_section(r, figs), _schedules_section(r, figs),
                 Section("featurizer", "Featurizer", [featurizer_table(r.featurizer)]),
                 Section("params", "Parameters", [params] if params else [note("No parameters.")])]
-    return Document("DDPM experiment report" + (f": {name}" if name else ""), summary(r), hero, sections)
+    return Document("DDPM experiment report" + (f": {name}" if name else ""), summary(r), hero,
+                    [x for x in sections if x is not None])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -475,7 +513,8 @@ def summary_metrics(r: Results) -> dict[str, Any]:
     (+ ``_lo``, ``_hi``, ``_ratio`` to the floor), ``best_schedule``, ``best_sampler`` (its label),
     ``best_eta``, ``best_steps``, ``n_tied_with_best``; ``questions`` (main effects of the design) and
     ``questions_resolved`` (family-wise); ``featurizer_val_accuracy`` when given;
-    ``final_loss_<schedule>`` (mean over seeds); ``fid_<schedule>_<label>_<steps>`` (mean over seeds)."""
+    ``final_loss_<schedule>`` (mean over seeds); ``fid_<schedule>_<label>_<steps>`` (mean over seeds);
+    ``nll_bpd_<schedule>`` (bits/dim, mean over seeds) when the nll stage ran."""
     fl = r.floor
     out: dict[str, Any] = {"fid_floor": _py(fl.fid), "fid_floor_lo": _py(fl.lo), "fid_floor_hi": _py(fl.hi),
                            "n_seeds": len(r.seeds)}
@@ -495,4 +534,7 @@ def summary_metrics(r: Results) -> dict[str, Any]:
         out[f"final_loss_{slug(s)}"] = _py(float(np.mean(vals))) if vals else None
     for _, c in r.configs.iterrows():
         out[f"fid_{slug(c['schedule'])}_{slug(c['label'])}_{int(c['steps'])}"] = _py(float(c["fid"]))
+    if r.nll is not None:  # bits/dim per schedule (mean over seeds), for `dvc exp show` and `dvc metrics diff`
+        for s, g in r.nll["table"].groupby("schedule", sort=False):
+            out[f"nll_bpd_{slug(s)}"] = _py(float(g["bpd"].mean()))
     return out

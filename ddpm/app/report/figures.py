@@ -183,6 +183,54 @@ def fid_vs_steps(configs: pd.DataFrame, floor: Floor, schedules: tuple[str, ...]
     return fig
 
 
+FIDELITY_DIVERSITY = (("recall", "precision", "improved precision and recall"), ("coverage", "density", "density and coverage"))
+
+
+def fidelity_diversity(rows: pd.DataFrame, schedules: tuple[str, ...], seed: int) -> Any:
+    """Fidelity (y: precision, density) against diversity (x: recall, coverage) of every sample set of training
+    seed ``seed``, 95% intervals as error bars: colour = schedule, marker = sampler and steps. None when fid.csv
+    has no such columns (an older fid stage)."""
+    cols = [c for pair in FIDELITY_DIVERSITY for c in pair[:2]]
+    if not set(cols) <= set(rows.columns):
+        return None
+    d = rows[rows["seed"] == seed]
+    sets = list(dict.fromkeys(zip(d["label"], d["steps"])))
+    fig, axes = _new_figure(10.5, 4.4, 1, 2, layout="constrained")
+    for ax, (x, y, title) in zip(axes[0], FIDELITY_DIVERSITY):
+        for r in d.itertuples(index=False):
+            i, j = schedules.index(r.schedule) if r.schedule in schedules else 0, sets.index((r.label, r.steps))
+            xv, yv = getattr(r, x), getattr(r, y)
+            xerr = np.clip([[xv - getattr(r, f"{x}_lo")], [getattr(r, f"{x}_hi") - xv]], 0, None)
+            yerr = np.clip([[yv - getattr(r, f"{y}_lo")], [getattr(r, f"{y}_hi") - yv]], 0, None)
+            ax.errorbar([xv], [yv], xerr=xerr, yerr=yerr, color=f"C{i}", marker=MARKERS[j % len(MARKERS)], ms=5,
+                        lw=1.0, capsize=2, ls="none", label=f"{r.schedule} / {r.label}-{r.steps}")
+        if y == "density":
+            ax.axhline(1.0, ls="--", color="black", lw=1.0)  # density of a set drawn like the reference
+        _finish(ax, f"{x} (diversity)", f"{y} (fidelity)", title, legend=False)
+    handles, labels = axes[0, 1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", frameon=False)
+    fig.suptitle(f"Fidelity vs diversity (k = 5 nearest neighbours, 95% intervals; training seed {seed})")
+    return fig
+
+
+def nll_terms(terms: pd.DataFrame | None, schedules: tuple[str, ...], seed: int) -> Any:
+    """The bound's terms L_t (bits/dim, mean over held-out images and each stratum's t) against t, log-log, one line
+    per schedule (training seed ``seed``): where the bits are spent (Nichol & Dhariwal 2021, Fig. 2)."""
+    if terms is None or not len(terms):
+        return None
+    fig, axes = _new_figure(7.5, 4.2)
+    ax = axes[0, 0]
+    for i, s in enumerate(schedules):
+        g = terms[(terms["schedule"] == s) & (terms["seed"] == seed)].sort_values("t_lo")
+        if len(g):
+            mid = np.sqrt(g["t_lo"].to_numpy(np.float64) * g["t_hi"].to_numpy(np.float64))  # stratum centre (log)
+            ax.plot(mid, g["term"].to_numpy(np.float64), color=f"C{i}", marker="o", ms=3, lw=1.4, label=s)
+    ax.set_xscale("log")
+    _positive_log(ax, [terms["term"].to_numpy(np.float64)])
+    _finish(ax, "t (log scale)", "L_t, bits/dim", "Terms of the variational bound against t")
+    return fig
+
+
 def fid_over_training(curves: Mapping[tuple[str, int], pd.DataFrame], schedules: tuple[str, ...]) -> Any:
     """FID of the EMA model over training, each curve against the floor at its own sample count."""
     keys = [k for s in schedules for k in curves if k[0] == s and len(curves[k])]
@@ -357,6 +405,8 @@ def draw_figures(r: Results) -> dict[str, bytes]:
         abars = alpha_bars(r.schedules, r.timesteps, r.zero_terminal_snr)
         figs = {
             "fid_vs_steps.png": fid_vs_steps(r.configs, r.floor, r.schedules),
+            "fidelity_diversity.png": fidelity_diversity(r.rows, r.schedules, r.seeds[0]),
+            "nll_terms.png": nll_terms(r.nll["terms"] if r.nll else None, r.schedules, r.seeds[0]),
             "loss.png": losses(r.losses, r.schedules),
             "loss_quarters.png": loss_quarters(r.losses, r.schedules, r.seeds[0]),
             "fid_over_training.png": fid_over_training(r.fid_curves, r.schedules),
