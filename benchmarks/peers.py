@@ -6,6 +6,7 @@
     python3 benchmarks/peers.py --no-sampling                # the training table alone (about 2 minutes)
     python3 benchmarks/peers.py --runs 3 --no-sampling       # three whole comparisons: each ratio's median, range
     python3 benchmarks/peers.py --malloc default             # glibc's default allocator instead of the stages' tuning
+    python3 benchmarks/peers.py --isa avx2 --ours eager_cl   # every library held to AVX2 (benchmarks/isa.py)
 
 Every library trains and samples the same 8x8 grayscale task with its own code, as its README and
 training script use it:
@@ -36,6 +37,12 @@ from importlib.metadata import version
 from typing import Callable
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # denoising-diffusion-pytorch draws a progress bar per sample
+
+try:
+    from benchmarks import isa as isa_flag
+except ImportError:  # run as a script: benchmarks/ is sys.path[0]
+    import isa as isa_flag
+ISA = isa_flag.reexec()  # --isa: the limits must be set before torch is imported
 
 import torch
 import torch.nn.functional as F
@@ -362,6 +369,7 @@ def main() -> None:
     ap.add_argument("--malloc", choices=("pipeline", "default"), default="pipeline",
                     help="pipeline: glibc's malloc keeps freed memory, as the train and sample stages set it "
                          "(ddpm.nn.speed.tune_allocator; process-wide, so for every library); default: glibc's defaults")
+    isa_flag.add_argument(ap)
     ap.add_argument("--quick", action="store_true", help="2 repetitions, short runs: a smoke test")
     ap.add_argument("--no-training", action="store_true", help="the sampling tables only")
     ap.add_argument("--no-sampling", action="store_true", help="the training table only (about 2 minutes on 2 cores)")
@@ -376,11 +384,18 @@ def main() -> None:
     block = (2 if args.quick else 10) if cpu else 20
     sample_steps = args.sample_steps or ((10 if args.quick else 50) if cpu else 200)
     variants = {name: mode for name, mode in VARIANTS.items() if mode in args.ours}
+    if ISA != "native" and cpu:  # said below the header
+        variants.pop("ours (compiled)", None)
 
     print(f"# ours vs denoising-diffusion-pytorch {version('denoising-diffusion-pytorch')} "
           f"and diffusers {diffusers.__version__}; torch {torch.__version__}, {device}"
           + (f", {args.threads} threads" if cpu else f" ({torch.cuda.get_device_name(device)})")
           + ("; malloc tuned as the pipeline's stages (every library)" if tuned else "; glibc's default malloc"))
+    if cpu:
+        print(isa_flag.describe(ISA))
+        if ISA != "native" and "compiled" in args.ours:
+            print(f"ours (compiled) left out: under --isa {ISA}, inductor's CPU code gave a NaN loss at step 1 "
+                  "(issue 29; the pipeline never compiles on a CPU)")
 
     # FLOPs per image, counted on the meta device for every library: there attention is counted as SDPA's
     # four (backward) matrix products, as written out; on a CPU the counter counts SDPA's flash backward lower
