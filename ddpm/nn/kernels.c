@@ -355,7 +355,7 @@ int ddpm_attention16(const float *qkv, float *out, int64_t n, int64_t heads, int
     return 0;
 }
 
-/* The widest vector instruction set this build was compiled for (-march=native decides): recorded with every
+/* The widest vector instruction set this build was compiled for (its -march decides): recorded with every
    model file and run that the kernels computed (ddpm/kernels.py, kernel_record). */
 const char *ddpm_isa(void)
 {
