@@ -44,7 +44,7 @@ def environment(isa: str, base: dict[str, str] | None = None) -> dict[str, str]:
     if isa == "native":
         return env
     aten, onednn, ours = LIMITS[isa]
-    cache = Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ddpm" / f"kernels-{isa}"
+    cache = Path(env.get("XDG_CACHE_HOME") or Path(env.get("HOME") or Path.home()) / ".cache") / "ddpm" / f"kernels-{isa}"
     env.update(ATEN_CPU_CAPABILITY=aten, ONEDNN_MAX_CPU_ISA=onednn, DDPM_KERNEL_ISA=ours,
                DDPM_KERNEL_CACHE=str(cache), **{_MARK: isa})
     return env
