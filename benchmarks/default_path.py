@@ -2,6 +2,7 @@
 
     python3 benchmarks/default_path.py                  # this tree against `main`, 2 threads
     python3 benchmarks/default_path.py --base HEAD~3    # against any git revision
+    python3 benchmarks/default_path.py --isa avx2       # every library held to AVX2 (benchmarks/isa.py)
 
 A full default run on a shared machine is too noisy to compare, so this times its components instead,
 interleaved (old, new, old, new ...) so that a drift of the machine's speed cancels in each pair:
@@ -18,12 +19,19 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+try:
+    from benchmarks import isa as isa_flag
+except ImportError:  # run as a script: benchmarks/ is sys.path[0]
+    import isa as isa_flag
+ISA = isa_flag.reexec()  # --isa: the limits must be set before torch is imported
 
 import torch
 
@@ -33,6 +41,7 @@ from ddpm.app.config import load_params
 from ddpm.diffusion.process import GaussianProcess
 from ddpm.diffusion.samplers import StepRule, sample_loop
 from ddpm.diffusion.schedules import get_beta_schedule
+from ddpm.nn import kernels
 from ddpm.nn.speed import Speed, sampling_model, to_channels_last
 from ddpm.nn.unet import Unet
 
@@ -52,18 +61,44 @@ def matmul_gflops(reps: int = 5) -> float:
     return statistics.median(rates)
 
 
+# where the network's modules were at a revision: after the folder move, then before it
+LAYOUTS = ({"unet.py": "ddpm/nn/unet.py", "ops.py": "ddpm/nn/ops.py", "kernels.py": "ddpm/nn/kernels.py",
+            "kernels.c": "ddpm/nn/kernels.c"},
+           {"unet.py": "ddpm/unet.py", "kernels.py": "ddpm/kernels.py", "kernels.c": "ddpm/kernels.c"})
+
+
+def _git_show(rev: str, path: str) -> str | None:
+    shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"], capture_output=True, text=True)
+    return shown.stdout if shown.returncode == 0 else None
+
+
+def _isolated(text: str) -> str:
+    """A module's source with its imports of the network's modules pointed at the copies in ddpm_base; a
+    ``-march=native`` build held to the level of ``DDPM_KERNEL_ISA`` (``--isa``), as the new code builds."""
+    for old in ("from ddpm.nn import ", "from ddpm import "):
+        for name in ("ops", "kernels"):
+            text = text.replace(f"{old}{name}", f"from ddpm_base import {name}")
+    level = os.environ.get("DDPM_KERNEL_ISA")
+    if level in kernels.LEVELS:
+        text = text.replace('"-march=native"', f'"-march={kernels.LEVELS[level][1]}"')
+    return text
+
+
 def unet_at(rev: str):
-    """The ``Unet`` class of ``ddpm/nn/unet.py`` at git revision ``rev``, with the modules it imports from its
-    package at that revision (``ddpm/nn/kernels.py`` and the C it compiles), as a package of their own."""
+    """The ``Unet`` class of the network at git revision ``rev``, with the network's modules it imports at that
+    revision (``ops.py``, ``kernels.py`` and the C it compiles), as a package of their own."""
     pkg = Path(tempfile.mkdtemp()) / "ddpm_base"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
-    for name in ("unet.py", "kernels.py", "kernels.c"):
-        shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:ddpm/{name}"], capture_output=True, text=True)
-        if shown.returncode == 0:
-            (pkg / name).write_text(shown.stdout)
-        elif name == "unet.py":
-            raise SystemExit(f"git show {rev}:ddpm/nn/unet.py failed: {shown.stderr.strip()}")
+    for layout in LAYOUTS:
+        if _git_show(rev, layout["unet.py"]) is not None:
+            break
+    else:
+        raise SystemExit(f"git show {rev}: neither ddpm/nn/unet.py nor ddpm/unet.py is there")
+    for name, path in layout.items():
+        text = _git_show(rev, path)
+        if text is not None:
+            (pkg / name).write_text(_isolated(text) if name.endswith(".py") else text)
     spec = importlib.util.spec_from_file_location("ddpm_base", pkg / "__init__.py", submodule_search_locations=[str(pkg)])
     sys.modules["ddpm_base"] = importlib.util.module_from_spec(spec)  # a package of its own; no sys.path entry
     spec.loader.exec_module(sys.modules["ddpm_base"])
@@ -136,6 +171,7 @@ def main() -> None:
                     help="model width (default: params.yaml's model.dim; 32 is benchmarks/peers.py's model)")
     ap.add_argument("--blocks", type=int, default=8, help="timed blocks per side")
     ap.add_argument("--scale-to", type=float, default=137.0, help="matmul GFLOP/s of the machine to predict for")
+    isa_flag.add_argument(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     p = load_params(ROOT / "params.yaml")
@@ -151,6 +187,7 @@ def main() -> None:
 
     mm = matmul_gflops()
     print(f"# default path, {args.base} (old) vs this tree (new); torch {torch.__version__}, {args.threads} threads")
+    print(isa_flag.describe(args.isa) + " (new; the old kernels are built for the same level)")
     print(f"float32 2048x2048 matmul: {mm:.1f} GFLOP/s\n")
     print(f"| component (median of {args.blocks} blocks, in turn) | old | new | new / old speed (range) |")
     print("|---|---|---|---|")

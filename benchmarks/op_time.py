@@ -3,10 +3,12 @@
     python3 benchmarks/op_time.py                          # a DDPM sampling step, dim 32 (the peers' model), batch 400
     python3 benchmarks/op_time.py --dim 16                 # the default model
     python3 benchmarks/op_time.py --train --dropout 0.1    # a training step (forward, backward, fused AdamW), batch 128
+    python3 benchmarks/op_time.py --isa avx2               # every library held to AVX2 (benchmarks/isa.py)
 
 Each aten call (the backward's too) is timed with ``time.perf_counter`` inside a ``TorchDispatchMode``, so
 the shares include a few microseconds of the mode's own cost per call; the wall time without the mode is
-printed above the table for comparison. Eager, channels_last, as ``fast: true`` runs it on a CPU. The
+printed above the table for comparison. The fused C kernels (``ddpm.nn.kernels``, called through ctypes, not
+aten) are timed the same way, as ``ddpm.<function>``. Eager, channels_last, as ``fast: true`` runs it on a CPU. The
 profiler is not used: it inflates oneDNN's convolutions (README "Performance").
 """
 from __future__ import annotations
@@ -15,6 +17,12 @@ import argparse
 import collections
 import time
 
+try:
+    from benchmarks import isa as isa_flag
+except ImportError:  # run as a script: benchmarks/ is sys.path[0]
+    import isa as isa_flag
+ISA = isa_flag.reexec()  # --isa: the limits must be set before torch is imported
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -22,7 +30,12 @@ from ddpm.diffusion.process import GaussianProcess
 from ddpm.diffusion.schedules import get_beta_schedule
 from ddpm.nn.speed import tune_allocator
 from ddpm.nn.unet import Unet
-from default_path import sample_block, train_block  # benchmarks/, this script's folder
+from ddpm.nn import kernels
+
+try:
+    from benchmarks.default_path import sample_block, train_block
+except ImportError:  # run as a script: benchmarks/ is sys.path[0]
+    from default_path import sample_block, train_block
 
 
 class OpTimer(TorchDispatchMode):
@@ -40,6 +53,27 @@ class OpTimer(TorchDispatchMode):
         self.seconds[name] += time.perf_counter() - t0
         self.calls[name] += 1
         return out
+
+
+class TimedLibrary:
+    """The fused kernels' library with each ``ddpm_*`` call timed into ``timer`` while the timer is active."""
+
+    def __init__(self, lib, timer: OpTimer) -> None:
+        self._lib, self._timer, self.active = lib, timer, False
+
+    def __getattr__(self, name: str):
+        fn = getattr(self._lib, name)
+        if not name.startswith("ddpm_") or name == "ddpm_isa":
+            return fn
+
+        def timed(*args):
+            t0 = time.perf_counter()
+            out = fn(*args)
+            if self.active:
+                self._timer.seconds[f"ddpm.{name[5:]}"] += time.perf_counter() - t0
+                self._timer.calls[f"ddpm.{name[5:]}"] += 1
+            return out
+        return timed
 
 
 def workload(args: argparse.Namespace):
@@ -60,6 +94,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--top", type=int, default=15)
+    isa_flag.add_argument(ap)
     args = ap.parse_args()
     args.batch = args.batch or (128 if args.train else 400)
     tune_allocator()
@@ -72,16 +107,22 @@ def main() -> None:
         fn()
     wall = (time.perf_counter() - t0) / args.reps
     timer = OpTimer()
+    lib = kernels.library()
+    if lib is not None:
+        kernels._state["lib"] = timed_lib = TimedLibrary(lib, timer)
     with timer:
         for _ in range(3):
             fn()
         timer.seconds.clear()
         timer.calls.clear()
+        if lib is not None:
+            timed_lib.active = True
         for _ in range(args.reps):
             fn()
     total = sum(timer.seconds.values()) / args.reps
     what = f"training step, batch {args.batch}, dropout {args.dropout}" if args.train else f"DDPM sampling step, batch {args.batch}"
     print(f"# dim {args.dim}, {what}; torch {torch.__version__}, {args.threads} threads")
+    print(isa_flag.describe(args.isa))
     print(f"wall {wall * 1e3:.2f} ms without the timer; the ops' sum {total * 1e3:.2f} ms with it\n")
     print("| aten op | ms | calls | share of the ops' sum |\n|---|---|---|---|")
     for name, s in sorted(timer.seconds.items(), key=lambda kv: -kv[1])[:args.top]:

@@ -6,6 +6,8 @@
     python3 benchmarks/peers.py --no-sampling                # the training table alone (about 2 minutes)
     python3 benchmarks/peers.py --runs 3 --no-sampling       # three whole comparisons: each ratio's median, range
     python3 benchmarks/peers.py --malloc default             # glibc's default allocator instead of the stages' tuning
+    python3 benchmarks/peers.py --isa avx2 --ours eager_cl   # every library held to AVX2 (benchmarks/isa.py)
+    python3 benchmarks/peers.py --peers diffusers            # one peer only (shorter)
 
 Every library trains and samples the same 8x8 grayscale task with its own code, as its README and
 training script use it:
@@ -37,6 +39,12 @@ from typing import Callable
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # denoising-diffusion-pytorch draws a progress bar per sample
 
+try:
+    from benchmarks import isa as isa_flag
+except ImportError:  # run as a script: benchmarks/ is sys.path[0]
+    import isa as isa_flag
+ISA = isa_flag.reexec()  # --isa: the limits must be set before torch is imported
+
 import torch
 import torch.nn.functional as F
 
@@ -48,13 +56,16 @@ from ddpm.training.loop import TrainSettings, train
 from ddpm.nn.unet import Unet
 
 try:
-    import denoising_diffusion_pytorch as ddp_lib
     import diffusers
     from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
     from diffusers.training_utils import EMAModel
-    from ema_pytorch import EMA as LucidEMA
 except ImportError as e:  # pragma: no cover - a missing peer is a set-up error, said plainly
     raise SystemExit(f"{e}: install the peers first: python3 -m pip install -r benchmarks/requirements.txt")
+try:
+    import denoising_diffusion_pytorch as ddp_lib
+    from ema_pytorch import EMA as LucidEMA
+except ImportError:  # only with --peers including it (said then)
+    ddp_lib = None
 
 IMAGE = (1, 8, 8)
 T = 1000
@@ -260,8 +271,8 @@ def training_run(args, device: torch.device, block: int, reps: int, trn: dict, m
     """One interleaved training comparison, printed; returns {"training / <peer>, <variant>": ratio}."""
     # each of ours' blocks is followed by one block of each peer, and ratios are taken block by block
     # (ours against the peer blocks right after it), so a drift of the machine's speed cancels out
-    peers = {"denoising-diffusion-pytorch": lucid_train_step(device, args.batch),
-             "diffusers": diffusers_train_step(device, args.batch)}
+    steps = {"denoising-diffusion-pytorch": lucid_train_step, "diffusers": diffusers_train_step}
+    peers = {k: steps[k](device, args.batch) for k in args.peers}
     for step in peers.values():
         step()
     ours_times: dict[str, list[float]] = {}
@@ -313,8 +324,10 @@ def sampling_run(args, device: torch.device, reps: int, sample_steps: int, fwd: 
             ddim = sampler == "ddim"
             rule = StepRule("ddim", 0.0) if ddim else StepRule("ddpm")
             fns = {name: ours_sampler(device, batch, sample_steps, rule, mode) for name, mode in variants.items()}
-            fns["denoising-diffusion-pytorch"] = lucid_sampler(device, batch, sample_steps, ddim)
-            fns["diffusers"] = diffusers_sampler(device, batch, sample_steps, ddim)
+            if "denoising-diffusion-pytorch" in args.peers:
+                fns["denoising-diffusion-pytorch"] = lucid_sampler(device, batch, sample_steps, ddim)
+            if "diffusers" in args.peers:
+                fns["diffusers"] = diffusers_sampler(device, batch, sample_steps, ddim)
             ts = interleaved(fns, reps, device)
             print(f"\n## Sampling {sampler.upper()}, batch {batch}, {sample_steps} steps per run "
                   f"(median of {reps}, timed in turn)\n")
@@ -324,7 +337,7 @@ def sampling_run(args, device: torch.device, reps: int, sample_steps: int, fwd: 
                 ips = batch * sample_steps / statistics.median(t)
                 srate[k] = ips * fwd["ours" if k.startswith("ours") else k] / 1e9
                 print(f"| {k} | {ips:.0f} | {srate[k]:.1f} | {srate[k] / mm:.0%} |")
-            best = max(("denoising-diffusion-pytorch", "diffusers"), key=lambda k: srate[k])
+            best = max(args.peers, key=lambda k: srate[k])
             print(f"\nper FLOP, against {best} (the faster peer): " + "; ".join(
                 f"{k}: **{srate[k] / srate[best]:.2f}x**" for k in srate if k.startswith("ours")))
             for k in srate:
@@ -355,6 +368,9 @@ def main() -> None:
                     help="repeat the whole interleaved comparison N times and print each ratio's median and range")
     ap.add_argument("--ours", nargs="+", choices=sorted(VARIANTS.values()), default=list(VARIANTS.values()),
                     help="which of our variants to time (default all three)")
+    ap.add_argument("--peers", nargs="+", choices=("denoising-diffusion-pytorch", "diffusers"),
+                    default=["diffusers"] + (["denoising-diffusion-pytorch"] if ddp_lib else []),
+                    help="which peers to time (default both, or those installed)")
     ap.add_argument("--batch", type=int, default=128, help="training batch")
     ap.add_argument("--sample-batch", type=int, nargs="+", default=[64, 400],
                     help="sampling batches: 64 (the issue's) and 400 (the pipeline's sample.batch_size)")
@@ -362,10 +378,14 @@ def main() -> None:
     ap.add_argument("--malloc", choices=("pipeline", "default"), default="pipeline",
                     help="pipeline: glibc's malloc keeps freed memory, as the train and sample stages set it "
                          "(ddpm.nn.speed.tune_allocator; process-wide, so for every library); default: glibc's defaults")
+    isa_flag.add_argument(ap)
     ap.add_argument("--quick", action="store_true", help="2 repetitions, short runs: a smoke test")
     ap.add_argument("--no-training", action="store_true", help="the sampling tables only")
     ap.add_argument("--no-sampling", action="store_true", help="the training table only (about 2 minutes on 2 cores)")
     args = ap.parse_args()
+    if "denoising-diffusion-pytorch" in args.peers and ddp_lib is None:
+        ap.error("denoising-diffusion-pytorch is not installed: python3 -m pip install -r benchmarks/requirements.txt, "
+                 "or --peers diffusers")
     if args.runs < 1:
         ap.error(f"--runs must be at least 1, got {args.runs}")
     device = torch.device(args.device)
@@ -376,19 +396,26 @@ def main() -> None:
     block = (2 if args.quick else 10) if cpu else 20
     sample_steps = args.sample_steps or ((10 if args.quick else 50) if cpu else 200)
     variants = {name: mode for name, mode in VARIANTS.items() if mode in args.ours}
+    if ISA != "native" and cpu:  # said below the header
+        variants.pop("ours (compiled)", None)
 
-    print(f"# ours vs denoising-diffusion-pytorch {version('denoising-diffusion-pytorch')} "
-          f"and diffusers {diffusers.__version__}; torch {torch.__version__}, {device}"
+    print("# ours vs " + " and ".join(f"{k} {version(k)}" for k in args.peers) + f"; torch {torch.__version__}, {device}"
           + (f", {args.threads} threads" if cpu else f" ({torch.cuda.get_device_name(device)})")
           + ("; malloc tuned as the pipeline's stages (every library)" if tuned else "; glibc's default malloc"))
+    if cpu:
+        print(isa_flag.describe(ISA))
+        if ISA != "native" and "compiled" in args.ours:
+            print(f"ours (compiled) left out: under --isa {ISA}, inductor's CPU code gave a NaN loss at step 1 "
+                  "(issue 29; the pipeline never compiles on a CPU)")
 
     # FLOPs per image, counted on the meta device for every library: there attention is counted as SDPA's
     # four (backward) matrix products, as written out; on a CPU the counter counts SDPA's flash backward lower
     # (ours 107.0 vs 108.2 MFLOP/img, diffusers 136.5 vs 137.7), and ours writes attention out on a CPU, so
     # counting there would credit one library's kernel choice as FLOPs
     meta = torch.device("meta")
-    params = {"ours": ours_model(meta), "denoising-diffusion-pytorch": lucid_setup(meta).model,
-              "diffusers": diffusers_model(meta)}  # meta modules: shapes and FLOPs, no memory
+    params = {"ours": ours_model(meta), "diffusers": diffusers_model(meta)}  # meta modules: shapes and FLOPs, no memory
+    if "denoising-diffusion-pytorch" in args.peers:
+        params["denoising-diffusion-pytorch"] = lucid_setup(meta).model
     nets = {**params, "diffusers": lambda x, t: params["diffusers"](x, t).sample}
     fwd = {k: forward_flops(f, meta) for k, f in nets.items()}
     trn = {k: train_flops(f, meta) for k, f in nets.items()}

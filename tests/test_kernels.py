@@ -277,3 +277,45 @@ def test_kernel_record_when_switched_off(fresh, monkeypatch):
         assert kernels.group_norm_act(_cl(2, 16, 4, 4), _norm(16, 8)) is None  # PyTorch's ops
     rec = kernels.kernel_record()
     assert rec["fused_kernels"] is False and rec["reason"] == "fast: false" and rec["isa"] is None
+
+
+def _outputs() -> list[torch.Tensor]:
+    """Every kernel's outputs on fixed inputs: GroupNorm + SiLU forward (vector and scalar channel counts, a
+    scale-shift per image), its backward's gradients, attention at each head width."""
+    torch.manual_seed(0)
+    outs = []
+    for c in (16, 48, 128, 24):
+        x, norm, ss = _cl(3, c, 8, 8, scale=3.0) + 1.0, _norm(c, 8), torch.randn(3, 2 * c) * 0.5
+        with torch.no_grad():
+            outs.append(kernels.group_norm_act(x, norm, ss))
+        x.requires_grad_()
+        outs += torch.autograd.grad(kernels.group_norm_act_train(x, norm, ss).square().sum(), [x, norm.weight])
+    with torch.no_grad():
+        outs += [kernels.attention16(torch.randn(5, 16, 3 * h * d) * 2, h, d) for h, d in ((1, 16), (4, 32), (2, 64))]
+    assert all(o is not None for o in outs)
+    return outs
+
+
+def test_every_build_computes_the_same_bits(fresh, monkeypatch):
+    """Issue 29 item 3: the library does not depend on the machine that built it: the build for the other
+    vector width (8 floats is the AVX2 build's, 16 the AVX-512 one's: -DVW) computes bit-identical outputs."""
+    need("cc")
+    base = _outputs()
+    kernels._state.clear()
+    monkeypatch.setattr(kernels, "FLAGS", [*kernels.FLAGS, "-DVW=8" if kernels.target()[0] == "avx512" else "-DVW=16"])
+    got = _outputs()
+    assert all(torch.equal(a, b) for a, b in zip(base, got))
+    assert len(list(fresh.glob("kernels-*.so"))) == 2
+
+
+def test_a_bad_or_missing_isa_keeps_pytorch_ops(fresh, monkeypatch, caplog):
+    monkeypatch.setenv("DDPM_KERNEL_ISA", "avx9")
+    with pytest.raises(ValueError, match="DDPM_KERNEL_ISA='avx9': allowed are native, avx512, avx2, sse"):
+        kernels.target()
+    with caplog.at_level(logging.WARNING, logger="ddpm.nn.kernels"):
+        assert kernels.library() is None
+    assert "DDPM_KERNEL_ISA" in kernels.kernel_record()["reason"]
+    if kernels._is_x86() and "avx512f" not in kernels._cpu_id().split():
+        monkeypatch.setenv("DDPM_KERNEL_ISA", "avx512")
+        with pytest.raises(ValueError, match="this CPU runs only"):
+            kernels.target()

@@ -1,4 +1,4 @@
-/* Fused CPU kernels, float32, built once per machine and loaded by ddpm/kernels.py (which holds the autograd
+/* Fused CPU kernels, float32, built per instruction-set level and loaded by ddpm/nn/kernels.py (which holds the autograd
    wrapper of the GroupNorm backward).
    Each image (and head) is computed by one thread in a fixed order: the result does not depend on the
    thread count. */
@@ -6,54 +6,85 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-typedef float v16 __attribute__((vector_size(64), aligned(4))); /* 16 floats, loaded and stored unaligned */
+/* One vector of the target's register width: 16 floats with AVX-512, 8 with AVX or AVX2 (GCC keeps wider
+   vectors in memory there and turns their comparisons into scalar code: the kernels ran slower than PyTorch's
+   ops on AVX2), loaded and stored unaligned. Every loop below runs lane by lane in a fixed order, and lane k's
+   operations do not depend on the width: each width computes the same bits. */
+#ifndef VW /* (a test builds both widths on one machine: -DVW=16) */
+#if defined(__AVX512F__)
+#define VW 16
+#else
+#define VW 8
+#endif
+#endif
+typedef float vf __attribute__((vector_size(4 * VW), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(4 * VW), aligned(4)));
 
-typedef int32_t vi16 __attribute__((vector_size(64), aligned(4)));
-
-/* e^x on 16 floats at once: Cephes' expf (x = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-7 polynomial;
-   relative error below 2e-7), the argument clamped to [-87.3, 88.3]; NaN stays NaN. */
-static inline v16 expv(v16 x)
+/* e^x lane by lane: Cephes' expf (x = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-7 polynomial; relative error
+   below 2e-7), the argument clamped to [-87.3, 88.3]; NaN stays NaN. */
+static inline vf expv(vf x)
 {
-    vi16 m = x < -87.3f; /* lanes of -1 where true */
-    x = (v16)(((vi16)x & ~m) | ((vi16)((v16){0} - 87.3f) & m));
+    vi m = x < -87.3f; /* lanes of -1 where true */
+    x = (vf)(((vi)x & ~m) | ((vi)((vf){0} - 87.3f) & m));
     m = x > 88.3f;
-    x = (v16)(((vi16)x & ~m) | ((vi16)((v16){0} + 88.3f) & m));
-    const vi16 ni = __builtin_convertvector(x * 1.44269504f + 128.5f, vi16) - 128; /* round(x / ln2) */
-    const v16 n = __builtin_convertvector(ni, v16);
-    const v16 r = x - n * 0.693359375f + n * 2.12194440e-4f; /* Cody-Waite: ln2 in two parts */
-    const v16 p = (((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r
-                    + 1.6666665459e-1f) * r + 5.0000001201e-1f) * r * r + r + 1.f;
-    return p * (v16)((ni + 127) << 23); /* times 2^n, built in the exponent bits */
+    x = (vf)(((vi)x & ~m) | ((vi)((vf){0} + 88.3f) & m));
+    const vi ni = __builtin_convertvector(x * 1.44269504f + 128.5f, vi) - 128; /* round(x / ln2) */
+    const vf n = __builtin_convertvector(ni, vf);
+    const vf r = x - n * 0.693359375f + n * 2.12194440e-4f; /* Cody-Waite: ln2 in two parts */
+    const vf p = (((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r
+                   + 1.6666665459e-1f) * r + 5.0000001201e-1f) * r * r + r + 1.f;
+    return p * (vf)((ni + 127) << 23); /* times 2^n, built in the exponent bits */
 }
 
-/* Per-channel sums of x and x^2 over positions [p0, p1) of one channels_last image with c = 16 nv channels,
-   added to s and q: two positions at a time in vector registers (nv <= 4), else one. */
-static inline __attribute__((always_inline)) void sums16(const float *xb, int64_t p0, int64_t p1, const int64_t nv,
+/* a > b ? a : b, lane by lane */
+static inline vf maxv(vf a, vf b)
+{
+    const vi m = a > b;
+    return (vf)(((vi)a & m) | ((vi)b & ~m));
+}
+
+/* e^x on one float, the same operations as expv in the same order (so that the scalar paths round as the
+   vector ones do, on every instruction set, rather than as the C library's expf). */
+static inline float exps(float x)
+{
+    x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x); /* NaN stays NaN */
+    const int32_t ni = (int32_t)(x * 1.44269504f + 128.5f) - 128;
+    const float n = (float)ni, r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    const float p = (((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r
+                      + 1.6666665459e-1f) * r + 5.0000001201e-1f) * r * r + r + 1.f;
+    union { int32_t i; float f; } e = {(ni + 127) << 23};
+    return p * e.f;
+}
+
+/* Per-channel sums of x and x^2 over positions [p0, p1) of one channels_last image with c channels (a multiple
+   of 16, up to 128), added to s and q: two positions at a time (even and odd, summed apart) for c <= 64, else
+   one; the order depends on c alone, not on the vector width. */
+static inline __attribute__((always_inline)) void sums16(const float *xb, int64_t p0, int64_t p1, const int64_t c,
                                                           double *s, double *q)
 {
-    const int64_t c = 16 * nv, lanes = nv <= 4 ? 2 : 1;
-    v16 as[2][8], aq[2][8];
+    const int64_t nv = c / VW, lanes = c <= 64 ? 2 : 1;
+    vf as[2][128 / VW], aq[2][128 / VW];
     for (int64_t l = 0; l < lanes; ++l)
-        for (int64_t u = 0; u < nv; ++u) as[l][u] = aq[l][u] = (v16){0};
+        for (int64_t u = 0; u < nv; ++u) as[l][u] = aq[l][u] = (vf){0};
     int64_t p = p0;
     for (; p + lanes <= p1; p += lanes)
         for (int64_t l = 0; l < lanes; ++l)
             for (int64_t u = 0; u < nv; ++u) {
-                const v16 v = *(const v16 *)(xb + (p + l) * c + 16 * u);
+                const vf v = *(const vf *)(xb + (p + l) * c + VW * u);
                 as[l][u] += v;
                 aq[l][u] += v * v;
             }
     for (; p < p1; ++p)
         for (int64_t u = 0; u < nv; ++u) {
-            const v16 v = *(const v16 *)(xb + p * c + 16 * u);
+            const vf v = *(const vf *)(xb + p * c + VW * u);
             as[0][u] += v;
             aq[0][u] += v * v;
         }
     for (int64_t l = 0; l < lanes; ++l)
         for (int64_t u = 0; u < nv; ++u)
-            for (int64_t k = 0; k < 16; ++k) {
-                s[16 * u + k] += as[l][u][k];
-                q[16 * u + k] += aq[l][u][k];
+            for (int64_t k = 0; k < VW; ++k) {
+                s[VW * u + k] += as[l][u][k];
+                q[VW * u + k] += aq[l][u][k];
             }
 }
 
@@ -86,12 +117,12 @@ int ddpm_group_norm_act(const float *x, float *y, int64_t n, int64_t hw, int64_t
             for (int64_t p0 = 0; p0 < hw; p0 += BLOCK) {
                 const int64_t p1 = p0 + BLOCK < hw ? p0 + BLOCK : hw;
                 switch (c) { /* a constant channel count: the sums stay in vector registers */
-                case 16: sums16(xb, p0, p1, 1, s, q); continue;
-                case 32: sums16(xb, p0, p1, 2, s, q); continue;
-                case 48: sums16(xb, p0, p1, 3, s, q); continue;
-                case 64: sums16(xb, p0, p1, 4, s, q); continue;
-                case 96: sums16(xb, p0, p1, 6, s, q); continue;
-                case 128: sums16(xb, p0, p1, 8, s, q); continue;
+                case 16: sums16(xb, p0, p1, 16, s, q); continue;
+                case 32: sums16(xb, p0, p1, 32, s, q); continue;
+                case 48: sums16(xb, p0, p1, 48, s, q); continue;
+                case 64: sums16(xb, p0, p1, 64, s, q); continue;
+                case 96: sums16(xb, p0, p1, 96, s, q); continue;
+                case 128: sums16(xb, p0, p1, 128, s, q); continue;
                 }
                 for (int64_t k = 0; k < c; ++k) fs[k] = fq[k] = 0.f;
                 for (int64_t p = p0; p < p1; ++p) {
@@ -121,11 +152,11 @@ int ddpm_group_norm_act(const float *x, float *y, int64_t n, int64_t hw, int64_t
                     o[k] = ok;
                 }
             }
-            if (act && c % 16 == 0) { /* SiLU(v) = v / (1 + e^-v), 16 channels at a time */
+            if (act && c % 16 == 0) { /* SiLU(v) = v / (1 + e^-v), a vector of channels at a time */
                 for (int64_t p = 0; p < hw; ++p)
-                    for (int64_t k = 0; k < c; k += 16) {
-                        const v16 v = *(const v16 *)(a + k) * *(const v16 *)(xb + p * c + k) + *(const v16 *)(o + k);
-                        *(v16 *)(yb + p * c + k) = v / (1.f + expv(-v));
+                    for (int64_t k = 0; k < c; k += VW) {
+                        const vf v = *(const vf *)(a + k) * *(const vf *)(xb + p * c + k) + *(const vf *)(o + k);
+                        *(vf *)(yb + p * c + k) = v / (1.f + expv(-v));
                     }
                 continue;
             }
@@ -133,7 +164,7 @@ int ddpm_group_norm_act(const float *x, float *y, int64_t n, int64_t hw, int64_t
                 const float *xr = xb + p * c;
                 float *yr = yb + p * c;
                 if (act) {
-                    for (int64_t k = 0; k < c; ++k) { const float v = a[k] * xr[k] + o[k]; yr[k] = v / (1.f + expf(-v)); }
+                    for (int64_t k = 0; k < c; ++k) { const float v = a[k] * xr[k] + o[k]; yr[k] = v / (1.f + exps(-v)); }
                 } else {
 #pragma omp simd
                     for (int64_t k = 0; k < c; ++k) yr[k] = a[k] * xr[k] + o[k];
@@ -192,20 +223,20 @@ int ddpm_group_norm_act_backward(const float *x, const float *dy, float *dx, con
                     const float *xr = xb + p * c, *gr = gb + p * c;
                     float *dr = db + p * c;
                     if (act && c % 16 == 0) {
-                        for (int64_t k = 0; k < c; k += 16) {
-                            const v16 xv = *(const v16 *)(xr + k), u = *(const v16 *)(a + k) * xv + *(const v16 *)(o + k);
-                            const v16 sg = 1.f / (1.f + expv(-u));
-                            const v16 du = *(const v16 *)(gr + k) * sg * (1.f + u * (1.f - sg));
-                            *(v16 *)(dr + k) = du;
-                            *(v16 *)(fa + k) += du;
-                            *(v16 *)(fb + k) += du * (xv - *(const v16 *)(mk + k)) * *(const v16 *)(rk + k);
+                        for (int64_t k = 0; k < c; k += VW) {
+                            const vf xv = *(const vf *)(xr + k), u = *(const vf *)(a + k) * xv + *(const vf *)(o + k);
+                            const vf sg = 1.f / (1.f + expv(-u));
+                            const vf du = *(const vf *)(gr + k) * sg * (1.f + u * (1.f - sg));
+                            *(vf *)(dr + k) = du;
+                            *(vf *)(fa + k) += du;
+                            *(vf *)(fb + k) += du * (xv - *(const vf *)(mk + k)) * *(const vf *)(rk + k);
                         }
                         continue;
                     }
                     for (int64_t k = 0; k < c; ++k) {
                         float du = gr[k];
                         if (act) {
-                            const float u = a[k] * xr[k] + o[k], sg = 1.f / (1.f + expf(-u));
+                            const float u = a[k] * xr[k] + o[k], sg = 1.f / (1.f + exps(-u));
                             du *= sg * (1.f + u * (1.f - sg));
                         }
                         dr[k] = du;
@@ -260,40 +291,41 @@ static inline __attribute__((always_inline)) void one_head16(const float *q, con
 {
     for (int64_t r = 0; r < 16; ++r)
         for (int64_t e = 0; e < d; ++e) qt[e * 16 + r] = q[r * row + e];
-    v16 st[16]; /* st[j][r] = q_r . k_j */
-    for (int64_t j0 = 0; j0 < 16; j0 += 8) {
-        v16 acc[8];
-        for (int64_t i = 0; i < 8; ++i) acc[i] = (v16){0};
-        for (int64_t e = 0; e < d; ++e) {
-            const v16 qe = *(const v16 *)(qt + e * 16);
-            for (int64_t i = 0; i < 8; ++i) acc[i] += k[(j0 + i) * row + e] * qe;
+    vf st[16][16 / VW]; /* st[j][h][r] = q_{h VW + r} . k_j */
+    for (int64_t h = 0; h < 16 / VW; ++h)
+        for (int64_t j0 = 0; j0 < 16; j0 += 8) {
+            vf acc[8];
+            for (int64_t i = 0; i < 8; ++i) acc[i] = (vf){0};
+            for (int64_t e = 0; e < d; ++e) {
+                const vf qe = *(const vf *)(qt + e * 16 + h * VW);
+                for (int64_t i = 0; i < 8; ++i) acc[i] += k[(j0 + i) * row + e] * qe;
+            }
+            for (int64_t i = 0; i < 8; ++i) st[j0 + i][h] = acc[i];
         }
-        for (int64_t i = 0; i < 8; ++i) st[j0 + i] = acc[i];
+    for (int64_t h = 0; h < 16 / VW; ++h) { /* each query's softmax over the 16 keys */
+        vf mx = st[0][h], sum = (vf){0};
+        for (int64_t j = 1; j < 16; ++j) mx = maxv(st[j][h], mx);
+        for (int64_t j = 0; j < 16; ++j) {
+            st[j][h] = expv(st[j][h] - mx);
+            sum += st[j][h];
+        }
+        const vf inv = 1.f / sum;
+        for (int64_t j = 0; j < 16; ++j) *(vf *)(pt + j * 16 + h * VW) = st[j][h] * inv;
     }
-    v16 mx = st[0], sum = (v16){0};
-    for (int64_t j = 1; j < 16; ++j) {
-        const vi16 m = st[j] > mx;
-        mx = (v16)(((vi16)st[j] & m) | ((vi16)mx & ~m));
-    }
-    for (int64_t j = 0; j < 16; ++j) {
-        st[j] = expv(st[j] - mx);
-        sum += st[j];
-    }
-    const v16 inv = 1.f / sum;
-    for (int64_t j = 0; j < 16; ++j) *(v16 *)(pt + j * 16) = st[j] * inv;
-    const int64_t nv = d / 16;
-    for (int64_t r0 = 0; r0 < 16; r0 += 4) {
-        v16 acc[4][4];
-        for (int64_t i = 0; i < 16; ++i) acc[i / 4][i % 4] = (v16){0};
+    const int64_t nv = d / VW, rows = nv <= 4 ? 4 : 2; /* rows x nv accumulators stay in registers */
+    for (int64_t r0 = 0; r0 < 16; r0 += rows) {
+        vf acc[4][64 / VW];
+        for (int64_t i = 0; i < rows; ++i)
+            for (int64_t u = 0; u < nv; ++u) acc[i][u] = (vf){0};
         for (int64_t j = 0; j < 16; ++j) {
             const float *vj = v + j * row;
             for (int64_t u = 0; u < nv; ++u) {
-                const v16 vv = *(const v16 *)(vj + 16 * u);
-                for (int64_t i = 0; i < 4; ++i) acc[i][u] += pt[j * 16 + r0 + i] * vv;
+                const vf vv = *(const vf *)(vj + VW * u);
+                for (int64_t i = 0; i < rows; ++i) acc[i][u] += pt[j * 16 + r0 + i] * vv;
             }
         }
-        for (int64_t i = 0; i < 4; ++i)
-            for (int64_t u = 0; u < nv; ++u) *(v16 *)(out + (r0 + i) * ostride + 16 * u) = acc[i][u];
+        for (int64_t i = 0; i < rows; ++i)
+            for (int64_t u = 0; u < nv; ++u) *(vf *)(out + (r0 + i) * ostride + VW * u) = acc[i][u];
     }
 }
 
@@ -323,7 +355,7 @@ int ddpm_attention16(const float *qkv, float *out, int64_t n, int64_t heads, int
     return 0;
 }
 
-/* The widest vector instruction set this build was compiled for (-march=native decides): recorded with every
+/* The widest vector instruction set this build was compiled for (its -march decides): recorded with every
    model file and run that the kernels computed (ddpm/kernels.py, kernel_record). */
 const char *ddpm_isa(void)
 {

@@ -5,10 +5,14 @@ On a CPU a sampling forward spends about a third of its time outside the convolu
 about a quarter, in chains of small memory-bound passes (GroupNorm's statistics, the normalisation, the
 scale-shift, SiLU, their backwards, attention's tiny batched products) that eager PyTorch cannot fuse and
 inductor fuses into slower code here (docs/performance.md). ``kernels.c`` does each chain in one pass per
-image. It is built once per machine with the system C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``;
-with OpenMP, ``-O3 -march=native``) into a cache folder (``$DDPM_KERNEL_CACHE``, else
-``$XDG_CACHE_HOME/ddpm/kernels`` or ``~/.cache/ddpm/kernels``) under a name that hashes the source, the
-compiler and the CPU, and loaded with ``ctypes``.
+image. It is built with the system C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``; with OpenMP, ``-O3``)
+for one x86 instruction-set level, chosen when the library is loaded: the widest that the CPU runs
+(``avx512``: ``-march=x86-64-v4``; ``avx2``: ``-march=x86-64-v3``; ``sse``: ``-march=x86-64-v2``), or the one
+``$DDPM_KERNEL_ISA`` names (``native`` for ``-march=native``, the only choice on other architectures). So
+every CPU of a level runs the same library whichever machine built it, and the AVX2 and AVX-512 builds
+compute the same bits (lane-wise code, the same fused multiply-adds; tests/test_kernels.py). The build goes into a cache folder (``$DDPM_KERNEL_CACHE``,
+else ``$XDG_CACHE_HOME/ddpm/kernels`` or ``~/.cache/ddpm/kernels``) under a name that hashes the source, the
+compiler and the flags (and the CPU, for ``native``), and is loaded with ``ctypes``.
 
 Where it cannot be built (no compiler, no OpenMP), with ``DDPM_CPU_KERNELS=0``, or after :func:`disable` (the
 pipeline's ``fast: false``), :func:`library` returns None (a failed build says so once, as a warning) and every
@@ -35,7 +39,11 @@ __all__ = ["available", "group_norm_act", "group_norm_act_train", "attention16",
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("kernels.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC"]
+FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fPIC"]
+# x86 levels, widest first: the CPU flags each needs (Linux /proc/cpuinfo names) and its -march
+LEVELS = {"avx512": ({"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}, "x86-64-v4"),
+          "avx2": ({"avx2", "fma", "bmi2", "f16c", "movbe"}, "x86-64-v3"),
+          "sse": ({"sse4_2", "popcnt", "ssse3"}, "x86-64-v2")}
 _state: dict[str, object] = {}  # "lib": the library or None, once tried; "why": why None; "calls": how many ran
 
 
@@ -52,6 +60,26 @@ def _cpu_id() -> str:
         return platform.processor()
 
 
+def _is_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
+
+
+def target() -> tuple[str, str]:
+    """(level, -march) the kernels are built for here: ``$DDPM_KERNEL_ISA`` (avx512, avx2, sse or native) where
+    set, else the widest x86 level this CPU runs; ``native`` off x86. A level the CPU lacks raises ValueError."""
+    asked = os.environ.get("DDPM_KERNEL_ISA", "").strip().lower() or None
+    if asked not in (None, "native", *LEVELS):
+        raise ValueError(f"DDPM_KERNEL_ISA={asked!r}: allowed are native, {', '.join(LEVELS)}")
+    if asked == "native" or not _is_x86():
+        return "native", "native"
+    have = set(_cpu_id().split())
+    runs = [lvl for lvl, (need, _) in LEVELS.items() if need <= have]
+    if asked is not None and asked not in runs:
+        raise ValueError(f"DDPM_KERNEL_ISA={asked}: this CPU runs only {', '.join(runs) or 'baseline x86-64'}")
+    level = asked or (runs[0] if runs else "native")
+    return level, LEVELS[level][1] if level in LEVELS else "native"
+
+
 def _cache_dir() -> Path:
     if os.environ.get("DDPM_KERNEL_CACHE"):
         return Path(os.environ["DDPM_KERNEL_CACHE"])
@@ -59,12 +87,12 @@ def _cache_dir() -> Path:
     return Path(base) / "ddpm" / "kernels"
 
 
-def _build(cc: str, target: Path) -> None:
+def _build(cc: str, flags: list[str], target: Path) -> None:
     """Compile into a temporary file beside ``target``, renamed into place only when complete."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         lib = Path(tmp) / "kernels.so"
-        cmd = [cc, *FLAGS, "-shared", str(SOURCE), "-o", str(lib), "-lm"]
+        cmd = [cc, *flags, "-shared", str(SOURCE), "-o", str(lib), "-lm"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-600:]}")
@@ -83,14 +111,16 @@ def _load() -> ctypes.CDLL | None:
         log.warning("ddpm.nn.kernels: no C compiler ($CC, cc, gcc or clang) found; training and sampling keep PyTorch's ops")
         return _off("no C compiler")
     try:
+        level, march = target()
+        flags = [*FLAGS, f"-march={march}"]
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-        key = hashlib.sha256("\0".join([SOURCE.read_text(encoding="utf-8"), version, " ".join(FLAGS), platform.machine(),
-                                        _cpu_id()]).encode()).hexdigest()[:16]
-        target = _cache_dir() / f"kernels-{key}.so"
-        if not target.is_file():
-            _build(cc, target)
-        lib = ctypes.CDLL(str(target))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        key = hashlib.sha256("\0".join([SOURCE.read_text(encoding="utf-8"), version, " ".join(flags), platform.machine(),
+                                        _cpu_id() if march == "native" else ""]).encode()).hexdigest()[:16]
+        path = _cache_dir() / f"kernels-{level}-{key}.so"
+        if not path.is_file():
+            _build(cc, flags, path)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as e:
         log.warning("ddpm.nn.kernels: could not build the CPU kernels (%s); training and sampling keep PyTorch's ops", e)
         return _off(f"build failed: {str(e)[:200]}")
     i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
