@@ -9,7 +9,7 @@ Each aten call (the backward's too) is timed with ``time.perf_counter`` inside a
 the shares include a few microseconds of the mode's own cost per call; the wall time without the mode is
 printed above the table for comparison. The fused C kernels (``ddpm.nn.kernels``, called through ctypes, not
 aten) are timed the same way, as ``ddpm.<function>``. Eager, channels_last, as ``fast: true`` runs it on a CPU. The
-profiler is not used: it inflates oneDNN's convolutions (README "Performance").
+profiler is not used: it inflates oneDNN's convolutions (docs/performance.md).
 """
 from __future__ import annotations
 
