@@ -28,8 +28,8 @@ def test_push_clone_pull_is_up_to_date(tmp_path):
     params["sample"]["samplers"] = ["ddpm-eta0.0-3"]
     src, env = make_repo(tmp_path / "src", params)
     ran = ran_stages(run(["dvc", "repro"], src, env))
-    assert {"prepare", "featurizer", "train@linear-0", "sample@linear-0-ddpm-eta0.0-3", "fid", "report",
-            "track"} == ran, ran
+    assert {"prepare", "featurizer", "train@linear-0", "sample@linear-0-ddpm-eta0.0-3", "fid", "nll@linear-0",
+            "nll_table", "report", "track"} == ran, ran
     assert not (src / "checkpoints" / "linear").exists()  # removed after a finished run, never pushed
     run(["dvc", "remote", "add", "-d", "local", str(tmp_path / "remote")], src, env)
     run(["git", "add", "-A"], src, env)
