@@ -114,7 +114,7 @@ def test_pipeline_logs_runs_and_artifacts_to_a_shared_server(tmp_path, server):
     report = reports[0]
     stored = _files(_artifact_dir(server, report.info.artifact_uri))
     expected = {n: (path / "reports" / n).read_bytes() for n in ("report.md", "report.html", "fid.csv",
-                                                                  "fid_summary.json", "metrics.json")}
+                                                                  "fid_summary.json", "metrics.json", "nll.csv")}
     expected.update({f"figures/{n}": data for n, data in figures.items()})
     expected["comparisons/comparisons.csv"] = (path / "reports" / "comparisons.csv").read_bytes()  # the question table
     assert stored == expected
