@@ -119,6 +119,7 @@ def stratified_bound(model, process, x0: torch.Tensor, *, bin_width: float, n_t:
     lk = bound or _likelihood()
     if isinstance(model, torch.nn.Module) and model.training:
         raise ValueError("stratified_bound: call model.eval() first (dropout would change the bound)")
+    process = process.to(x0.device)
     B, T, dims = x0.shape[0], process.num_timesteps, x0[0].numel()
     edges = strata(T, n_t)
     n_t = len(edges) - 1
@@ -141,6 +142,7 @@ def exact_bound(model, process, x0: torch.Tensor, *, bin_width: float, generator
     """The same keys as :func:`stratified_bound` from ``bound_exact`` (all T terms): ``t`` [B, T-1] = 1..T-1,
     ``terms`` [B, T-1], ``weights`` ones."""
     lk = bound or _likelihood()
+    process = process.to(x0.device)
     out = lk.bound_exact(model, process, x0, bin_width=bin_width, generator=generator)
     dims, T = x0[0].numel(), process.num_timesteps
     terms = out["terms"].double()
