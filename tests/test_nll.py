@@ -32,7 +32,7 @@ def _known_terms(T: int, dims: int):
 
 
 def _setup(T=50, B=6):
-    process = types.SimpleNamespace(num_timesteps=T)
+    process = types.SimpleNamespace(num_timesteps=T, to=lambda device: process)  # the process interface they use
     x0 = torch.linspace(-1, 1, B * 4).reshape(B, 1, 2, 2)
     return process, x0, _known_terms(T, 4)
 
@@ -217,3 +217,14 @@ def test_track_puts_the_nll_row_on_the_train_run_once(tmp_path):
     assert got.metrics["nll_bpd"] == 3.17 and got.metrics["nll_bpd_hi"] == 3.21
     assert got.tags["nll_estimator"] == "stratified"
     assert mirror_nll(tk, row, {}, log) is False  # no train run for that model
+
+
+def test_both_bounds_run_the_process_on_the_images_device():
+    """A process made on the CPU scores CUDA images (found on an H200 by benchmarks/gpu_check.py): both bounds
+    ask the process for a copy on x0's device before indexing it with steps made there."""
+    asked = []
+    process, x0, lk = _setup()
+    process.to = lambda device: (asked.append(torch.device(device)), process)[1]
+    exact_bound(None, process, x0, bin_width=0.1, generator=None, bound=lk)
+    stratified_bound(None, process, x0, bin_width=0.1, n_t=6, bound=lk, generator=torch.Generator().manual_seed(0))
+    assert asked == [x0.device, x0.device]
