@@ -385,6 +385,16 @@ def test_kid_is_unbiased_mmd_with_cubic_kernel():
         fid.kid(x, y[:, :3])
 
 
+def test_kid_dense_path_matches_torchmetrics_subset_by_subset(monkeypatch):
+    """The kernel matrices formed once give every subset's MMD^2 as torchmetrics' per-subset loop does."""
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(90, 5)), rng.normal(size=(70, 5)) + 0.3
+    dense = fid.kid(x, y, n_subsets=7, subset_size=40, seed=5)
+    monkeypatch.setattr(fid, "KID_DENSE_MAX", 0)  # every subset through torchmetrics
+    loop = fid.kid(x, y, n_subsets=7, subset_size=40, seed=5)
+    assert dense == pytest.approx(loop, rel=1e-9) and dense[1] > 0
+
+
 def test_fid_infinity_removes_most_of_the_c_over_n_bias():
     """Gaussians (D = 32, as the digits ruler): the plug-in FID at N = 400 sits ~c/N above its N -> inf value
     (the target: N = 40,000 against the same reference); FID-infinity's mean over 6 draws is within a
