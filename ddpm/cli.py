@@ -2,7 +2,8 @@
 
     ddpm table [--experiment E] [--filter F] [--csv] [--seeds]   the comparison table of sample-set runs
     ddpm table --questions [--file F | --run RUN_ID]              the question table (paired, family-wise)
-    ddpm compare A B [--repo R]                                   B - A per configuration, paired by sample index
+    ddpm compare A B [--repo R] [--nll]                           B - A per configuration, paired by sample index
+                                                                  (--nll: bits/dim, paired per held-out image)
     ddpm import-pending FILE [--uri URI] [--root R]               replay what a stage could not send to MLflow
     ddpm serve [--port P]                                         `mlflow ui` on the project's store
 
@@ -21,8 +22,8 @@ from pathlib import Path
 
 from ddpm.app.tracking.pending import import_pending
 from ddpm.app.tracking.runs import _open_client
-from ddpm.app.tracking.table import (COMPARISONS_ARTIFACT, _print_comparisons, compare_revs, comparison_table,
-                                     experiments, seed_summary)
+from ddpm.app.tracking.table import (COMPARISONS_ARTIFACT, _print_comparisons, compare_nll_revs, compare_revs,
+                                     comparison_table, experiments, seed_summary)
 from ddpm.app.tracking.uris import default_tracking_uri, install_log_redaction, redact, redact_uri
 
 PROG = "ddpm"
@@ -51,6 +52,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--repo", default=".", help="the repository (default: the current directory)")
     c.add_argument("--n-boot", type=int, default=1000)
     c.add_argument("--csv", action="store_true", help="print CSV instead of a table")
+    c.add_argument("--nll", action="store_true", help="compare bits/dim (per held-out image, paired) instead of FID")
     p = sub.add_parser("import-pending", help="replay a Tracker's pending JSONL file")
     p.add_argument("file")
     p.add_argument("--uri", default=None, help=URI_HELP)
@@ -118,6 +120,8 @@ def _questions(args: argparse.Namespace, uri: str) -> int:
 
 
 def _compare(args: argparse.Namespace, uri: str) -> int:
+    if args.nll:
+        return _compare_nll(args)
     df = compare_revs(args.a, args.b, args.repo, n_boot=args.n_boot)
     if args.csv:
         sys.stdout.write(df.to_csv(index=False))
@@ -127,6 +131,19 @@ def _compare(args: argparse.Namespace, uri: str) -> int:
     print(f"B = {args.b}, A = {args.a}: FID(B) - FID(A) pooled over {len(df) - 1} configurations = "
           f"{pooled['effect']:.4g} [{pooled['lo']:.4g}, {pooled['hi']:.4g}], {pooled['verdict']} (Holm over "
           f"{len(df)} comparisons; {pooled['method']})")
+    return 0
+
+
+def _compare_nll(args: argparse.Namespace) -> int:
+    df = compare_nll_revs(args.a, args.b, args.repo)
+    if args.csv:
+        sys.stdout.write(df.to_csv(index=False))
+        return 0
+    _print_comparisons(df, ["question", "effect", "lo", "hi", "p", "p_holm", "verdict"])
+    pooled = df[df["kind"] == "pooled"].iloc[0]
+    print(f"B = {args.b}, A = {args.a}: bpd(B) - bpd(A) pooled over {len(df) - 1} models = {pooled['effect']:.4g} "
+          f"[{pooled['lo']:.4g}, {pooled['hi']:.4g}] bits/dim, {pooled['verdict']} (paired t over the held-out images, "
+          f"Holm over {len(df)} comparisons)")
     return 0
 
 

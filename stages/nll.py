@@ -3,7 +3,8 @@
 `python -m stages.nll <schedule> <seed>` (one DVC matrix item, run through `stages.item`) reads
 models/<schedule>/seed<seed>/model.pt and the first `nll.images` held-out images, and writes
 nll/<schedule>/seed<seed>/nll.npz: per image `bpd`, `prior`, `decoder`, `diffusion` (bits/dim), the drawn `t`
-and their `terms`, the stratum sizes `weights`; and `levels`, `bin_width`, `estimator`, `n_t`. A pure function
+and their `terms`, the stratum sizes `weights`; and `levels`, `bin_width`, `estimator`, `n_t` and
+`holdout_sha256` (the scored images, so that `ddpm compare A B --nll` pairs only the same images). A pure function
 of its inputs (no timings): the draws come from the top-level `seed`, the same for every model, so models compare
 by paired per-image differences (stages/nll_table.py). The decoder's bins are the data's: `levels` is read from
 data/prepared (meta.json's `levels`, else the train arrays' values), never assumed.
@@ -11,6 +12,7 @@ data/prepared (meta.json's `levels`, else the train arrays' values), never assum
 from __future__ import annotations
 
 import argparse
+import hashlib
 import time
 
 import numpy as np
@@ -45,6 +47,7 @@ def main() -> None:
     else:
         kernels.disable("fast: false")
     net = sampling_model(model, Speed.resolve(p.fast, device))
+    images_sha256 = hashlib.sha256(np.ascontiguousarray(held[:p.nll.images]).tobytes()).hexdigest()
     x0 = to_grid(held[:p.nll.images], levels).to(device=device, dtype=torch.float32)
     gen = torch.Generator(device=device).manual_seed(p.seed)
     start = time.perf_counter()
@@ -58,7 +61,8 @@ def main() -> None:
              time.perf_counter() - start)  # the time goes to the log only, never into the output
     save_arrays(nll_path(args.schedule, args.seed), **out, levels=np.int64(levels),
                 bin_width=np.float64(bin_width(levels)), estimator=np.str_(p.nll.estimator),
-                n_t=np.int64(p.nll.n_t if p.nll.estimator == "stratified" else process.num_timesteps - 1))
+                n_t=np.int64(p.nll.n_t if p.nll.estimator == "stratified" else process.num_timesteps - 1),
+                holdout_sha256=np.str_(images_sha256))  # the scored images: per-image pairing across experiments
 
 
 if __name__ == "__main__":

@@ -117,3 +117,38 @@ def test_table_questions_and_log_comparisons(tmp_path, capsys):
     assert client.get_run(run).data.metrics == {"questions": 2.0, "questions_resolved": float(resolved)}
     assert cli.main(["table", "--questions", "--run", run, "--uri", uri]) == 0
     assert f"{resolved} of 2 main effects resolved" in capsys.readouterr().out
+
+
+def _nll_commit(repo: Path, shift: float, images: str, msg: str) -> None:
+    """reports/nll.csv and nll/<schedule>/seed0/nll.npz of two schedules: bpd per image of 50 held-out images."""
+    rng = np.random.default_rng(7)
+    base = 3.0 + 0.4 * rng.normal(size=50)  # the images' own spread, shared by both sides
+    rows = []
+    for k, schedule in enumerate(("linear", "cosine")):
+        bpd = base + 0.1 * k + shift + 0.01 * np.random.default_rng(k + 10 * abs(int(shift * 100))).normal(size=50)
+        path = repo / "nll" / schedule / "seed0" / "nll.npz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, bpd=bpd, holdout_sha256=np.str_(images))
+        rows.append({"schedule": schedule, "seed": 0, "bpd": bpd.mean()})
+    (repo / "reports").mkdir(exist_ok=True)
+    pd.DataFrame(rows).to_csv(repo / "reports" / "nll.csv", index=False)
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", msg)
+
+
+def test_cli_compare_nll_pairs_per_image_and_refuses_other_images(tmp_path, capsys):
+    repo = tmp_path / "nllrepo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    _nll_commit(repo, 0.0, "a" * 64, "A")
+    _nll_commit(repo, -0.05, "a" * 64, "B: 0.05 bits/dim lower on every image")
+    assert cli.main(["compare", "HEAD~1", "HEAD", "--repo", str(repo), "--nll"]) == 0
+    out = capsys.readouterr().out
+    assert "linear/0: B - A" in out and "pooled over 2 models" in out and "B better" in out.splitlines()[-1]
+    df = tr.compare_nll_revs("HEAD~1", "HEAD", repo)
+    # the images' spread (0.4) cancels in the pairing: the interval is about the 0.01 noise, not the 0.4 spread
+    assert list(df["kind"]) == ["model", "model", "pooled"] and (df["verdict"] == "B better").all()
+    assert df["effect"].to_numpy() == pytest.approx(-0.05, abs=0.01) and (df["hi"] - df["lo"]).max() < 0.02
+    _nll_commit(repo, 0.0, "b" * 64, "C: scored on other images")
+    with pytest.raises(ValueError, match="held-out images differ"):
+        tr.compare_nll_revs("HEAD~1", "HEAD", repo)

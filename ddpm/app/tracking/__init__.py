@@ -9,11 +9,11 @@ name the files they run).
 from ddpm.app.tracking.pending import PendingError, import_pending, read_pending
 from ddpm.app.tracking.runs import (EXPERIMENT_TAGS, PENDING_PREFIX, WRITER_TAG, Tracker, TrackingError, eq_filter,
                                     filter_pairs, git_commit, kernel_tags, pending_file)
-from ddpm.app.tracking.table import (COMPARISONS_ARTIFACT, TABLE_COLUMNS, compare_revs, comparison_table,
-                                     experiments, log_comparisons, seed_summary)
+from ddpm.app.tracking.table import (COMPARISONS_ARTIFACT, TABLE_COLUMNS, compare_nll_revs, compare_revs,
+                                     comparison_table, experiments, log_comparisons, nll_cross_table, seed_summary)
 from ddpm.app.tracking.uris import default_tracking_uri, install_log_redaction, redact, redact_uri, sqlite_path
 
 __all__ = ["COMPARISONS_ARTIFACT", "EXPERIMENT_TAGS", "PENDING_PREFIX", "TABLE_COLUMNS", "WRITER_TAG", "PendingError",
-           "Tracker", "TrackingError", "compare_revs", "comparison_table", "default_tracking_uri", "eq_filter",
+           "Tracker", "TrackingError", "compare_nll_revs", "compare_revs", "comparison_table", "default_tracking_uri", "eq_filter",
            "experiments", "filter_pairs", "git_commit", "import_pending", "install_log_redaction", "kernel_tags",
-           "log_comparisons", "pending_file", "read_pending", "redact", "redact_uri", "seed_summary", "sqlite_path"]
+           "log_comparisons", "nll_cross_table", "pending_file", "read_pending", "redact", "redact_uri", "seed_summary", "sqlite_path"]

@@ -170,6 +170,66 @@ def compare_revs(rev_a: str, rev_b: str, repo: str | os.PathLike = ".", *, n_boo
     return compare.cross_table(ca, ra, cb, rb, n_boot=n_boot, seed=seed)
 
 
+def _nll_side(rev: str, repo) -> dict[tuple[str, int], dict]:
+    """Per-image bpd and the held-out images' hash of every model reports/nll.csv lists at ``rev``."""
+    import io
+    import tempfile
+
+    import pandas as pd
+
+    from ddpm.app.paths import load_arrays, nll_path
+
+    table = pd.read_csv(io.BytesIO(read_rev_file(rev, "reports/nll.csv", repo)))
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for schedule, seed in zip(table["schedule"], table["seed"]):
+            path = Path(tmp) / f"{schedule}-{seed}.npz"
+            path.write_bytes(read_rev_file(rev, nll_path(str(schedule), int(seed)).as_posix(), repo))
+            d = load_arrays(path)
+            out[(str(schedule), int(seed))] = {"bpd": d["bpd"], "images": str(d.get("holdout_sha256", ""))}
+    return out
+
+
+def compare_nll_revs(rev_a: str, rev_b: str, repo: str | os.PathLike = ".", alpha: float = 0.05):
+    """bpd(B) - bpd(A) per model and pooled, paired per held-out image (:func:`nll_cross_table`), from each side's
+    reports/nll.csv and nll/<schedule>/seed<k>/nll.npz. Refused unless both sides scored the same images (the
+    nll stage records their sha256)."""
+    a, b = _nll_side(rev_a, repo), _nll_side(rev_b, repo)
+    for key in (k for k in a if k in b):
+        ha, hb = a[key]["images"], b[key]["images"]
+        if not ha or ha != hb:
+            raise ValueError(f"nll of {'/'.join(map(str, key))}: the held-out images differ or are unrecorded "
+                             f"({rev_a}: {ha[:12] or 'none'}, {rev_b}: {hb[:12] or 'none'}); per-image pairing needs "
+                             "the same images (same seed, data and nll.images); rerun the nll stage on both sides")
+    return nll_cross_table({k: v["bpd"] for k, v in a.items()}, {k: v["bpd"] for k, v in b.items()}, alpha)
+
+
+def nll_cross_table(per_image_a: Mapping[tuple, np.ndarray], per_image_b: Mapping[tuple, np.ndarray],
+                alpha: float = 0.05) -> "pd.DataFrame":
+    """bpd(B) - bpd(A) for every model key (schedule, seed) on both sides, paired per held-out image, and pooled
+    (per image, the mean over those models of B - A); Holm over all rows. Columns: question, kind (``model`` |
+    ``pooled``), effect, lo, hi, p, p_holm, verdict (``A better``, ``B better`` or ``tie``; lower bpd wins).
+    Pairing needs the same images in the same order on both sides: the caller checks that."""
+    import numpy as np
+    import pandas as pd
+
+    from ddpm.metrics.compare import holm
+    from ddpm.metrics.nll import paired
+
+    common = [k for k in per_image_a if k in per_image_b]
+    if not common:
+        raise ValueError(f"no model in common: A has {list(per_image_a)[:3]}, B has {list(per_image_b)[:3]}")
+    rows = [{"question": f"{'/'.join(map(str, k))}: B - A", "kind": "model",
+             **paired(per_image_b[k], per_image_a[k])} for k in common]
+    pooled_b = np.mean([per_image_b[k] for k in common], axis=0)
+    pooled_a = np.mean([per_image_a[k] for k in common], axis=0)
+    rows.append({"question": f"all {len(common)} models: B - A", "kind": "pooled", **paired(pooled_b, pooled_a)})
+    df = pd.DataFrame(rows)
+    df["p_holm"] = holm(df["p"].to_numpy())
+    df["verdict"] = np.where(df["p_holm"] > alpha, "tie", np.where(df["effect"] < 0, "B better", "A better"))
+    return df
+
+
 def _print_comparisons(df, columns: list[str]) -> None:
     import pandas as pd
 
