@@ -82,7 +82,8 @@ class GaussianDiffusion(nn.Module):
                                       "min_snr_gamma": min_snr_gamma if min_snr_loss_weight else None,
                                       "variance": variance}, source="GaussianDiffusion")
         pr = self.process  # lambda of L_hybrid is a training setting, not part of the model's description
-        self.process = GaussianProcess(pr.betas64, pr.objective, pr.min_snr_gamma, pr.device, pr.variance, vb_loss_weight)
+        self.process = GaussianProcess(pr.betas64, pr.objective, pr.min_snr_gamma, pr.device, pr.variance, vb_loss_weight,
+                                       pr.decoder_bin_width)
         self.num_timesteps = timesteps
         self.sampling_timesteps = timesteps if sampling_timesteps is None else sampling_timesteps
         if not 1 <= self.sampling_timesteps <= timesteps:

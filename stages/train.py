@@ -37,9 +37,11 @@ from ddpm.training.checkpoint import (build, latest_valid_checkpoint, remove_run
 from ddpm.app.config import load_params, resolve_device
 from ddpm.data.convert import model_to_uint8
 from ddpm.metrics.features import load_featurizer
+from ddpm.metrics.nll import data_levels
 from ddpm.metrics.fid import feature_statistics, fid_from_images, frechet_distance
 from ddpm.io import atomic_path
-from ddpm.app.paths import FEATURIZER, FID_CURVE_CSV, LOSS_CSV, PREPARED, TRAIN_JSON, checkpoint_dir, load_arrays, model_dir, setup_logging, write_json
+from ddpm.app.paths import (FEATURIZER, FID_CURVE_CSV, LOSS_CSV, PREPARED, TRAIN_JSON, checkpoint_dir, load_arrays,
+                            model_dir, read_json, setup_logging, write_json)
 from ddpm.io import file_sha256
 from ddpm.diffusion.samplers import StepRule, sample_images
 from ddpm.nn.speed import Speed, tune_allocator
@@ -203,7 +205,8 @@ def run(schedule: str, seed: int, p, device: torch.device, log) -> None:
                     p.train.nproc_per_node, world)
     images = torch.from_numpy(load_arrays(PREPARED / "train.npz")["images"])
     shape = tuple(images.shape[1:])
-    meta = spec_from_params(p, schedule, shape, seed)
+    levels = data_levels(images.numpy(), read_json(PREPARED / "meta.json"))  # L_vlb's decoder bins (learned variances)
+    meta = spec_from_params(p, schedule, shape, seed, levels)
     with torch.random.fork_rng(devices=[]):  # initial weights from the training seed, the global RNG untouched
         torch.manual_seed(seed)
         model, process = build(meta)

@@ -115,14 +115,29 @@ def test_descriptions_record_the_variance_and_old_files_load_as_fixed_small(repo
     raw = yaml.safe_load((repo_root / "params.yaml").read_text())
     raw["diffusion"]["variance"] = "learned_range"
     raw["model"].update(dim=8, dim_mults=[1], attn_heads=1, attn_dim_head=8)
-    spec = spec_from_params(params_from_dict(raw), "cosine", (1, 8, 8), 0)
+    spec = spec_from_params(params_from_dict(raw), "cosine", (1, 8, 8), 0, levels=17)
     model, process = build(spec)
     assert process.variance == "learned_range" and model.out_dim == 2
+    # L_vlb's decoder bins are the data's (digits: 17 levels, 2/16 wide), recorded in the description
+    assert spec["diffusion"]["decoder_bin_width"] == process.decoder_bin_width == 2 / 16
     assert model(torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long)).shape == (2, 2, 8, 8)
     meta = model_metadata(model, process, "cosine", (1, 8, 8))
     assert meta["diffusion"]["variance"] == "learned_range"
     save_model(tmp_path / "m.pt", meta, model, 3)
     assert load_model(tmp_path / "m.pt")[1].variance == "learned_range"
+    assert load_model(tmp_path / "m.pt")[1].decoder_bin_width == 2 / 16
+    bad = torch.load(tmp_path / "m.pt", weights_only=True)
+    bad["diffusion"]["decoder_bin_width"] = 5.0
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=r"diffusion.decoder_bin_width: got 5.0; allowed: a number in \(0, 2\]"):
+        load_model(tmp_path / "bad.pt")
+    # the bins enter L_hybrid's t = 0 term: the same output scores differently under 2/16 and 2/255 bins
+    x0 = torch.rand(2, 1, 8, 8) * 2 - 1
+    out = torch.randn(2, 2, 8, 8)
+    coarse = process._vlb_bits(out, x0, x0, torch.zeros(2, dtype=torch.long))
+    fine = process.to("cpu")
+    fine.decoder_bin_width = 2 / 255
+    assert not torch.allclose(coarse, fine._vlb_bits(out, x0, x0, torch.zeros(2, dtype=torch.long)))
     old = torch.load(tmp_path / "m.pt", weights_only=True)
     del old["diffusion"]["variance"]
     old["model_config"]["out_dim"] = 1

@@ -40,11 +40,14 @@ class GaussianProcess:
         device: torch.device | str = "cpu",
         variance: str = "fixed_small",
         vb_loss_weight: float = 0.001,
+        decoder_bin_width: float = 2 / 255,
     ) -> None:
         if variance not in VARIANCES:
             raise ValueError(f"unknown variance {variance!r}; allowed: {', '.join(VARIANCES)}")
         if not (isinstance(vb_loss_weight, (int, float)) and 0 <= vb_loss_weight < float("inf")):
             raise ValueError(f"vb_loss_weight must be a number >= 0, got {vb_loss_weight!r}")
+        if not (isinstance(decoder_bin_width, (int, float)) and 0 < decoder_bin_width <= 2):
+            raise ValueError(f"decoder_bin_width must be in (0, 2] (the data's bins in [-1, 1]), got {decoder_bin_width!r}")
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {objective!r}; allowed: {', '.join(OBJECTIVES)}")
         if min_snr_gamma is not None and min_snr_gamma <= 0:
@@ -55,6 +58,7 @@ class GaussianProcess:
         self.objective = objective
         self.variance = variance
         self.vb_loss_weight = float(vb_loss_weight)  # lambda of L_hybrid (Nichol & Dhariwal Sec. 3.1); learned only
+        self.decoder_bin_width = float(decoder_bin_width)  # L_0's bins in L_vlb: 2 / (levels - 1) of the data
         self.min_snr_gamma = min_snr_gamma
         self.device = torch.device(device)
         self.betas64 = betas
@@ -78,7 +82,7 @@ class GaussianProcess:
         if torch.device(device) == self.device:
             return self
         return GaussianProcess(self.betas64, self.objective, self.min_snr_gamma, device, self.variance,
-                               self.vb_loss_weight)
+                               self.vb_loss_weight, self.decoder_bin_width)
 
     @property
     def learned_variance(self) -> bool:
@@ -129,10 +133,10 @@ class GaussianProcess:
     def _vlb_bits(self, out: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """L_t [B] in bits/dim with the mean's gradient stopped: only Sigma learns from it (Nichol & Dhariwal Sec. 3.1,
         improved-diffusion's ``frozen_out``). T * L_t estimates L_vlb = sum_t L_t; the decoder's bins at t = 0 are
-        improved-diffusion's 2/255 (the loss does not know the data; the bound evaluated later uses the data's)."""
+        ``decoder_bin_width``: the data's (2/16 for digits' 17 levels; improved-diffusion's 2/255 for 8-bit data)."""
         C = x0.shape[1]
         frozen = torch.cat([out[:, :C].detach(), out[:, C:]], dim=1)
-        nats = vb_terms_from_output(self, frozen, x0, x_t, t, bin_width=2 / 255, clip_denoised=False)
+        nats = vb_terms_from_output(self, frozen, x0, x_t, t, bin_width=self.decoder_bin_width, clip_denoised=False)
         return (nats / (LN2 * x0[0].numel())).float()
 
     def sample_timesteps(self, batch: int, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:

@@ -258,7 +258,8 @@ def model_metadata(model: nn.Module, process: GaussianProcess, schedule: str, im
         "model_config": config,
         "diffusion": {"schedule": schedule, "timesteps": process.num_timesteps, "objective": process.objective,
                       "zero_terminal_snr": zero_terminal_snr, "min_snr_gamma": process.min_snr_gamma,
-                      "clip_denoised": clip_denoised, "variance": process.variance},
+                      "clip_denoised": clip_denoised, "variance": process.variance,
+                      **({"decoder_bin_width": process.decoder_bin_width} if process.learned_variance else {})},
         "image_shape": list(image_shape),
         "params": params or {},
     }
@@ -273,7 +274,8 @@ def _int(v: Any, lo: int, hi: int) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
 
 
-def _diffusion_problems(d: Any, required: tuple[str, ...], checked: tuple[str, ...] = DIFFUSION_KEYS) -> list[str]:
+def _diffusion_problems(d: Any, required: tuple[str, ...],
+                        checked: tuple[str, ...] = (*DIFFUSION_KEYS, "decoder_bin_width")) -> list[str]:
     if not isinstance(d, dict):
         return [f"diffusion: got {show(d)}; allowed: a mapping with {', '.join(DIFFUSION_KEYS)}"]
     out = [f"diffusion.{k}: missing key" for k in required if k not in d]
@@ -286,6 +288,7 @@ def _diffusion_problems(d: Any, required: tuple[str, ...], checked: tuple[str, .
                           "null or a number > 0"),
         "clip_denoised": (lambda v: isinstance(v, bool), "true or false"),
         "variance": (lambda v: v in VARIANCES, ", ".join(VARIANCES)),
+        "decoder_bin_width": (lambda v: isinstance(v, float) and 0 < v <= 2, "a number in (0, 2]"),
     }
     for key, (ok, allowed) in checks.items():
         if key in d and key in checked and not ok(d[key]):
@@ -355,7 +358,8 @@ def build_process(diffusion: dict[str, Any], device: torch.device | str = "cpu",
         raise ValueError(f"{source}: {'; '.join(problems)}")
     betas = get_beta_schedule(diffusion["schedule"], diffusion["timesteps"], diffusion.get("zero_terminal_snr", False))
     return GaussianProcess(betas, diffusion.get("objective", "pred_noise"), diffusion.get("min_snr_gamma"), device,
-                           diffusion.get("variance", "fixed_small"))
+                           diffusion.get("variance", "fixed_small"),
+                           decoder_bin_width=diffusion.get("decoder_bin_width", 2 / 255))
 
 
 def build(spec: dict[str, Any], device: torch.device | str = "cpu", source: str = "description"
@@ -373,9 +377,12 @@ def build(spec: dict[str, Any], device: torch.device | str = "cpu", source: str 
     return model.to(device), build_process(spec["diffusion"], device, source)
 
 
-def spec_from_params(p: Any, schedule: str, image_shape: tuple[int, ...], train_seed: int) -> dict[str, Any]:
-    """The description of a pipeline model: the UNet of ``p.model`` under ``schedule`` and ``p.diffusion``."""
+def spec_from_params(p: Any, schedule: str, image_shape: tuple[int, ...], train_seed: int,
+                     levels: int = 256) -> dict[str, Any]:
+    """The description of a pipeline model: the UNet of ``p.model`` under ``schedule`` and ``p.diffusion``; with
+    learned variances also the decoder's bin width 2 / (levels - 1) that L_vlb uses (the data's quantization)."""
     m, d = p.model, p.diffusion
+    learned = {"decoder_bin_width": 2.0 / (levels - 1)} if d.variance == "learned_range" else {}
     return {
         "model_class": class_name(Unet),
         "model_config": dict(dim=m.dim, dim_mults=list(m.dim_mults), channels=image_shape[0], dropout=m.dropout,
@@ -383,7 +390,7 @@ def spec_from_params(p: Any, schedule: str, image_shape: tuple[int, ...], train_
                              **({"out_dim": 2 * image_shape[0]} if d.variance == "learned_range" else {})),
         "diffusion": {"schedule": schedule, "timesteps": p.timesteps, "objective": d.objective,
                       "zero_terminal_snr": d.zero_terminal_snr, "min_snr_gamma": d.min_snr_gamma,
-                      "clip_denoised": d.clip_denoised, "variance": d.variance},
+                      "clip_denoised": d.clip_denoised, "variance": d.variance, **learned},
         "image_shape": list(image_shape),
         "params": p.to_dict(),
         "train_seed": train_seed,
