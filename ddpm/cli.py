@@ -120,30 +120,20 @@ def _questions(args: argparse.Namespace, uri: str) -> int:
 
 
 def _compare(args: argparse.Namespace, uri: str) -> int:
-    if args.nll:
-        return _compare_nll(args)
-    df = compare_revs(args.a, args.b, args.repo, n_boot=args.n_boot)
+    if args.nll:  # bits/dim per model, paired per held-out image
+        df = compare_nll_revs(args.a, args.b, args.repo)
+        what, unit, method = "bpd(B) - bpd(A)", "models", "paired t over the held-out images"
+    else:  # FID per configuration, paired by sample index
+        df = compare_revs(args.a, args.b, args.repo, n_boot=args.n_boot)
+        what, unit, method = "FID(B) - FID(A)", "configurations", None
     if args.csv:
         sys.stdout.write(df.to_csv(index=False))
         return 0
     _print_comparisons(df, ["question", "effect", "lo", "hi", "p", "p_holm", "verdict"])
     pooled = df[df["kind"] == "pooled"].iloc[0]
-    print(f"B = {args.b}, A = {args.a}: FID(B) - FID(A) pooled over {len(df) - 1} configurations = "
-          f"{pooled['effect']:.4g} [{pooled['lo']:.4g}, {pooled['hi']:.4g}], {pooled['verdict']} (Holm over "
-          f"{len(df)} comparisons; {pooled['method']})")
-    return 0
-
-
-def _compare_nll(args: argparse.Namespace) -> int:
-    df = compare_nll_revs(args.a, args.b, args.repo)
-    if args.csv:
-        sys.stdout.write(df.to_csv(index=False))
-        return 0
-    _print_comparisons(df, ["question", "effect", "lo", "hi", "p", "p_holm", "verdict"])
-    pooled = df[df["kind"] == "pooled"].iloc[0]
-    print(f"B = {args.b}, A = {args.a}: bpd(B) - bpd(A) pooled over {len(df) - 1} models = {pooled['effect']:.4g} "
-          f"[{pooled['lo']:.4g}, {pooled['hi']:.4g}] bits/dim, {pooled['verdict']} (paired t over the held-out images, "
-          f"Holm over {len(df)} comparisons)")
+    print(f"B = {args.b}, A = {args.a}: {what} pooled over {len(df) - 1} {unit} = {pooled['effect']:.4g} "
+          f"[{pooled['lo']:.4g}, {pooled['hi']:.4g}], {pooled['verdict']} (Holm over {len(df)} comparisons; "
+          f"{method or pooled['method']})")
     return 0
 
 
