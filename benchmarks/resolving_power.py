@@ -14,7 +14,8 @@ Subcommands (each prints what it measured; `--out FILE` also writes it there, he
            paired machinery (they share no noise: independent index draws; one shared reference); the rate
            declared different at 95% with its Clopper-Pearson interval.
   seeds    question tables of one training seed (seed 0) and of all seeds (t over seeds, ddpm.metrics.compare.estimate);
-           how many single-seed verdicts survive.
+           how many single-seed verdicts survive. Also reads a pipeline's reports/features.npz (e.g. of
+           `dvc exp run -S 'seeds=[0,1,2]'`).
   flips    question tables of two draw files (e.g. one drawn under ATEN_CPU_CAPABILITY=default
            ONEDNN_MAX_CPU_ISA=SSE41) at one n: verdicts that differ.
 """
@@ -107,7 +108,10 @@ def _load(files) -> tuple[dict, np.ndarray, dict]:
             raise SystemExit(f"{f}: another reference set")
         cells.update(c)
         ref = r
-        t = json.loads(Path(f).with_suffix(".json").read_text())
+        side = Path(f).with_suffix(".json")  # a draw's timings; a pipeline's reports/features.npz has none
+        if not side.is_file():
+            continue
+        t = json.loads(side.read_text())
         timing["rates"] += [t["matmul_gflops_before"], t["matmul_gflops_after"]]
         for run in t["runs"]:
             timing["chunks"].update(run["chunks"])
@@ -140,6 +144,8 @@ def _sampling_seconds(timing: dict, n: int) -> float:
 
 def cmd_power(a, p) -> str:
     cells, ref, run = _load(a.features)
+    if not run["rates"]:
+        raise SystemExit("power needs the timings of a draw (the .json `draw` writes beside its features file)")
     rate = float(np.mean(run["rates"]))
     lines = [f"matmul rate during the draws (before / after each): {', '.join(f'{r:.0f}' for r in run['rates'])} "
              f"GFLOP/s (mean {rate:.0f}); costs scaled to {SLOWEST:.0f} GFLOP/s by x {rate / SLOWEST:.2f}",
