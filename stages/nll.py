@@ -47,8 +47,9 @@ def main() -> None:
     else:
         kernels.disable("fast: false")
     net = sampling_model(model, Speed.resolve(p.fast, device))
-    images_sha256 = hashlib.sha256(np.ascontiguousarray(held[:p.nll.images]).tobytes()).hexdigest()
-    x0 = to_grid(held[:p.nll.images], levels).to(device=device, dtype=torch.float32)
+    scored = np.ascontiguousarray(held[:p.nll.images])
+    images_sha256 = hashlib.sha256(scored.tobytes()).hexdigest()
+    x0 = to_grid(scored, levels).to(device=device, dtype=torch.float32)
     gen = torch.Generator(device=device).manual_seed(p.seed)
     start = time.perf_counter()
     if p.nll.estimator == "exact":

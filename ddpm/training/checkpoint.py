@@ -31,6 +31,7 @@ import torch.nn as nn
 
 from ddpm import limits
 from ddpm.app.config import _CAPS as CAPS, MAX_TIMESTEPS, show
+from ddpm.diffusion.likelihood import bin_width
 from ddpm.diffusion.process import GaussianProcess
 from ddpm.io import atomic_torch_save
 from ddpm.app.names import OBJECTIVES, SCHEDULES, VARIANCES
@@ -357,9 +358,9 @@ def build_process(diffusion: dict[str, Any], device: torch.device | str = "cpu",
     if problems:
         raise ValueError(f"{source}: {'; '.join(problems)}")
     betas = get_beta_schedule(diffusion["schedule"], diffusion["timesteps"], diffusion.get("zero_terminal_snr", False))
+    bins = {"decoder_bin_width": diffusion["decoder_bin_width"]} if "decoder_bin_width" in diffusion else {}
     return GaussianProcess(betas, diffusion.get("objective", "pred_noise"), diffusion.get("min_snr_gamma"), device,
-                           diffusion.get("variance", "fixed_small"),
-                           decoder_bin_width=diffusion.get("decoder_bin_width", 2 / 255))
+                           diffusion.get("variance", "fixed_small"), **bins)
 
 
 def build(spec: dict[str, Any], device: torch.device | str = "cpu", source: str = "description"
@@ -382,7 +383,7 @@ def spec_from_params(p: Any, schedule: str, image_shape: tuple[int, ...], train_
     """The description of a pipeline model: the UNet of ``p.model`` under ``schedule`` and ``p.diffusion``; with
     learned variances also the decoder's bin width 2 / (levels - 1) that L_vlb uses (the data's quantization)."""
     m, d = p.model, p.diffusion
-    learned = {"decoder_bin_width": 2.0 / (levels - 1)} if d.variance == "learned_range" else {}
+    learned = {"decoder_bin_width": bin_width(levels)} if d.variance == "learned_range" else {}
     return {
         "model_class": class_name(Unet),
         "model_config": dict(dim=m.dim, dim_mults=list(m.dim_mults), channels=image_shape[0], dropout=m.dropout,

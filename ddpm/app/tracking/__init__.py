@@ -14,6 +14,7 @@ from ddpm.app.tracking.table import (COMPARISONS_ARTIFACT, TABLE_COLUMNS, compar
 from ddpm.app.tracking.uris import default_tracking_uri, install_log_redaction, redact, redact_uri, sqlite_path
 
 __all__ = ["COMPARISONS_ARTIFACT", "EXPERIMENT_TAGS", "PENDING_PREFIX", "TABLE_COLUMNS", "WRITER_TAG", "PendingError",
-           "Tracker", "TrackingError", "compare_nll_revs", "compare_revs", "comparison_table", "default_tracking_uri", "eq_filter",
-           "experiments", "filter_pairs", "git_commit", "import_pending", "install_log_redaction", "kernel_tags",
-           "log_comparisons", "nll_cross_table", "pending_file", "read_pending", "redact", "redact_uri", "seed_summary", "sqlite_path"]
+           "Tracker", "TrackingError", "compare_nll_revs", "compare_revs", "comparison_table", "default_tracking_uri",
+           "eq_filter", "experiments", "filter_pairs", "git_commit", "import_pending", "install_log_redaction",
+           "kernel_tags", "log_comparisons", "nll_cross_table", "pending_file", "read_pending", "redact", "redact_uri",
+           "seed_summary", "sqlite_path"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -204,8 +205,8 @@ def compare_nll_revs(rev_a: str, rev_b: str, repo: str | os.PathLike = ".", alph
     return nll_cross_table({k: v["bpd"] for k, v in a.items()}, {k: v["bpd"] for k, v in b.items()}, alpha)
 
 
-def nll_cross_table(per_image_a: Mapping[tuple, np.ndarray], per_image_b: Mapping[tuple, np.ndarray],
-                alpha: float = 0.05) -> "pd.DataFrame":
+def nll_cross_table(per_image_a: Mapping[tuple, "np.ndarray"], per_image_b: Mapping[tuple, "np.ndarray"],
+                    alpha: float = 0.05) -> "pd.DataFrame":
     """bpd(B) - bpd(A) for every model key (schedule, seed) on both sides, paired per held-out image, and pooled
     (per image, the mean over those models of B - A); Holm over all rows. Columns: question, kind (``model`` |
     ``pooled``), effect, lo, hi, p, p_holm, verdict (``A better``, ``B better`` or ``tie``; lower bpd wins).
