@@ -13,7 +13,7 @@ import pandas as pd
 from ddpm.metrics import compare
 from ddpm.app.config import load_params, resolve_device
 from ddpm.metrics.features import extract_features, load_featurizer
-from ddpm.metrics.fid import fid_from_features, fid_infinity, fid_interval, kid
+from ddpm.metrics.fid import fid_from_features, fid_infinity, fid_interval, kid, perfect_model_fid
 from ddpm.metrics.prdc import METRICS as PRDC, prdc_with_intervals
 from ddpm.io import atomic_path
 from ddpm.app.names import sampler_label
@@ -24,6 +24,10 @@ COLUMNS = ["schedule", "sampler", "eta", "steps", "fid", "n_samples", "features"
 INTERVAL = "95% bootstrap interval for E[FID] at n_samples (basic bootstrap of both feature sets, 200 resamples)"
 FID_INF = ("fid_inf: FID-infinity (Chong & Forsyth 2020): the line FID(k) = a + b / k fitted to subsets of k of the n "
            "features, extrapolated to 1 / k = 0; comparable across n (the reference's own bias stays in every value)")
+FLOOR = ("fid_floor: what a perfect model (n i.i.d. draws of the data) is expected to score against this reference, "
+         "first order: fid_floor_inf + slope / n; slope = the FID-infinity slope of random subsets of the held-out "
+         "images, fid_floor_inf = the reference's own error, the 1/M share of the held-out plug-in (ddpm.metrics.fid."
+         "perfect_model_fid); interval: normal, half-sample variance of the held-out set")
 PRDC_NOTE = ("precision, recall (Kynkaanniemi et al. 2019), density, coverage (Naeem et al. 2020): prdc.compute_prdc "
              "with k = 5 against the FID reference; intervals: the FID interval's bootstrap, same resamples")
 N_BOOT = 1000  # replicates of the paired bootstrap (18 cells: about 3 s)
@@ -39,19 +43,17 @@ def measure(feats, ref_feats) -> dict[str, float]:
 
 
 def floor_at(held, ref_feats, n: int) -> tuple[dict[str, float], int]:
-    """The real-vs-real floor at n samples and the held-out count it was measured on: measured on n held-out
-    images when there are as many; else on all m of them and carried from m to n along their FID-infinity
-    line (its value at n; the interval shifted with it, its width that of m images: conservative)."""
+    """The floor at n samples and the held-out count it was measured on: FID from ddpm.metrics.fid.perfect_model_fid
+    (what a perfect model scores at n, any n); KID and precision/recall/density/coverage of min(n, m) held-out
+    images against the reference."""
     m = min(n, len(held))
     floor = measure(held[:m], ref_feats)
-    if m < n:
-        a, b = fid_infinity(held[:m], ref_feats)
-        if a != a:  # NaN: too few held-out images for the fit
-            raise SystemExit(f"sample.n_samples: got {n}, but the held-out set of {m} images is too small to carry the "
-                             f"FID floor to n; allowed: at most {m} (or raise data.holdout_fraction)")
-        shift = a + b / n - floor["fid"]
-        floor.update(fid=floor["fid"] + shift, fid_lo=max(floor["fid_lo"] + shift, 0.0), fid_hi=floor["fid_hi"] + shift)
-    return floor, m
+    try:
+        fid = perfect_model_fid(held, ref_feats, n)
+    except ValueError as e:
+        raise SystemExit(f"sample.n_samples={n}: {e} (raise data.holdout_fraction)") from None
+    floor.update(fid=fid["fid"], fid_lo=fid["lo"], fid_hi=fid["hi"], fid_inf=fid["inf"])
+    return floor, len(held)
 
 
 def _images(schedule, seed, s, n):
@@ -100,7 +102,7 @@ def main() -> None:
         "features": features, "fid_floor": floor["fid"], "fid_floor_lo": floor["fid_lo"],
         "fid_floor_hi": floor["fid_hi"], "kid_floor": floor["kid"], "kid_floor_std": floor["kid_std"],
         "n_samples": n, "interval": INTERVAL, "fid_floor_inf": floor["fid_inf"], "fid_floor_real_images": floor_real,
-        "fid_inf": FID_INF, "prdc": PRDC_NOTE, **{f"{m}_floor": floor[m] for m in PRDC}})
+        "fid_inf": FID_INF, "floor": FLOOR, "prdc": PRDC_NOTE, **{f"{m}_floor": floor[m] for m in PRDC}})
     write_comparisons(p, cells, ref_feats, features)
 
 

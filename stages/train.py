@@ -1,7 +1,7 @@
 """train: one model per beta schedule and training seed (`python -m stages.train <schedule> <seed>`).
 
 Writes models/<schedule>/seed<k>/model.pt (the exported inference model: description and EMA weights),
-loss.csv, fid_curve.csv (step, fid, floor: the real-vs-real FID at the curve's own sample count) and
+loss.csv, fid_curve.csv (step, fid, floor: what a perfect model scores at the curve's own sample count) and
 train.json (no timings: those go to MLflow); resumes from checkpoints/<schedule>/seed<k>/ after an
 interruption. That folder is not a DVC output (DVC leaves undeclared files alone, so they survive a
 failed run); once training is done the run deletes its own checkpoints there and keeps other runs'.
@@ -38,7 +38,7 @@ from ddpm.app.config import load_params, resolve_device
 from ddpm.data.convert import model_to_uint8
 from ddpm.metrics.features import load_featurizer
 from ddpm.metrics.nll import data_levels
-from ddpm.metrics.fid import feature_statistics, fid_from_images, frechet_distance
+from ddpm.metrics.fid import fid_from_images, perfect_model_fid
 from ddpm.io import atomic_path
 from ddpm.app.paths import (FEATURIZER, FID_CURVE_CSV, LOSS_CSV, PREPARED, TRAIN_JSON, checkpoint_dir, load_arrays,
                             model_dir, read_json, setup_logging, write_json)
@@ -121,18 +121,22 @@ def repro_on_node0(schedule: str, seed: int, p, nodes: "dist.Nodes", log) -> int
 
 class FidCurve:
     """``on_eval``: FID of the EMA model during training, in the featurizer's space, against the train-split
-    statistics, from ``train.fid_samples`` images; ``floor`` is the real-vs-real FID at that same count."""
+    statistics, from ``train.fid_samples`` images; ``floor`` is what a perfect model scores at that count
+    (ddpm.metrics.fid.perfect_model_fid)."""
 
     def __init__(self, p, process, shape, device, speed, tracker: Tracker, run_id: str, log) -> None:
         self.p, self.process, self.shape, self.device, self.speed = p, process, shape, device, speed
         self.tracker, self.run_id, self.log = tracker, run_id, log
         self.featurizer = load_featurizer(FEATURIZER / "featurizer.pt", device=str(device))
         self.ref = load_arrays(FEATURIZER / "reference.npz")
-        n, held = p.train.fid_samples, self.ref["holdout_features"]
-        if p.train.fid_every and len(held) < n:
-            raise SystemExit(f"train.fid_samples: got {n}, but the held-out set has only {len(held)} images and the "
-                             f"curve's floor needs as many; allowed: at most {len(held)}")
-        self.floor = frechet_distance(*feature_statistics(held[:n]), self.ref["mu"], self.ref["sigma"])
+        self.floor = float("nan")
+        if p.train.fid_every:  # what a perfect model scores at the curve's sample count (ddpm.metrics.fid)
+            try:
+                self.floor = perfect_model_fid(self.ref["holdout_features"], self.ref["train_features"],
+                                               p.train.fid_samples)["fid"]
+            except ValueError as e:
+                raise SystemExit(f"train.fid_samples={p.train.fid_samples}: {e} "
+                                 "(raise data.holdout_fraction)") from None
 
     def __call__(self, step: int, ema_model: torch.nn.Module) -> dict[str, float]:
         t, d = self.p.train, self.p.diffusion

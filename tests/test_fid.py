@@ -421,20 +421,60 @@ def test_fid_infinity_removes_most_of_the_c_over_n_bias():
     assert np.isnan(fid_infinity(x[:34], ref)[0])  # N too small for D: no fit
 
 
-def test_the_floor_is_stated_at_n_even_beyond_the_held_out_set():
-    """stages/fid.py's floor: measured on n held-out images when there are as many (as before), else on all m
-    of them and carried to n along their FID-infinity line: lower than at m, above the extrapolated value."""
+def _classes(rng, d=8, k=10):
+    """Class means and a shared covariance factor: a digits-like mixture whose class mix weighs on FID."""
+    return rng.normal(size=(k, d)) * 3.0, rng.normal(size=(d, d)) / np.sqrt(d) + 0.3 * np.eye(d)
+
+
+def _draw(rng, means, factor, counts):
+    return np.concatenate([mu + rng.normal(size=(c, len(mu))) @ factor.T for mu, c in zip(means, counts)])
+
+
+def test_the_floor_is_what_iid_draws_score_even_from_a_stratified_split():
+    """perfect_model_fid against the Monte Carlo mean of n i.i.d. draws (multinomial class counts) against the same
+    reference: within 15% below and above the held-out size, where the stratified held-out set's own plug-in
+    (the floor before) is less than half of it."""
+    from ddpm.metrics.fid import perfect_model_fid
+
+    rng = np.random.default_rng(0)
+    means, factor = _classes(rng)
+    ref, held = _draw(rng, means, factor, [100] * 10), _draw(rng, means, factor, [40] * 10)  # stratified splits
+    for n in (200, 2000):
+        truth = np.mean([fid_from_features(_draw(rng, means, factor, rng.multinomial(n, [0.1] * 10)), ref)
+                         for _ in range(200)])
+        floor = perfect_model_fid(held, ref, n)
+        assert floor["fid"] == pytest.approx(truth, rel=0.15)
+        assert floor["lo"] <= truth <= floor["hi"] and floor["fid"] == floor["inf"] + floor["slope"] / n
+    assert fid_from_features(held, ref) < 0.5 * perfect_model_fid(held, ref, len(held))["fid"]
+
+
+def test_the_floor_is_positive_falls_with_n_and_refuses_too_few_held_out_features():
+    from ddpm.metrics.fid import perfect_model_fid
+
+    rng = np.random.default_rng(1)
+    ref, held = rng.normal(size=(1347, 8)), rng.normal(size=(449, 8))
+    floors = [perfect_model_fid(held, ref, n) for n in (100, 449, 2000, 10**9)]
+    assert all(0.0 < f["lo"] <= f["fid"] <= f["hi"] for f in floors[:3])
+    assert [f["fid"] for f in floors] == sorted((f["fid"] for f in floors), reverse=True)
+    assert floors[-1]["fid"] == pytest.approx(floors[0]["inf"], rel=1e-3) and floors[0]["inf"] > 0
+    assert perfect_model_fid(held, ref, 449) == perfect_model_fid(held, ref, 449)  # seeded
+    with pytest.raises(ValueError, match="at least 28 held-out features for D = 8.*got 27"):
+        perfect_model_fid(held[:27], ref, 2000)
+    with pytest.raises(ValueError, match="n must be an int >= 2.*got 1.5"):
+        perfect_model_fid(held, ref, 1.5)
+
+
+def test_the_stage_floor_takes_fid_from_the_perfect_model_and_the_rest_from_min_n_m_held_out_images():
+    from ddpm.metrics.fid import perfect_model_fid
     from stages.fid import floor_at, measure
 
     rng = np.random.default_rng(0)
     ref, held = rng.normal(size=(1347, 8)), rng.normal(size=(449, 8)) * 1.05
-    same, m = floor_at(held, ref, 400)
-    assert m == 400 and same == measure(held[:400], ref)
-    at_m, _ = floor_at(held, ref, 449)
-    carried, m = floor_at(held, ref, 2000)
-    assert m == 449 and carried["fid_inf"] == at_m["fid_inf"]
-    assert at_m["fid_inf"] < carried["fid"] < at_m["fid"]
-    width = at_m["fid_hi"] - at_m["fid"]
-    assert carried["fid_hi"] - carried["fid"] == pytest.approx(width)
-    with pytest.raises(SystemExit, match="sample.n_samples: got 2000, but the held-out set of 9 images"):
+    for n in (400, 2000):
+        floor, real = floor_at(held, ref, n)
+        pm, direct = perfect_model_fid(held, ref, n), measure(held[:min(n, 449)], ref)
+        assert real == 449 and (floor["fid"], floor["fid_lo"], floor["fid_hi"], floor["fid_inf"]) == (
+            pm["fid"], pm["lo"], pm["hi"], pm["inf"])
+        assert floor["kid"] == direct["kid"] and floor["precision"] == direct["precision"]
+    with pytest.raises(SystemExit, match="sample.n_samples=2000: the floor needs at least 28 held-out features"):
         floor_at(held[:9], ref, 2000)

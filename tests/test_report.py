@@ -70,7 +70,7 @@ def test_markdown_fid_table_floor_and_links(built, tree):
     assert ("| # | schedule | sampler | eta | spacing | steps | seeds | FID | 95% interval | FID / floor | KID | "
             "FID − best \\[95%\\] | vs best |") in md
     fl = r.floor
-    assert "*real vs real (floor)* |" in md and f"*\\[{fl.lo:.4g}, {fl.hi:.4g}\\]*" in md  # floor + interval
+    assert "*perfect model (floor)* |" in md and f"*\\[{fl.lo:.4g}, {fl.hi:.4g}\\]*" in md  # floor + interval
     rows = pd.read_csv(tree / "reports" / "fid.csv")
     best = rows.sort_values("fid").iloc[0]
     label = sampler_label(best.sampler, best.eta)
@@ -128,7 +128,7 @@ def test_html_self_contained(built):
     assert len(srcs) == len(re.findall(r"<img\b", page)) >= 6 + len(r.samples)
     assert all(s.startswith("data:image/png;base64,") for s in srcs)
     assert "<script" not in page.lower() and "<link" not in page.lower()
-    assert "real vs real (floor)" in page
+    assert "perfect model (floor)" in page
 
 
 def test_determinism(built):

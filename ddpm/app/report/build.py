@@ -149,13 +149,13 @@ def _scope(r: Results) -> list[Span]:
 def _best(r: Results) -> list[Span]:
     best, fl = r.best, r.floor
     if best is None:
-        return [Span(f"No finite FID was recorded; the real-vs-real floor is {fmt_num(fl.fid)}. ")]
+        return [Span(f"No finite FID was recorded; the floor (a perfect model's expected FID) is {fmt_num(fl.fid)}. ")]
     ratio = f"{best['fid'] / fl.fid:.2f}x" if fl.fid > 0 else "n/a"
     out = [Span("The best configuration is "), Span(config_name(best), strong=True), Span(" with FID "),
            Span(fmt_pm(best["fid"], best["fid_sd"]), strong=True),
-           Span(f" {fmt_interval(best['fid_lo'], best['fid_hi'])}, {ratio} the real-vs-real floor of "
-                f"{fmt_num(fl.fid)} {fmt_interval(fl.lo, fl.hi)} (the FID between two sets of {fl.n_samples} "
-                "real images: what a perfect model would score at this sample count). ")]
+           Span(f" {fmt_interval(best['fid_lo'], best['fid_hi'])}, {ratio} the floor of "
+                f"{fmt_num(fl.fid)} {fmt_interval(fl.lo, fl.hi)} (what a perfect model, {fl.n_samples} i.i.d. "
+                "draws of the data, is expected to score; estimated from the held-out real images). ")]
     ties = r.configs[r.configs["tie"]]
     if len(ties):
         out.append(Span(f"Indistinguishable from it ({TIE_RULE}): {'; '.join(config_name(t) for _, t in ties.iterrows())}. "))
@@ -214,7 +214,7 @@ FID_HEADER = ["#", "schedule", "sampler", "eta", "spacing", "steps", "seeds", "F
 
 def fid_table(r: Results) -> Block:
     fl = r.floor
-    rows = [["", "real vs real (floor)", "", "", "", "", "", fmt_num(fl.fid), fmt_interval(fl.lo, fl.hi), "1.00",
+    rows = [["", "perfect model (floor)", "", "", "", "", "", fmt_num(fl.fid), fmt_interval(fl.lo, fl.hi), "1.00",
              fmt_pm(fl.kid, fl.kid_std), "", ""]]
     classes = ["floor"]
     for _, c in r.configs.iterrows():
@@ -345,11 +345,12 @@ def _fid_section(r: Results, figs: Mapping[str, bytes]) -> Section:
         f"Sorted by FID ({fl.features} features, {fl.n_samples} samples per set). 'FID − best': the paired "
         f"difference to the best configuration with its 95% interval; 'vs best': tie = {TIE_RULE}; {n_rank} "
         "comparisons in that family (the best against every other, and each step count's best against the other "
-        "samplers there). The floor row is the FID between two disjoint sets of real images of the same "
-        f"size, with its interval; 'FID / floor' = how many times the floor a configuration scores; KID ± its sd.")]
+        "samplers there). The floor row is what a perfect model (i.i.d. draws of the data) is expected to "
+        "score at this sample count, estimated from the held-out real images, with its interval; 'FID / floor' = "
+        "how many times the floor a configuration scores; KID ± its sd.")]
     blocks.append(figure("fid_vs_steps.png" if "fid_vs_steps.png" in figs else None, "FID vs sampling steps",
                          "FID vs number of sampling steps (log scale) per schedule (colour) and sampler (marker and "
-                         "line style), with 95% intervals as error bars; dashed with a grey band: the real-vs-real "
+                         "line style), with 95% intervals as error bars; dashed with a grey band: the "
                          "floor and its interval."))
     blocks.append(figure("fidelity_diversity.png" if "fidelity_diversity.png" in figs else None,
                          "Fidelity vs diversity", "FID folds fidelity and diversity into one number; these separate "
@@ -412,7 +413,8 @@ def _training_section(r: Results, figs: Mapping[str, bytes]) -> Section:
                f"Training loss split by the quarter of t the batch elements were drawn from (seed {r.seeds[0]}, same "
                "smoothing): small t is the hardest to denoise exactly, large t the easiest."),
         figure("fid_over_training.png" if "fid_over_training.png" in figs else None, "FID over training",
-               "FID of the EMA model over training; dashed: the real-vs-real floor at the curve's own sample count "
+               "FID of the EMA model over training; dashed: the floor (a perfect model's expected FID) at the curve's "
+               "own sample count "
                "(fewer samples than the final FID: both are higher than at the final sample count)."),
     ]
     if "fid_over_training.png" not in figs:

@@ -143,7 +143,7 @@ def _finish(ax: Any, xlabel: str, ylabel: str, title: str, legend: bool = True) 
 def _floor_band(ax: Any, floor: Floor) -> None:
     ax.axhspan(floor.lo, floor.hi, color="black", alpha=0.12, lw=0)
     ax.axhline(floor.fid, ls="--", color="black", lw=1.2,
-               label=f"real-vs-real floor {fmt_num(floor.fid)} [{fmt_num(floor.lo)}, {fmt_num(floor.hi)}]")
+               label=f"floor (perfect model) {fmt_num(floor.fid)} [{fmt_num(floor.lo)}, {fmt_num(floor.hi)}]")
 
 
 def _steps_axis(ax: Any, steps: list[int]) -> None:
