@@ -4,6 +4,7 @@
     python3 benchmarks/op_time.py --dim 16                 # the default model
     python3 benchmarks/op_time.py --train --dropout 0.1    # a training step (forward, backward, fused AdamW), batch 128
     python3 benchmarks/op_time.py --isa avx2               # every library held to AVX2 (benchmarks/isa.py)
+    python3 benchmarks/op_time.py --train --onednn         # also oneDNN's verbose account: per shape, ms and GFLOP/s
 
 Each aten call (the backward's too) is timed with ``time.perf_counter`` inside a ``TorchDispatchMode``, so
 the shares include a few microseconds of the mode's own cost per call; the wall time without the mode is
@@ -15,6 +16,10 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
+import re
+import sys
+import tempfile
 import time
 
 try:
@@ -85,6 +90,45 @@ def workload(args: argparse.Namespace):
     return (train_block if args.train else sample_block)(model, process, args.batch, 1)
 
 
+def _conv_flops(shape: str) -> float:
+    """Multiply-adds x 2 of a oneDNN convolution descriptor (mb128_ic32oc32_ih8oh8kh3..._iw8ow8kw3...)."""
+    d = {k: int(v) for k, v in re.findall(r"([a-z]+)(\d+)", shape)}
+    return 2.0 * d["mb"] * d["ic"] * d["oc"] * d["oh"] * d["ow"] * d["kh"] * d["kw"]
+
+
+def onednn_table(fn, reps: int, top: int) -> None:
+    """oneDNN's own account (its verbose mode) of ``reps`` calls of ``fn``: per primitive, propagation kind,
+    implementation and shape, ms per call, calls per step and, for convolutions, GFLOP/s."""
+    sys.stdout.flush()
+    saved, log = os.dup(1), tempfile.TemporaryFile(mode="w+")
+    os.dup2(log.fileno(), 1)
+    try:
+        with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+            for _ in range(reps):
+                fn()
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+    log.seek(0)
+    ms, calls = collections.defaultdict(float), collections.Counter()
+    for line in log:
+        f = line.strip().split(",")
+        if len(f) > 8 and f[:4] == ["onednn_verbose", "v1", "primitive", "exec"]:
+            key = (f[5], f[7], f[6], f[-2] if f[5] == "convolution" else "")
+            ms[key] += float(f[-1])
+            calls[key] += 1
+    total = sum(ms.values()) / reps
+    print(f"\noneDNN's own account, {reps} steps: {total:.2f} ms a step in its primitives\n")
+    print("| primitive | propagation | implementation | shape | ms/call | calls/step | GFLOP/s | share |")
+    print("|---|---|---|---|---|---|---|---|")
+    for key, t in sorted(ms.items(), key=lambda kv: -kv[1])[:top]:
+        per = t / calls[key]
+        rate = f"{_conv_flops(key[3]) / per / 1e6:.0f}" if key[3] else ""
+        print(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {per:.3f} | {calls[key] / reps:g} | {rate} | "
+              f"{t / reps / total:.1%} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dim", type=int, default=32)
@@ -94,6 +138,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--onednn", action="store_true", help="also oneDNN's own account per primitive and shape")
     isa_flag.add_argument(ap)
     args = ap.parse_args()
     args.batch = args.batch or (128 if args.train else 400)
@@ -128,6 +173,8 @@ def main() -> None:
     for name, s in sorted(timer.seconds.items(), key=lambda kv: -kv[1])[:args.top]:
         ms = s / args.reps * 1e3
         print(f"| {name} | {ms:.3f} | {timer.calls[name] // args.reps} | {ms / (total * 1e3):.1%} |")
+    if args.onednn:
+        onednn_table(fn, args.reps, args.top)
 
 
 if __name__ == "__main__":
