@@ -138,12 +138,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--denormals", choices=("flush", "keep"), default="flush",
+                    help="flush: subnormals to zero on every CPU thread, as the stages set it; keep: IEEE")
     ap.add_argument("--onednn", action="store_true", help="also oneDNN's own account per primitive and shape")
     isa_flag.add_argument(ap)
     args = ap.parse_args()
     args.batch = args.batch or (128 if args.train else 400)
     tune_allocator()
     torch.set_num_threads(args.threads)
+    if args.denormals == "flush":
+        kernels.flush_denormals()
     fn = workload(args)
     for _ in range(5):
         fn()
@@ -166,7 +170,7 @@ def main() -> None:
             fn()
     total = sum(timer.seconds.values()) / args.reps
     what = f"training step, batch {args.batch}, dropout {args.dropout}" if args.train else f"DDPM sampling step, batch {args.batch}"
-    print(f"# dim {args.dim}, {what}; torch {torch.__version__}, {args.threads} threads")
+    print(f"# dim {args.dim}, {what}; torch {torch.__version__}, {args.threads} threads; subnormals: {args.denormals}")
     print(isa_flag.describe(args.isa))
     print(f"wall {wall * 1e3:.2f} ms without the timer; the ops' sum {total * 1e3:.2f} ms with it\n")
     print("| aten op | ms | calls | share of the ops' sum |\n|---|---|---|---|")

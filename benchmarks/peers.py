@@ -6,6 +6,7 @@
     python3 benchmarks/peers.py --no-sampling                # the training table alone (about 2 minutes)
     python3 benchmarks/peers.py --runs 3 --no-sampling       # three whole comparisons: each ratio's median, range
     python3 benchmarks/peers.py --malloc default             # glibc's default allocator instead of the stages' tuning
+    python3 benchmarks/peers.py --denormals keep             # IEEE subnormals instead of the stages' flush to zero
     python3 benchmarks/peers.py --isa avx2 --ours eager_cl   # every library held to AVX2 (benchmarks/isa.py)
     python3 benchmarks/peers.py --peers diffusers            # one peer only (shorter)
 
@@ -51,6 +52,7 @@ import torch.nn.functional as F
 from ddpm.diffusion.process import GaussianProcess
 from ddpm.diffusion.samplers import StepRule, sample_loop
 from ddpm.diffusion.schedules import get_beta_schedule
+from ddpm.nn import kernels
 from ddpm.nn.speed import Speed, sampling_model, tune_allocator
 from ddpm.training.loop import TrainSettings, train
 from ddpm.nn.unet import Unet
@@ -375,6 +377,9 @@ def main() -> None:
     ap.add_argument("--sample-batch", type=int, nargs="+", default=[64, 400],
                     help="sampling batches: 64 (the issue's) and 400 (the pipeline's sample.batch_size)")
     ap.add_argument("--sample-steps", type=int, default=None, help="steps per timed sampling run")
+    ap.add_argument("--denormals", choices=("flush", "keep"), default="flush",
+                    help="flush: subnormal floats flushed to zero on every CPU thread, as the train and sample stages "
+                         "set it (ddpm.nn.kernels.flush_denormals; process-wide, so for every library); keep: IEEE")
     ap.add_argument("--malloc", choices=("pipeline", "default"), default="pipeline",
                     help="pipeline: glibc's malloc keeps freed memory, as the train and sample stages set it "
                          "(ddpm.nn.speed.tune_allocator; process-wide, so for every library); default: glibc's defaults")
@@ -391,6 +396,7 @@ def main() -> None:
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     tuned = args.malloc == "pipeline" and tune_allocator()
+    flushed = device.type == "cpu" and args.denormals == "flush" and kernels.flush_denormals()
     reps = 2 if args.quick else args.reps
     cpu = device.type == "cpu"
     block = (2 if args.quick else 10) if cpu else 20
@@ -401,7 +407,8 @@ def main() -> None:
 
     print("# ours vs " + " and ".join(f"{k} {version(k)}" for k in args.peers) + f"; torch {torch.__version__}, {device}"
           + (f", {args.threads} threads" if cpu else f" ({torch.cuda.get_device_name(device)})")
-          + ("; malloc tuned as the pipeline's stages (every library)" if tuned else "; glibc's default malloc"))
+          + ("; malloc tuned as the pipeline's stages (every library)" if tuned else "; glibc's default malloc")
+          + ("; subnormals flushed on every thread, as the stages (every library)" if flushed else ""))
     if cpu:
         print(isa_flag.describe(ISA))
         if ISA != "native" and "compiled" in args.ours:

@@ -44,6 +44,7 @@ def main() -> None:
     model, process, _ = load_model(model_dir(args.schedule, args.seed) / "model.pt", device=device)
     if p.fast:
         tune_allocator()  # as the sample stage: channels_last and the fused CPU kernels (ddpm.nn.speed)
+        kernels.flush_denormals()
     else:
         kernels.disable("fast: false")
     net = sampling_model(model, Speed.resolve(p.fast, device))

@@ -2,7 +2,9 @@
 PyTorch's maths, where they decline, and the fallback."""
 import logging
 import os
+import platform
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -263,7 +265,7 @@ def test_kernel_record_says_whether_they_ran_and_for_which_isa(fresh):
     if expected:  # -march=native targets what this CPU has
         assert rec["isa"] == expected
     assert kernels.kernel_record("cuda") == {"fused_kernels": False, "isa": rec["isa"], "aten_isa": rec["aten_isa"],
-                                             "reason": "cuda device: PyTorch's ops"}
+                                             "flush_denormals": False, "reason": "cuda device: PyTorch's ops"}
 
 
 def test_kernel_record_when_switched_off(fresh, monkeypatch):
@@ -319,3 +321,31 @@ def test_a_bad_or_missing_isa_keeps_pytorch_ops(fresh, monkeypatch, caplog):
         monkeypatch.setenv("DDPM_KERNEL_ISA", "avx512")
         with pytest.raises(ValueError, match="this CPU runs only"):
             kernels.target()
+
+
+FLUSH_PROBE = """
+import sys, torch
+from ddpm.nn import kernels
+torch.set_num_threads(2)
+tiny = torch.full((1 << 20,), 1e-39)  # subnormal in float32; a parallel region of both threads multiplies it
+before = int((tiny * 1.0 != 0).sum())
+ok = kernels.flush_denormals()
+after = int((tiny * 1.0 != 0).sum())
+print(before, ok, after, kernels.kernel_record()["flush_denormals"])
+"""
+
+
+def test_flush_denormals_reaches_every_thread_of_the_pool():
+    """In a fresh process (the flag is process state): 1e-39 * 1 stays subnormal in every element before, and is 0 in
+    every element after, so each thread of PyTorch's parallel region took the flag, not only the calling one."""
+    need("cc")
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", FLUSH_PROBE], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, ok, after, recorded = out.stdout.split()
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("FTZ/DAZ is set on x86 only")
+    assert (int(before), ok, int(after), recorded) == (1 << 20, "True", 0, "True")

@@ -118,7 +118,7 @@ def test_repro_writes_the_outputs(repo):
     import torch
 
     off = {"fused_kernels": False, "isa": None, "aten_isa": torch.backends.cpu.get_cpu_capability(),
-           "reason": "fast: false"}
+           "flush_denormals": False, "reason": "fast: false"}
     assert torch.load(ckpt, weights_only=True)["kernels"] == off and info["kernels"] == off
     assert json.loads((path / "samples" / "linear" / "seed0" / "ddim-eta0.0-3.json").read_text())["kernels"] == off
 

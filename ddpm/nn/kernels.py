@@ -130,7 +130,9 @@ def _load() -> ctypes.CDLL | None:
                                                  c_int, ptr, ptr, ptr, c_int]
     lib.ddpm_attention16.argtypes = [ptr, ptr, i64, i64, i64, c_int]
     lib.ddpm_isa.argtypes, lib.ddpm_isa.restype = [], ctypes.c_char_p
-    for f in (lib.ddpm_group_norm_act, lib.ddpm_group_norm_act_backward, lib.ddpm_attention16):
+    lib.ddpm_flush_denormals.argtypes = [c_int]
+    for f in (lib.ddpm_group_norm_act, lib.ddpm_group_norm_act_backward, lib.ddpm_attention16,
+              lib.ddpm_flush_denormals):
         f.restype = c_int
     return lib
 
@@ -148,11 +150,29 @@ def disable(why: str) -> None:
     _off(why)
 
 
+def flush_denormals() -> bool:
+    """Subnormal floats flushed to zero on the CPU threads this process computes on: the calling thread
+    (``torch.set_flush_denormal``) and every thread of the OpenMP pool that PyTorch's and oneDNN's parallel
+    regions run on (``ddpm_flush_denormals``: a thread's flag is its own). On x86 an operation on a subnormal
+    costs about a hundred cycles. Values below 1.2e-38 become 0: on the default run every model and sample set
+    came out bit-identical, and the train and sample stages ran 8% and 13% faster
+    (benchmarks/results/flush_denormals_avx2.md).
+    Call after ``torch.set_num_threads``. Returns whether every thread took it (False off x86, or without the
+    kernels: then only the calling thread); recorded by :func:`kernel_record`."""
+    main = torch.set_flush_denormal(True)
+    lib = library()
+    pool = lib is not None and lib.ddpm_flush_denormals(torch.get_num_threads()) == torch.get_num_threads()
+    _state["flush_denormals"] = bool(main and pool)
+    return bool(_state["flush_denormals"])
+
+
 def kernel_record(device: torch.device | str = "cpu") -> dict[str, object]:
     """Whether the fused kernels ran in this process (for a model on ``device``) and for which instruction set:
     ``{"fused_kernels": bool, "isa": "avx512" | "avx2" | ... | None, "aten_isa": PyTorch's own CPU kernels'
-    set ("AVX512", "AVX2", "DEFAULT"), "reason": why not (only when they did not run)}``."""
-    rec: dict[str, object] = {"fused_kernels": False, "isa": None, "aten_isa": torch.backends.cpu.get_cpu_capability()}
+    set ("AVX512", "AVX2", "DEFAULT"), "flush_denormals": whether :func:`flush_denormals` set every CPU thread,
+    "reason": why not (only when they did not run)}``."""
+    rec: dict[str, object] = {"fused_kernels": False, "isa": None, "aten_isa": torch.backends.cpu.get_cpu_capability(),
+                              "flush_denormals": bool(_state.get("flush_denormals", False))}
     lib = _state.get("lib")
     if lib is not None:
         rec["isa"] = lib.ddpm_isa().decode()

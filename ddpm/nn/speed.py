@@ -13,6 +13,8 @@ What each part buys was measured side by side (``python -m benchmarks.peers``, d
   eager, with one warning, wherever compiling fails (no C++ compiler, an unsupported op).
 - bf16 autocast on CUDA (fp16 with a grad scaler where bf16 is missing; see ``ddpm.training.optim.amp_settings``).
 - the process's allocator keeps freed memory (:func:`tune_allocator`; the train and sample stages call it).
+- subnormal floats flushed to zero on every CPU thread (``ddpm.nn.kernels.flush_denormals``; the train, sample
+  and nll stages call it).
 """
 from __future__ import annotations
 
