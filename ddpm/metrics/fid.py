@@ -271,7 +271,7 @@ def perfect_model_fid(held_feats: Any, ref_feats: Any, n: int, *, level: float =
     n -> inf, is the reference's own error, estimated as the 1/M share of the held-out plug-in,
     FID(held, ref) * m / (m + M), its share of c (1/m + 1/M) when both sets were drawn alike. Positive by
     construction. The held-out plug-in alone is no floor: a stratified split (the default with labels)
-    scores about a third of what i.i.d. draws score (0.32 against 1.17 on digits), and the intercept of its
+    scores under a third of what i.i.d. draws score (0.32 against 1.11 on digits), and the intercept of its
     line is noise (-0.49 on digits). Checked against perfect-model draws of real digits features, stratified
     and random splits, n below and above m (benchmarks/results/floor_check.txt).
 
