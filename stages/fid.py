@@ -46,14 +46,14 @@ def floor_at(held, ref_feats, n: int) -> tuple[dict[str, float], int]:
     """The floor at n samples and the held-out count it was measured on: FID from ddpm.metrics.fid.perfect_model_fid
     (what a perfect model scores at n, any n); KID and precision/recall/density/coverage of min(n, m) held-out
     images against the reference."""
-    m = min(n, len(held))
-    floor = measure(held[:m], ref_feats)
     try:
         fid = perfect_model_fid(held, ref_feats, n)
     except ValueError as e:
         raise SystemExit(f"sample.n_samples={n}: {e} (raise data.holdout_fraction)") from None
-    floor.update(fid=fid["fid"], fid_lo=fid["lo"], fid_hi=fid["hi"], fid_inf=fid["inf"])
-    return floor, len(held)
+    real = held[:min(n, len(held))]
+    k, k_std = kid(real, ref_feats)
+    return {"fid": fid["fid"], "fid_lo": fid["lo"], "fid_hi": fid["hi"], "fid_inf": fid["inf"], "kid": k,
+            "kid_std": k_std, **prdc_with_intervals(real, ref_feats)}, len(held)
 
 
 def _images(schedule, seed, s, n):
