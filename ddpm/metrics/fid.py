@@ -104,12 +104,18 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> float:
     return max(value, 0.0)
 
 
-def fid_from_features(feats_a: Any, feats_b: Any) -> float:
-    """FID between two feature sets [N_a, D] and [N_b, D]."""
-    a = np.asarray(feats_a)
-    b = np.asarray(feats_b)
+def feature_pair(feats_a: Any, feats_b: Any, dtype: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """Two feature sets as arrays [N_a, D] and [N_b, D] (of ``dtype`` where given); ValueError unless both are
+    2-D with the same D."""
+    a, b = np.asarray(feats_a, dtype=dtype), np.asarray(feats_b, dtype=dtype)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(f"feature sets must be [N, D] with the same D, got {a.shape} and {b.shape}")
+    return a, b
+
+
+def fid_from_features(feats_a: Any, feats_b: Any) -> float:
+    """FID between two feature sets [N_a, D] and [N_b, D]."""
+    a, b = feature_pair(feats_a, feats_b)
     return frechet_distance(*feature_statistics(a), *feature_statistics(b))
 
 
@@ -189,9 +195,7 @@ def fid_interval(feats: Any, ref_feats: Any, *, level: float = 0.95, n_boot: int
     (benchmarks/interval_coverage.py). Cost: n_boot batched D x D
     eigendecompositions, about 0.06 s at those sizes (one thread).
     """
-    a, b = np.asarray(feats, dtype=np.float64), np.asarray(ref_feats, dtype=np.float64)
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"feature sets must be [N, D] with the same D, got {a.shape} and {b.shape}")
+    a, b = feature_pair(feats, ref_feats, np.float64)
     if not 0.0 < level < 1.0 or n_boot < 10:
         raise ValueError(f"need 0 < level < 1 and n_boot >= 10, got level={level}, n_boot={n_boot}")
     ca, cb = bootstrap_counts(len(a), len(b), n_boot, seed)
@@ -230,9 +234,7 @@ def fid_infinity(feats: Any, ref_feats: Any, *, n_points: int = 8, reps: int = 1
     (D = 32, N = 400, M = 1347) it removes ~98% of the c/N bias with the plug-in's spread
     (tests/test_fid.py). NaN, NaN when fewer than 3 distinct sizes fit (N too small for D). About 0.2 s at
     N = 400, D = 32 (one thread)."""
-    a, b = np.asarray(feats, dtype=np.float64), np.asarray(ref_feats, dtype=np.float64)
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"feature sets must be [N, D] with the same D, got {a.shape} and {b.shape}")
+    a, b = feature_pair(feats, ref_feats, np.float64)
     n, d = a.shape
     k_min = max(int(n * min_fraction), d + 2)
     if k_min >= n:
@@ -281,9 +283,7 @@ def perfect_model_fid(held_feats: Any, ref_feats: Any, n: int, *, level: float =
     points distort the subsets' slope.) Returns fid (at n), lo, hi, inf, slope; about 1 s at m = 449, D = 32."""
     from scipy.stats import norm
 
-    a, b = np.asarray(held_feats, dtype=np.float64), np.asarray(ref_feats, dtype=np.float64)
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"feature sets must be [N, D] with the same D, got {a.shape} and {b.shape}")
+    a, b = feature_pair(held_feats, ref_feats, np.float64)
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 2:
         raise ValueError(f"n must be an int >= 2 (samples per set), got {n!r}")
     if len(a) < 2 * (a.shape[1] + 6) or not 0.0 < level < 1.0 or n_halves < 2:
@@ -336,9 +336,7 @@ def kid(feats: Any, ref_feats: Any, *, n_subsets: int = 100, subset_size: int = 
     at N = 2,000, M = 1,348, D = 32, where torchmetrics' loop over subsets takes 2-4 s); above it, each
     subset runs through torchmetrics' ``poly_kernel`` and ``maximum_mean_discrepancy``. The two agree to
     1e-9 (tests/test_fid.py)."""
-    a, b = np.asarray(feats, dtype=np.float64), np.asarray(ref_feats, dtype=np.float64)
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"feature sets must be [N, D] with the same D, got {a.shape} and {b.shape}")
+    a, b = feature_pair(feats, ref_feats, np.float64)
     size = min(subset_size, len(a), len(b))
     if size < 2 or n_subsets < 1:
         raise ValueError(f"KID needs at least 2 features per set and n_subsets >= 1, got {size}, {n_subsets}")

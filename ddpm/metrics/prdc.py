@@ -31,16 +31,14 @@ from typing import Any
 
 import numpy as np
 
-from ddpm.metrics.fid import basic_interval, bootstrap_counts
+from ddpm.metrics.fid import basic_interval, bootstrap_counts, feature_pair
 
 METRICS = ("precision", "recall", "density", "coverage")
 NEIGHBOURS = 48  # sorted neighbours kept per point: a resample must drop 48 - k of them to run out (never seen)
 
 
 def _check(samples: Any, reference: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
-    a, b = np.asarray(samples, dtype=np.float64), np.asarray(reference, dtype=np.float64)
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"feature sets must be [N, D] with the same D, got {a.shape} and {b.shape}")
+    a, b = feature_pair(samples, reference, np.float64)
     if not 1 <= k < min(len(a), len(b)):
         raise ValueError(f"k (nearest neighbours) must be in 1..{min(len(a), len(b)) - 1}, got {k}")
     return a, b
