@@ -22,8 +22,7 @@ from ddpm.app.config import ConfigError, load_params, resolve_device
 from ddpm.app.paths import HOLDOUT, PREPARED, load_arrays, model_dir, nll_path, read_json, save_arrays, setup_logging
 from ddpm.diffusion.likelihood import bin_width
 from ddpm.metrics.nll import data_levels, exact_bound, stratified_bound, summarize, to_grid
-from ddpm.nn import kernels
-from ddpm.nn.speed import Speed, sampling_model, tune_allocator
+from ddpm.nn.speed import Speed, sampling_model, set_up_process
 from ddpm.training.checkpoint import load_model
 
 
@@ -42,11 +41,7 @@ def main() -> None:
     if len(held) < p.nll.images:
         raise ConfigError([f"nll.images: got {p.nll.images}; allowed: at most {len(held)} (the held-out images)"])
     model, process, _ = load_model(model_dir(args.schedule, args.seed) / "model.pt", device=device)
-    if p.fast:
-        tune_allocator()  # as the sample stage: channels_last and the fused CPU kernels (ddpm.nn.speed)
-        kernels.flush_denormals()
-    else:
-        kernels.disable("fast: false")
+    set_up_process(p.fast)  # the allocator and subnormals with fast: true, else PyTorch's ops (ddpm.nn.speed)
     net = sampling_model(model, Speed.resolve(p.fast, device))
     scored = np.ascontiguousarray(held[:p.nll.images])
     images_sha256 = hashlib.sha256(scored.tobytes()).hexdigest()

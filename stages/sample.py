@@ -26,7 +26,7 @@ from ddpm.io import remove_stale_temps
 from ddpm.app.paths import model_dir, sample_path, save_arrays, setup_logging, timed, write_json
 from ddpm.io import file_sha256
 from ddpm.diffusion.samplers import StepRule
-from ddpm.nn.speed import Speed, sampling_model, tune_allocator
+from ddpm.nn.speed import Speed, sampling_model, set_up_process
 
 
 def main() -> None:
@@ -61,11 +61,7 @@ def run(args: argparse.Namespace, p, device, log) -> None:
     shape = tuple(ckpt["image_shape"])
     s = p.sample
     speed = Speed.resolve(p.fast, device)
-    if p.fast:
-        tune_allocator()  # fewer page faults: freed tensors' memory is reused (ddpm.nn.speed)
-        kernels.flush_denormals()  # subnormals to zero on every CPU thread: the same bits, faster
-    else:
-        kernels.disable("fast: false")  # plain eager float32: PyTorch's ops
+    set_up_process(p.fast)  # the allocator and subnormals with fast: true, else PyTorch's ops (ddpm.nn.speed)
     net = sampling_model(model, speed)
     log.info("sample %s: %d images, %s, %d steps, on %s x %d processes", args.schedule, s.n_samples, rule.label,
              args.steps, device, dist.world_size())

@@ -44,7 +44,7 @@ from ddpm.app.paths import (FEATURIZER, FID_CURVE_CSV, LOSS_CSV, PREPARED, TRAIN
                             model_dir, read_json, setup_logging, write_json)
 from ddpm.io import file_sha256
 from ddpm.diffusion.samplers import StepRule, sample_images
-from ddpm.nn.speed import Speed, tune_allocator
+from ddpm.nn.speed import Speed, set_up_process
 from ddpm.app.tracking.runs import Tracker, kernel_tags, pending_file
 from ddpm.training.loop import TrainResult, TrainSettings, train
 
@@ -200,11 +200,7 @@ def run(schedule: str, seed: int, p, device: torch.device, log) -> None:
     """One rank's share of training ``schedule`` from ``seed``; rank 0 also tracks, evaluates and writes."""
     main, world = dist.is_main(), dist.world_size()
     speed = Speed.resolve(p.fast, device)
-    if p.fast:
-        tune_allocator()  # fewer page faults: freed tensors' memory is reused (ddpm.nn.speed)
-        kernels.flush_denormals()  # subnormals to zero on every CPU thread: the same bits, faster
-    else:
-        kernels.disable("fast: false")  # plain eager float32: PyTorch's ops
+    set_up_process(p.fast)  # the allocator and subnormals with fast: true, else PyTorch's ops (ddpm.nn.speed)
     if world != p.train.nproc_per_node and main:
         log.warning("train.nproc_per_node=%d but torchrun started %d processes: the launch decides",
                     p.train.nproc_per_node, world)

@@ -143,3 +143,23 @@ def test_tuned_allocator_reuses_freed_tensor_memory():
     finally:
         torch.set_num_threads(threads)
     assert faults < 500, f"{faults} page faults for 50 reused 8 MB tensors (untuned glibc here: about 4,000)"
+
+
+def test_set_up_process_follows_the_fast_switch(monkeypatch):
+    """fast: true keeps freed memory and flushes subnormals (both stubbed here: they are process-wide);
+    fast: false turns the fused kernels off, and the record says why."""
+    from ddpm.nn import kernels, speed
+
+    calls = []
+    monkeypatch.setattr(speed, "tune_allocator", lambda: calls.append("allocator"))
+    monkeypatch.setattr(kernels, "flush_denormals", lambda: calls.append("denormals"))
+    saved = dict(kernels._state)
+    try:
+        speed.set_up_process(True)
+        assert calls == ["allocator", "denormals"]
+        speed.set_up_process(False)
+        assert calls == ["allocator", "denormals"]
+        assert kernels.library() is None and kernels.kernel_record()["reason"] == "fast: false"
+    finally:
+        kernels._state.clear()
+        kernels._state.update(saved)

@@ -92,6 +92,20 @@ def tune_allocator() -> bool:
     return _allocator_tuned
 
 
+def set_up_process(fast: bool) -> None:
+    """What the ``fast`` switch sets for the whole process, before it computes (the train, sample and nll
+    stages call it): with it, freed CPU memory kept (:func:`tune_allocator`) and subnormal floats flushed to
+    zero on every CPU thread (``kernels.flush_denormals``): the same bits, faster; without it, the fused CPU
+    kernels off (``kernels.disable``): plain eager float32, PyTorch's ops."""
+    from ddpm.nn import kernels
+
+    if fast:
+        tune_allocator()
+        kernels.flush_denormals()
+    else:
+        kernels.disable("fast: false")
+
+
 def to_channels_last(model: nn.Module) -> nn.Module:
     """Convolution weights (and so every activation after the first conv) in NHWC."""
     return model.to(memory_format=torch.channels_last)
