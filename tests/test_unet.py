@@ -6,6 +6,7 @@ import torch
 
 import torch.nn.functional as F
 
+from ddpm.nn import ops
 from ddpm.nn.ops import ONEDNN_LINEAR_MIN_MACS, Linear, dropout, linear
 from ddpm.nn.unet import Unet
 
@@ -195,7 +196,9 @@ def test_constructor_validation():
 
 @pytest.mark.parametrize("rows", [3, 2 * ONEDNN_LINEAR_MIN_MACS // (64 * 96)])  # below and above the switch
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear_matches_f_linear_values_and_gradients(rows, bias):
+@pytest.mark.parametrize("onednn", [True, False])  # the AVX-512 choice and the AVX2 one, on any CPU
+def test_linear_matches_f_linear_values_and_gradients(rows, bias, onednn, monkeypatch):
+    monkeypatch.setattr(ops, "onednn_linear", lambda: onednn)
     torch.manual_seed(0)
     x = torch.randn(2, rows // 2, 64, requires_grad=True)  # leading dims are kept, as in F.linear
     w = torch.randn(96, 64, requires_grad=True)
@@ -212,6 +215,24 @@ def test_linear_matches_f_linear_values_and_gradients(rows, bias):
     with torch.no_grad():  # a non-contiguous input (a transposed view) is read correctly too
         xt = torch.randn(64, rows).t()
         torch.testing.assert_close(linear(xt, w, b), F.linear(xt, w, b), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("capability, onednn", [("AVX512", True), ("AVX512_BF16", True), ("AVX2", False),
+                                                ("DEFAULT", False)])
+def test_large_cpu_products_run_on_onednn_only_at_avx512(capability, onednn, monkeypatch):
+    """MKL runs AVX2 code on AMD's AVX-512 CPUs (half oneDNN's rate there); at AVX2 its backward of the
+    attention projections is twice oneDNN's 1x1 convolution's. The choice follows PyTorch's CPU capability."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    ops.onednn_linear.cache_clear()
+    try:
+        assert ops.onednn_linear() is onednn
+        calls = []
+        real = ops.F.conv2d
+        monkeypatch.setattr(ops.F, "conv2d", lambda *a, **k: calls.append(1) or real(*a, **k))
+        ops.linear(torch.randn(ONEDNN_LINEAR_MIN_MACS // (64 * 96) + 1, 64), torch.randn(96, 64))
+        assert len(calls) == int(onednn)
+    finally:
+        ops.onednn_linear.cache_clear()
 
 
 def test_linear_module_keeps_nn_linear_parameters_and_state_dict():

@@ -7,6 +7,8 @@ PyTorch's kernels, oneDNN through a 1x1 convolution, and the fused C kernels of 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,15 +34,25 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 ONEDNN_LINEAR_MIN_MACS = 8 << 20
 
 
+@functools.cache
+def onednn_linear() -> bool:
+    """Whether large float32 CPU products run on oneDNN (a 1x1 convolution) rather than MKL's sgemm: where
+    PyTorch's own kernels run AVX-512. MKL runs AVX2 code on AMD's AVX-512 CPUs, half oneDNN's rate there
+    (AMD Zen 5, 2 threads: a 2048^2 product 212 vs 433 GFLOP/s; rows x 64 -> 384 at 6,400 rows 3.2 vs 5.9 ms
+    forward and backward). At AVX2 both run the same width, and MKL's backward of these shapes is twice
+    oneDNN's 1x1 convolution's (AVX2 AMD EPYC, 2 threads, forward and backward: 2,048 x 64 -> 384 2.06 vs
+    3.78 ms, 6,400 rows 6.5 vs 12.6 ms; forward alone 0.59 vs 0.67 ms). Follows ``ATEN_CPU_CAPABILITY``,
+    so ``kernel_record()["aten_isa"]`` names the choice."""
+    return torch.backends.cpu.get_cpu_capability().upper().startswith("AVX512")
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` (y = x W^T + b); on a CPU in float32, for products of ``ONEDNN_LINEAR_MIN_MACS`` or
-    more, computed as a 1x1 convolution over the rows, which runs on oneDNN's kernels: MKL's sgemm,
-    which F.linear calls, runs at about half their rate on AMD CPUs (2 threads, rows x 64 -> 384 at
-    6,400 rows: 0.66 vs 1.52 ms forward, 3.2 vs 5.9 ms with the backward; a 2048^2 product 433 vs 212
-    GFLOP/s). The same sums; the rounding may differ in the last bits."""
+    """``F.linear`` (y = x W^T + b); on an AVX-512 CPU (:func:`onednn_linear`) in float32, for products of
+    ``ONEDNN_LINEAR_MIN_MACS`` or more, computed as a 1x1 convolution over the rows, which runs on oneDNN's
+    kernels. The same sums; the rounding may differ in the last bits."""
     rows = x.numel() // max(x.shape[-1], 1)
     if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
-            or rows * weight.shape[0] * weight.shape[1] < ONEDNN_LINEAR_MIN_MACS):
+            or rows * weight.shape[0] * weight.shape[1] < ONEDNN_LINEAR_MIN_MACS or not onednn_linear()):
         return F.linear(x, weight, bias)
     k = x.shape[-1]
     cols = x.reshape(1, rows, 1, k).permute(0, 3, 1, 2)  # [1, k, rows, 1], channels_last: the same memory
