@@ -103,9 +103,11 @@ def test_training_step_with_and_without_kernels(monkeypatch):
     torch.manual_seed(0)
     m = Unet(dim=16, dim_mults=(1, 2), channels=1).train().to(memory_format=torch.channels_last)
     x, t = _cl(6, 1, 8, 8), torch.randint(0, 1000, (6,))
-    calls = []
-    real = kernels.group_norm_act_train
+    calls, fused_attention = [], []
+    real, real_attention = kernels.group_norm_act_train, kernels.attention16_train
     monkeypatch.setattr(kernels, "group_norm_act_train", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(kernels, "attention16_train",
+                        lambda *a: fused_attention.append(real_attention(*a)) or fused_attention[-1])
     grads = []
     for lib in (kernels.library(), None):
         monkeypatch.setitem(kernels._state, "lib", lib)
@@ -114,6 +116,7 @@ def test_training_step_with_and_without_kernels(monkeypatch):
         loss.backward()
         grads.append([loss.detach()] + [p.grad.clone() for p in m.parameters()])
     assert len(calls) == 2 * 25  # per forward: 11 residual blocks x 2 norms, 3 attention norms
+    assert [a is not None for a in fused_attention] == [True] * 3 + [False] * 3  # 3 attention blocks at 4x4
     for fused, plain in zip(*grads):
         torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-5)
 
@@ -150,6 +153,29 @@ def test_attention16_matches_softmax(heads, d):
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
+def _attention_reference(qkv, heads, d):
+    q, k, v = (u.unflatten(-1, (heads, d)).transpose(1, 2) for u in qkv.chunk(3, dim=-1))
+    return (torch.softmax(q @ k.transpose(-2, -1) * d ** -0.5, dim=-1) @ v).transpose(1, 2).flatten(2)
+
+
+@needs_library
+@pytest.mark.parametrize("heads, d", [(1, 16), (4, 32), (2, 64)])
+def test_attention16_train_matches_autograd(heads, d):
+    """Training's fused attention (the scores scaled by 1/sqrt(d) inside): its output and the gradient of
+    q, k and v from its own backward, against PyTorch's ops and autograd."""
+    torch.manual_seed(0)
+    qkv = (torch.randn(6, 16, 3 * heads * d) * 3).requires_grad_()  # large scores: a peaked softmax
+    dout = torch.randn(6, 16, heads * d)
+    ref = _attention_reference(qkv, heads, d)
+    got = kernels.attention16_train(qkv, heads, d)
+    assert got is not None and got.shape == ref.shape == (6, 16, heads * d)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    want, = torch.autograd.grad(ref, qkv, dout)
+    have, = torch.autograd.grad(got, qkv, dout)
+    torch.testing.assert_close(have, want, rtol=1e-4, atol=1e-4)
+    assert have[..., 2 * heads * d:].abs().sum() > 0 and have[..., :heads * d].abs().sum() > 0  # dv and dq written
+
+
 @needs_library
 def test_the_thread_count_does_not_change_a_bit():
     torch.manual_seed(0)
@@ -161,8 +187,10 @@ def test_the_thread_count_does_not_change_a_bit():
             torch.set_num_threads(threads)
             with torch.no_grad():
                 out = [kernels.group_norm_act(x, norm), kernels.attention16(qkv, 4, 32)]
-            xg = x.clone().requires_grad_()
+            xg, qg = x.clone().requires_grad_(), qkv.clone().requires_grad_()
             out += torch.autograd.grad(kernels.group_norm_act_train(xg, norm).sum(), [xg, norm.weight, norm.bias])
+            att = kernels.attention16_train(qg, 4, 32)
+            out += [att.detach(), *torch.autograd.grad(att.square().sum(), [qg])]
             outs.append(out)
     finally:
         torch.set_num_threads(n)
@@ -183,6 +211,9 @@ def test_kernels_decline_what_they_do_not_compute():
         assert kernels.attention16(torch.randn(2, 64, 3 * 128), 4, 32) is None  # 64 positions
         assert kernels.attention16(torch.randn(2, 16, 3 * 32), 4, 8) is None  # dim_head 8
         assert kernels.attention16(torch.randn(2, 16, 3 * 128), 4, 16) is None  # width != 3 heads d
+    assert kernels.attention16_train(torch.randn(2, 64, 3 * 128), 4, 32) is None  # 64 positions
+    assert kernels.attention16_train(torch.randn(2, 16, 3 * 32), 4, 8) is None  # dim_head 8
+    assert kernels.attention16_train(torch.randn(2, 16, 3 * 128, dtype=torch.float64), 4, 32) is None
     assert kernels.attention16(qkv, 4, 32) is None  # grads
     assert kernels.group_norm_act_train(x.bfloat16(), norm) is None  # autocast's dtype
     assert kernels.group_norm_act_train(x.contiguous(), norm) is None
@@ -294,6 +325,10 @@ def _outputs() -> list[torch.Tensor]:
         outs += torch.autograd.grad(kernels.group_norm_act_train(x, norm, ss).square().sum(), [x, norm.weight])
     with torch.no_grad():
         outs += [kernels.attention16(torch.randn(5, 16, 3 * h * d) * 2, h, d) for h, d in ((1, 16), (4, 32), (2, 64))]
+    for h, d in ((1, 16), (4, 32), (2, 64)):  # training's attention, forward and backward
+        qkv = (torch.randn(5, 16, 3 * h * d) * 2).requires_grad_()
+        att = kernels.attention16_train(qkv, h, d)
+        outs += [att.detach(), *torch.autograd.grad(att.square().sum(), [qkv])]
     assert all(o is not None for o in outs)
     return outs
 

@@ -1,5 +1,5 @@
 /* Fused CPU kernels, float32, built per instruction-set level and loaded by ddpm/nn/kernels.py (which holds the autograd
-   wrapper of the GroupNorm backward).
+   wrappers of the GroupNorm and attention backwards).
    Each image (and head) is computed by one thread in a fixed order: the result does not depend on the
    thread count. */
 #include <math.h>
@@ -284,13 +284,13 @@ int ddpm_group_norm_act_backward(const float *x, const float *dy, float *dx, con
     return failed ? -1 : 0;
 }
 
-/* softmax(q k^T) v for one head at 16 positions (Vaswani et al. 2017 eq. 1; q already carries 1/sqrt(d)),
-   d a multiple of 16 up to 64. q, k, v: 16 rows of d floats, `row` apart; out: 16 rows `ostride` apart.
-   The scores are held transposed, one vector per key over the 16 queries, so that each query's softmax
-   runs across vectors; scores and outputs accumulate in vector registers. qt [d, 16] and pt [16, 16]
-   (the probabilities, transposed) are scratch. */
+/* softmax(scale q k^T) v for one head at 16 positions (Vaswani et al. 2017 eq. 1; sampling passes scale 1, q
+   already carrying 1/sqrt(d)), d a multiple of 16 up to 64. q, k, v: 16 rows of d floats, `row` apart; out: 16
+   rows `ostride` apart. The scores are held transposed, one vector per key over the 16 queries, so that each
+   query's softmax runs across vectors; scores and outputs accumulate in vector registers. qt [d, 16] is scratch;
+   pt [16, 16] receives the probabilities, transposed (pt[j 16 + i] = P_ij: the backward keeps them). */
 static inline __attribute__((always_inline)) void one_head16(const float *q, const float *k, const float *v,
-        float *out, int64_t row, int64_t ostride, const int64_t d, float *qt, float *pt)
+        float *out, int64_t row, int64_t ostride, const int64_t d, float scale, float *qt, float *pt)
 {
     for (int64_t r = 0; r < 16; ++r)
         for (int64_t e = 0; e < d; ++e) qt[e * 16 + r] = q[r * row + e];
@@ -303,7 +303,7 @@ static inline __attribute__((always_inline)) void one_head16(const float *q, con
                 const vf qe = *(const vf *)(qt + e * 16 + h * VW);
                 for (int64_t i = 0; i < 8; ++i) acc[i] += k[(j0 + i) * row + e] * qe;
             }
-            for (int64_t i = 0; i < 8; ++i) st[j0 + i][h] = acc[i];
+            for (int64_t i = 0; i < 8; ++i) st[j0 + i][h] = scale == 1.f ? acc[i] : acc[i] * scale;
         }
     for (int64_t h = 0; h < 16 / VW; ++h) { /* each query's softmax over the 16 keys */
         vf mx = st[0][h], sum = (vf){0};
@@ -333,26 +333,103 @@ static inline __attribute__((always_inline)) void one_head16(const float *q, con
 }
 
 /* Multi-head attention of n images at 16 positions: qkv [n, 16, 3 heads d] (the q, k and v blocks, each
-   head-major) -> out [n, 16, heads d]. d: 16, 32 or 64. Returns 0, -1 for another d. */
-int ddpm_attention16(const float *qkv, float *out, int64_t n, int64_t heads, int64_t d, int threads)
+   head-major) -> out [n, 16, heads d], the scores scaled by `scale`. d: 16, 32 or 64. probs: NULL, or
+   [n, heads, 16, 16] to keep each head's probabilities, transposed, for the backward.
+   Returns 0, -1 for another d. */
+int ddpm_attention16(const float *qkv, float *out, float *probs, int64_t n, int64_t heads, int64_t d, float scale,
+                     int threads)
 {
     const int64_t inner = heads * d, row = 3 * inner;
     if (d != 16 && d != 32 && d != 64)
         return -1;
 #pragma omp parallel num_threads(threads)
     {
-        float qt[64 * 16], pt[16 * 16];
+        float qt[64 * 16], scratch[16 * 16];
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < n * heads; ++i) {
             const int64_t b = i / heads, h = i % heads;
             const float *q = qkv + b * 16 * row + h * d;
-            float *o = out + b * 16 * inner + h * d;
+            float *o = out + b * 16 * inner + h * d, *pt = probs ? probs + i * 256 : scratch;
             if (d == 32) /* constant d: the loops unroll */
-                one_head16(q, q + inner, q + 2 * inner, o, row, inner, 32, qt, pt);
+                one_head16(q, q + inner, q + 2 * inner, o, row, inner, 32, scale, qt, pt);
             else if (d == 64)
-                one_head16(q, q + inner, q + 2 * inner, o, row, inner, 64, qt, pt);
+                one_head16(q, q + inner, q + 2 * inner, o, row, inner, 64, scale, qt, pt);
             else
-                one_head16(q, q + inner, q + 2 * inner, o, row, inner, 16, qt, pt);
+                one_head16(q, q + inner, q + 2 * inner, o, row, inner, 16, scale, qt, pt);
+        }
+    }
+    return 0;
+}
+
+/* dst rows (`dstride` apart, d floats each) = sum over m of w[m * wm + r * wr] * src row m (`sstride` apart),
+   for the 16 rows r: a 16 x 16 matrix (strides wr, wm) times 16 rows of d, summed over m in order. */
+static inline __attribute__((always_inline)) void rows16(const float *w, int64_t wr, int64_t wm, const float *src,
+        int64_t sstride, float *dst, int64_t dstride, const int64_t d)
+{
+    const int64_t nv = d / VW;
+    for (int64_t r = 0; r < 16; ++r) {
+        vf acc[64 / VW];
+        for (int64_t u = 0; u < nv; ++u) acc[u] = (vf){0};
+        for (int64_t m = 0; m < 16; ++m) {
+            const float c = w[m * wm + r * wr];
+            for (int64_t u = 0; u < nv; ++u) acc[u] += c * *(const vf *)(src + m * sstride + VW * u);
+        }
+        for (int64_t u = 0; u < nv; ++u) *(vf *)(dst + r * dstride + VW * u) = acc[u];
+    }
+}
+
+/* The backward of one head of one_head16 (S = scale q k^T, P = softmax(S), O = P v), given pt (P transposed)
+   and dO (16 rows `ostride` apart): dv = P^T dO, dP = dO v^T, dS = P (dP - rowsum(dP P)) (the softmax's
+   Jacobian), dq = scale dS k, dk = scale dS^T q; dq, dk and dv are written as rows `row` apart. vt [d, 16],
+   p and ds [16, 16] are scratch. */
+static inline __attribute__((always_inline)) void one_head16_backward(const float *q, const float *k,
+        const float *v, const float *pt, const float *dout, int64_t row, int64_t ostride, float *dq, float *dk,
+        float *dv, const int64_t d, float scale, float *vt, float *p, float *ds)
+{
+    for (int64_t j = 0; j < 16; ++j)
+        for (int64_t e = 0; e < d; ++e) vt[e * 16 + j] = v[j * row + e];
+    rows16(pt, 16, 1, dout, ostride, dv, row, d); /* dv_j = sum_i P_ij dO_i */
+    for (int64_t i = 0; i < 16; ++i) {
+        vf dp[16 / VW]; /* dP_ij over the keys j */
+        for (int64_t h = 0; h < 16 / VW; ++h) dp[h] = (vf){0};
+        for (int64_t e = 0; e < d; ++e)
+            for (int64_t h = 0; h < 16 / VW; ++h) dp[h] += dout[i * ostride + e] * *(const vf *)(vt + e * 16 + h * VW);
+        float dot = 0.f, *pi = p + i * 16, *dsi = ds + i * 16;
+        for (int64_t j = 0; j < 16; ++j) pi[j] = pt[j * 16 + i];
+        for (int64_t h = 0; h < 16 / VW; ++h) *(vf *)(dsi + h * VW) = dp[h];
+        for (int64_t j = 0; j < 16; ++j) dot += dsi[j] * pi[j];
+        for (int64_t h = 0; h < 16 / VW; ++h)
+            *(vf *)(dsi + h * VW) = *(const vf *)(pi + h * VW) * (dp[h] - dot) * scale;
+    }
+    rows16(ds, 16, 1, k, row, dq, row, d); /* dq_i = sum_j dS_ij k_j */
+    rows16(ds, 1, 16, q, row, dk, row, d); /* dk_j = sum_i dS_ij q_i */
+}
+
+/* The backward of ddpm_attention16 (kept probabilities `probs`, the output's gradient dout [n, 16, heads d])
+   -> dqkv [n, 16, 3 heads d]. Returns 0, -1 for another d. */
+int ddpm_attention16_backward(const float *qkv, const float *probs, const float *dout, float *dqkv, int64_t n,
+                              int64_t heads, int64_t d, float scale, int threads)
+{
+    const int64_t inner = heads * d, row = 3 * inner;
+    if (d != 16 && d != 32 && d != 64)
+        return -1;
+#pragma omp parallel num_threads(threads)
+    {
+        float vt[64 * 16], p[16 * 16], ds[16 * 16];
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < n * heads; ++i) {
+            const int64_t b = i / heads, h = i % heads;
+            const float *q = qkv + b * 16 * row + h * d, *g = dout + b * 16 * inner + h * d;
+            float *dq = dqkv + b * 16 * row + h * d;
+            if (d == 32)
+                one_head16_backward(q, q + inner, q + 2 * inner, probs + i * 256, g, row, inner, dq, dq + inner,
+                                    dq + 2 * inner, 32, scale, vt, p, ds);
+            else if (d == 64)
+                one_head16_backward(q, q + inner, q + 2 * inner, probs + i * 256, g, row, inner, dq, dq + inner,
+                                    dq + 2 * inner, 64, scale, vt, p, ds);
+            else
+                one_head16_backward(q, q + inner, q + 2 * inner, probs + i * 256, g, row, inner, dq, dq + inner,
+                                    dq + 2 * inner, 16, scale, vt, p, ds);
         }
     }
     return 0;

@@ -1,5 +1,5 @@
-"""Fused CPU kernels: GroupNorm + scale-shift + SiLU in one pass (forward, and backward for training), and
-attention at 16 positions (sampling).
+"""Fused CPU kernels: GroupNorm + scale-shift + SiLU in one pass, and attention at 16 positions (forward, and
+backward for training).
 
 On a CPU a sampling forward spends about a third of its time outside the convolutions, and a training step
 about a quarter, in chains of small memory-bound passes (GroupNorm's statistics, the normalisation, the
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "group_norm_act", "group_norm_act_train", "attention16", "library", "disable", "kernel_record"]
+__all__ = ["available", "group_norm_act", "group_norm_act_train", "attention16", "attention16_train", "library", "disable", "kernel_record"]
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("kernels.c")
@@ -128,11 +128,12 @@ def _load() -> ctypes.CDLL | None:
                                         ptr, ptr, c_int]
     lib.ddpm_group_norm_act_backward.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64,
                                                  c_int, ptr, ptr, ptr, c_int]
-    lib.ddpm_attention16.argtypes = [ptr, ptr, i64, i64, i64, c_int]
+    lib.ddpm_attention16.argtypes = [ptr, ptr, ptr, i64, i64, i64, ctypes.c_float, c_int]
+    lib.ddpm_attention16_backward.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_float, c_int]
     lib.ddpm_isa.argtypes, lib.ddpm_isa.restype = [], ctypes.c_char_p
     lib.ddpm_flush_denormals.argtypes = [c_int]
     for f in (lib.ddpm_group_norm_act, lib.ddpm_group_norm_act_backward, lib.ddpm_attention16,
-              lib.ddpm_flush_denormals):
+              lib.ddpm_attention16_backward, lib.ddpm_flush_denormals):
         f.restype = c_int
     return lib
 
@@ -285,15 +286,53 @@ def group_norm_act_train(x: torch.Tensor, norm: torch.nn.GroupNorm, scale_shift:
     return _ran(_GroupNormAct.apply(x, norm.weight, norm.bias, ss, norm.num_groups, norm.eps, silu))
 
 
+def _attention16_applies(qkv: torch.Tensor, heads: int, dim_head: int) -> bool:
+    return (qkv.ndim == 3 and qkv.shape[1] == 16 and dim_head in (16, 32, 64) and qkv.shape[2] == 3 * heads * dim_head
+            and not torch.compiler.is_compiling() and _cpu_f32(qkv) and library() is not None)
+
+
 def attention16(qkv: torch.Tensor, heads: int, dim_head: int) -> torch.Tensor | None:
     """softmax(q k^T) v per image and head at 16 positions: ``qkv`` [B, 16, 3 * heads * dim_head] (q scaled by
     1/sqrt(d) already) -> [B, 16, heads * dim_head]. None where the kernel does not apply (another position
     count, a dim_head other than 16, 32 or 64, grads, no library)."""
-    if (qkv.ndim != 3 or qkv.shape[1] != 16 or dim_head not in (16, 32, 64) or qkv.shape[2] != 3 * heads * dim_head
-            or not available(qkv)):
+    if torch.is_grad_enabled() or not _attention16_applies(qkv, heads, dim_head):
         return None
     qkv = qkv.contiguous()
     out = qkv.new_empty(qkv.shape[0], 16, heads * dim_head)
-    if library().ddpm_attention16(qkv.data_ptr(), out.data_ptr(), qkv.shape[0], heads, dim_head, torch.get_num_threads()):
+    if library().ddpm_attention16(qkv.data_ptr(), out.data_ptr(), None, qkv.shape[0], heads, dim_head, 1.0,
+                                  torch.get_num_threads()):
         return None
     return _ran(out)
+
+
+class _Attention16(torch.autograd.Function):
+    """softmax(scale q k^T) v at 16 positions with the kernels' forward and backward. Saves qkv and the
+    probabilities ([B, heads, 16, 16]), from which the backward computes every gradient in one pass per head."""
+
+    @staticmethod
+    def forward(ctx, qkv, heads: int, dim_head: int, scale: float):
+        out = qkv.new_empty(qkv.shape[0], 16, heads * dim_head)
+        probs = qkv.new_empty(qkv.shape[0], heads, 16, 16)
+        library().ddpm_attention16(qkv.data_ptr(), out.data_ptr(), probs.data_ptr(), qkv.shape[0], heads, dim_head,
+                                   scale, torch.get_num_threads())
+        ctx.save_for_backward(qkv, probs)
+        ctx.heads, ctx.dim_head, ctx.scale = heads, dim_head, scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        qkv, probs = ctx.saved_tensors
+        dout, dqkv = dout.contiguous(), torch.empty_like(qkv)
+        library().ddpm_attention16_backward(qkv.data_ptr(), probs.data_ptr(), dout.data_ptr(), dqkv.data_ptr(),
+                                            qkv.shape[0], ctx.heads, ctx.dim_head, ctx.scale, torch.get_num_threads())
+        return dqkv, None, None, None
+
+
+def attention16_train(qkv: torch.Tensor, heads: int, dim_head: int) -> torch.Tensor | None:
+    """:func:`attention16` with autograd (the kernels' backward; training): ``qkv`` [B, 16, 3 * heads * dim_head]
+    unscaled (the scores are scaled by 1/sqrt(dim_head) inside) -> [B, 16, heads * dim_head]. None where it
+    does not apply."""
+    if not _attention16_applies(qkv, heads, dim_head):
+        return None
+    return _ran(_Attention16.apply(qkv.contiguous(), heads, dim_head, dim_head ** -0.5))

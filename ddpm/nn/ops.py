@@ -119,16 +119,21 @@ def norm_act(norm: nn.GroupNorm, x: torch.Tensor, scale_shift: torch.Tensor | No
 def attention(tokens: torch.Tensor, qkv_weight: torch.Tensor, heads: int, dim_head: int) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v (Vaswani et al. eq. 1) of [B, HW, C] tokens with q, k, v = tokens W^T
     (``qkv_weight`` [3 * heads * dim_head, C], no bias) -> [B, HW, heads * dim_head], heads concatenated.
-    A CPU at <= 64 positions writes the products out (sampling: :func:`heads_in_turn`); elsewhere
-    ``F.scaled_dot_product_attention``."""
+    A CPU at <= 64 positions writes the products out (sampling: :func:`heads_in_turn`; training at 16 positions:
+    one fused C kernel forward and backward, ``kernels.attention16_train``, 2.7x PyTorch's ops at batch 128, 4
+    heads of 32: 0.94 vs 2.55 ms); elsewhere ``F.scaled_dot_product_attention``."""
     written_out = tokens.device.type == "cpu" and tokens.shape[1] <= 64  # a CPU at a few positions: no SDPA
     if written_out and not torch.is_grad_enabled():  # sampling
         return heads_in_turn(tokens, qkv_weight, heads, dim_head)
+    qkv = linear(tokens, qkv_weight)
+    if written_out:  # training at 16 positions: forward and backward one pass of C per head
+        fused = kernels.attention16_train(qkv, heads, dim_head)
+        if fused is not None:
+            return fused
     # chunk, not unflatten + permute + select: the backward is then one concatenation instead of a
     # scatter into a zero tensor (that scatter kernel was 1.4 ms of a ~100 ms compiled CPU step;
     # end to end, eager training ran about 1% faster, compiled within noise)
-    q, k, v = (u.unflatten(-1, (heads, dim_head)).transpose(1, 2)
-               for u in linear(tokens, qkv_weight).chunk(3, dim=-1))
+    q, k, v = (u.unflatten(-1, (heads, dim_head)).transpose(1, 2) for u in qkv.chunk(3, dim=-1))
     if not written_out:
         out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, HW, dim_head]
     else:  # a CPU at a few positions: the products written out beat SDPA's CPU kernel, which slows down
@@ -144,7 +149,7 @@ def heads_in_turn(tokens: torch.Tensor, qkv_weight: torch.Tensor, heads: int, di
     ``bmm`` reads as they are, where the 4-D product first copies q, k and v into head-major order; the
     1 / sqrt(d) is folded into q's weights. Sampling batch 400 at 4x4, 2 threads: 1.1-1.4x per call, a
     forward 1.01-1.03x (docs/performance.md); in training the copies' backward is cheaper than four
-    heads' (1.43 vs 2.60 ms), so training keeps the 4-D form. At 16 positions (a 4x4 map) with d 16, 32
+    heads' (1.43 vs 2.60 ms), so training keeps the 4-D form (at 16 positions: the fused kernel). At 16 positions (a 4x4 map) with d 16, 32
     or 64 the products run as one fused CPU kernel instead (``ddpm.nn.kernels.attention16``: 1.7x per call)."""
     inner, d = heads * dim_head, dim_head
     qkv = linear(tokens, torch.cat((qkv_weight[:inner] * d ** -0.5, qkv_weight[inner:])))  # [B, HW, 3 inner]
