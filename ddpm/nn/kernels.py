@@ -35,7 +35,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "group_norm_act", "group_norm_act_train", "attention16", "attention16_train", "library", "disable", "kernel_record"]
+__all__ = ["available", "group_norm_act", "group_norm_act_train", "attention16", "attention16_train", "library", "disable",
+           "kernel_record"]
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("kernels.c")

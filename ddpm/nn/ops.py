@@ -149,8 +149,9 @@ def heads_in_turn(tokens: torch.Tensor, qkv_weight: torch.Tensor, heads: int, di
     ``bmm`` reads as they are, where the 4-D product first copies q, k and v into head-major order; the
     1 / sqrt(d) is folded into q's weights. Sampling batch 400 at 4x4, 2 threads: 1.1-1.4x per call, a
     forward 1.01-1.03x (docs/performance.md); in training the copies' backward is cheaper than four
-    heads' (1.43 vs 2.60 ms), so training keeps the 4-D form (at 16 positions: the fused kernel). At 16 positions (a 4x4 map) with d 16, 32
-    or 64 the products run as one fused CPU kernel instead (``ddpm.nn.kernels.attention16``: 1.7x per call)."""
+    heads' (1.43 vs 2.60 ms), so training keeps the 4-D form (at 16 positions: the fused kernel). At 16
+    positions (a 4x4 map) with d 16, 32 or 64 the products run as one fused CPU kernel instead
+    (``ddpm.nn.kernels.attention16``: 1.7x per call)."""
     inner, d = heads * dim_head, dim_head
     qkv = linear(tokens, torch.cat((qkv_weight[:inner] * d ** -0.5, qkv_weight[inner:])))  # [B, HW, 3 inner]
     fused = kernels.attention16(qkv, heads, d)  # 16 positions: all heads in one pass of C

@@ -8,9 +8,9 @@ What each part buys was measured side by side (``python -m benchmarks.peers``, d
 - flat parameters (``ddpm.training.optim.FlatParams``, always on): the optimizer, clipping and EMA each run one
   kernel over one buffer.
 - torch.compile (inductor), on CUDA: fuses GroupNorm, SiLU, scale-shift and residual adds into few kernels.
-  Not on a CPU: there eager channels_last, with the Unet's linear layers on oneDNN and its attention
-  written out, beats inductor's graphs at every size measured (see ``Speed.resolve``). It falls back to
-  eager, with one warning, wherever compiling fails (no C++ compiler, an unsupported op).
+  Not on a CPU: there eager channels_last, with the Unet's linear layers on oneDNN (AVX-512) or MKL (AVX2)
+  and its attention written out, beats inductor's graphs at every size measured (see ``Speed.resolve``). It
+  falls back to eager, with one warning, wherever compiling fails (no C++ compiler, an unsupported op).
 - bf16 autocast on CUDA (fp16 with a grad scaler where bf16 is missing; see ``ddpm.training.optim.amp_settings``).
 - the process's allocator keeps freed memory (:func:`tune_allocator`; the train and sample stages call it).
 - subnormal floats flushed to zero on every CPU thread (``ddpm.nn.kernels.flush_denormals``; the train, sample
