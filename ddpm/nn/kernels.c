@@ -303,7 +303,7 @@ static inline __attribute__((always_inline)) void one_head16(const float *q, con
                 const vf qe = *(const vf *)(qt + e * 16 + h * VW);
                 for (int64_t i = 0; i < 8; ++i) acc[i] += k[(j0 + i) * row + e] * qe;
             }
-            for (int64_t i = 0; i < 8; ++i) st[j0 + i][h] = scale == 1.f ? acc[i] : acc[i] * scale;
+            for (int64_t i = 0; i < 8; ++i) st[j0 + i][h] = acc[i] * scale; /* x 1 (sampling) is exact */
         }
     for (int64_t h = 0; h < 16 / VW; ++h) { /* each query's softmax over the 16 keys */
         vf mx = st[0][h], sum = (vf){0};

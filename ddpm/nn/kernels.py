@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "group_norm_act", "group_norm_act_train", "attention16", "attention16_train", "library", "disable",
+__all__ = ["group_norm_act", "group_norm_act_train", "attention16", "attention16_train", "library", "disable",
            "kernel_record"]
 
 log = logging.getLogger(__name__)
@@ -198,13 +198,6 @@ def _cpu_f32(*ts: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in ts)
 
 
-def available(x: torch.Tensor) -> bool:
-    """Whether the kernels can take ``x``: a float32 CPU tensor outside autograd and ``torch.compile`` (whose
-    tracing never reaches the library), with the library built."""
-    return (not torch.compiler.is_compiling() and _cpu_f32(x) and not torch.is_grad_enabled()
-            and library() is not None)
-
-
 def _applies(x: torch.Tensor, norm: torch.nn.GroupNorm, scale_shift: torch.Tensor | None) -> bool:
     """The shapes, layout and dtypes the GroupNorm kernels take (not the grad mode)."""
     if (torch.compiler.is_compiling() or x.ndim != 4 or not x.is_contiguous(memory_format=torch.channels_last)
@@ -298,12 +291,17 @@ def attention16(qkv: torch.Tensor, heads: int, dim_head: int) -> torch.Tensor | 
     count, a dim_head other than 16, 32 or 64, grads, no library)."""
     if torch.is_grad_enabled() or not _attention16_applies(qkv, heads, dim_head):
         return None
-    qkv = qkv.contiguous()
+    return _ran(_attention16_forward(qkv.contiguous(), heads, dim_head, 1.0, keep_probs=False)[0])
+
+
+def _attention16_forward(qkv: torch.Tensor, heads: int, dim_head: int, scale: float, keep_probs: bool):
+    """The kernel's forward on a contiguous qkv whose shapes :func:`_attention16_applies` passed: the output and,
+    where asked, each head's probabilities (transposed, [B, heads, 16, 16]; else None)."""
     out = qkv.new_empty(qkv.shape[0], 16, heads * dim_head)
-    if library().ddpm_attention16(qkv.data_ptr(), out.data_ptr(), None, qkv.shape[0], heads, dim_head, 1.0,
-                                  torch.get_num_threads()):
-        return None
-    return _ran(out)
+    probs = qkv.new_empty(qkv.shape[0], heads, 16, 16) if keep_probs else None
+    library().ddpm_attention16(qkv.data_ptr(), out.data_ptr(), None if probs is None else probs.data_ptr(),
+                               qkv.shape[0], heads, dim_head, scale, torch.get_num_threads())
+    return out, probs
 
 
 class _Attention16(torch.autograd.Function):
@@ -312,10 +310,7 @@ class _Attention16(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, heads: int, dim_head: int, scale: float):
-        out = qkv.new_empty(qkv.shape[0], 16, heads * dim_head)
-        probs = qkv.new_empty(qkv.shape[0], heads, 16, 16)
-        library().ddpm_attention16(qkv.data_ptr(), out.data_ptr(), probs.data_ptr(), qkv.shape[0], heads, dim_head,
-                                   scale, torch.get_num_threads())
+        out, probs = _attention16_forward(qkv, heads, dim_head, scale, keep_probs=True)
         ctx.save_for_backward(qkv, probs)
         ctx.heads, ctx.dim_head, ctx.scale = heads, dim_head, scale
         return out
