@@ -176,10 +176,49 @@ def test_attention16_train_matches_autograd(heads, d):
     assert have[..., 2 * heads * d:].abs().sum() > 0 and have[..., :heads * d].abs().sum() > 0  # dv and dq written
 
 
+def _conv_reference(x, w, b, dy):
+    """The gradients of conv2d(x, w, b, padding=1) for dy, computed in float64."""
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    return torch.autograd.grad(F.conv2d(x64, w64, b64, padding=1), (x64, w64, b64), dy.double())
+
+
+@needs_library
+@pytest.mark.parametrize("n, c, h, w, o", [(5, 16, 8, 8, 16), (3, 32, 4, 4, 64), (20, 48, 4, 4, 20),
+                                           (2, 16, 5, 7, 7), (1, 32, 1, 1, 3), (9, 64, 8, 8, 32)])
+def test_conv3x3_weight_grad_matches_float64(n, c, h, w, o):
+    """Training's 3x3 convolution: the output, and the input's, weight's and bias's gradients (the last two from
+    the C kernel: output-channel tiles of 6 with a remainder, images in blocks of >= 128 pixels with a partial
+    last block, odd and 1x1 maps) against float64 autograd."""
+    torch.manual_seed(0)
+    x, dy = _cl(n, c, h, w).requires_grad_(), _cl(n, o, h, w)
+    weight = torch.randn(o, c, 3, 3).contiguous(memory_format=torch.channels_last).requires_grad_()
+    bias = torch.randn(o, requires_grad=True)
+    y = kernels.conv3x3_train(x, weight, bias)
+    assert y is not None
+    torch.testing.assert_close(y, F.conv2d(x, weight, bias, padding=1), rtol=0, atol=0)  # PyTorch's forward
+    have, want = torch.autograd.grad(y, (x, weight, bias), dy), _conv_reference(x, weight, bias, dy)
+    for got, ref in zip(have, want):
+        assert got.dtype == torch.float32 and got.shape == ref.shape
+        assert (got.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert have[1].is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_library
+def test_conv3x3_weight_grad_without_bias_and_for_an_nchw_weight():
+    torch.manual_seed(0)
+    x, dy = _cl(4, 32, 8, 8), _cl(4, 8, 8, 8)
+    weight = torch.randn(8, 32, 3, 3, requires_grad=True)  # NCHW: the gradient comes back in its layout
+    dw, = torch.autograd.grad(kernels.conv3x3_train(x, weight, None), weight, dy)
+    assert dw.is_contiguous()
+    ref = _conv_reference(x, weight, torch.zeros(8), dy)[1]
+    assert (dw.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
 @needs_library
 def test_the_thread_count_does_not_change_a_bit():
     torch.manual_seed(0)
     x, norm, qkv = _cl(9, 32, 8, 8), _norm(32, 8), torch.randn(9, 16, 3 * 128)
+    w, b, dy = torch.randn(20, 32, 3, 3, requires_grad=True), torch.randn(20, requires_grad=True), _cl(9, 20, 8, 8)
     n = torch.get_num_threads()
     outs = []
     try:
@@ -191,6 +230,7 @@ def test_the_thread_count_does_not_change_a_bit():
             out += torch.autograd.grad(kernels.group_norm_act_train(xg, norm).sum(), [xg, norm.weight, norm.bias])
             att = kernels.attention16_train(qg, 4, 32)
             out += [att.detach(), *torch.autograd.grad(att.square().sum(), [qg])]
+            out += torch.autograd.grad(kernels.conv3x3_train(x, w, b), [w, b], dy)  # the C kernel's sums
             outs.append(out)
     finally:
         torch.set_num_threads(n)
@@ -217,6 +257,14 @@ def test_kernels_decline_what_they_do_not_compute():
     assert kernels.attention16(qkv, 4, 32) is None  # grads
     assert kernels.group_norm_act_train(x.bfloat16(), norm) is None  # autocast's dtype
     assert kernels.group_norm_act_train(x.contiguous(), norm) is None
+    w = torch.randn(8, 32, 3, 3)
+    assert kernels.conv3x3_train(x, w, None) is not None
+    assert kernels.conv3x3_train(x.contiguous(), w, None) is None  # NCHW
+    assert kernels.conv3x3_train(_cl(2, 24, 8, 8), torch.randn(8, 24, 3, 3), None) is None  # C not a multiple of 16
+    assert kernels.conv3x3_train(x, torch.randn(8, 32, 5, 5), None) is None  # 5x5
+    assert kernels.conv3x3_train(x.double(), w.double(), None) is None
+    with torch.no_grad():
+        assert kernels.conv3x3_train(x, w, None) is None  # sampling: PyTorch's convolution
 
 
 @needs_library
@@ -329,6 +377,9 @@ def _outputs() -> list[torch.Tensor]:
         qkv = (torch.randn(5, 16, 3 * h * d) * 2).requires_grad_()
         att = kernels.attention16_train(qkv, h, d)
         outs += [att.detach(), *torch.autograd.grad(att.square().sum(), [qkv])]
+    for c, o in ((16, 16), (48, 20)):  # training's 3x3 weight and bias gradients
+        x, w, b = _cl(11, c, 8, 8), torch.randn(o, c, 3, 3, requires_grad=True), torch.randn(o, requires_grad=True)
+        outs += torch.autograd.grad(kernels.conv3x3_train(x, w, b).square().sum(), [w, b])
     assert all(o is not None for o in outs)
     return outs
 

@@ -244,6 +244,53 @@ def test_linear_module_keeps_nn_linear_parameters_and_state_dict():
     assert "mid_attn.to_qkv.weight" in m.state_dict() and "time_mlp.0.bias" in m.state_dict()
 
 
+@pytest.mark.parametrize("size, stride, padding, c", [(1, 1, 0, 64), (3, 1, 1, 32), (3, 1, 1, 24), (3, 2, 1, 32)])
+@pytest.mark.parametrize("onednn", [True, False])  # the AVX-512 choice and the AVX2 one, on any CPU
+def test_conv2d_matches_f_conv2d_values_and_gradients(size, stride, padding, c, onednn, monkeypatch):
+    """ops.conv2d in training: 1x1 as a product over channels, 3x3 (C a multiple of 16) with the C kernel's
+    weight gradient at AVX2; values and every gradient agree with F.conv2d's, and the weight's gradient keeps
+    the weight's layout."""
+    monkeypatch.setattr(ops, "onednn_linear", lambda: onednn)
+    torch.manual_seed(0)
+    x = torch.randn(5, c, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(20, c, size, size).contiguous(memory_format=torch.channels_last).requires_grad_()
+    b = torch.randn(20, requires_grad=True)
+    g = torch.randn(5, 20, 8 // stride, 8 // stride)
+    got = ops.conv2d(x, w, b, stride, padding)
+    want = F.conv2d(x, w, b, stride, padding)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    have, ref = torch.autograd.grad(got, (x, w, b), g), torch.autograd.grad(want, (x, w, b), g)
+    for h, r in zip(have, ref):
+        torch.testing.assert_close(h, r, rtol=1e-4, atol=1e-4)
+    assert have[1].stride() == w.stride() or size == 1  # (a 1x1 weight's strides differ only in its unit dims)
+
+
+def test_conv2d_module_keeps_nn_conv2d_parameters_and_runs_the_kernel_at_avx2(monkeypatch):
+    """Every Unet convolution is an ops.Conv2d (nn.Conv2d's parameters and state_dict); a training step at
+    AVX2 computes its 3x3 weight gradients with the C kernel (where the library builds), at AVX-512 with oneDNN."""
+    from ddpm.nn import kernels
+
+    m = Unet(dim=16, dim_mults=(1, 2), channels=1).to(memory_format=torch.channels_last)
+    convs = [n for n, mod in m.named_modules() if isinstance(mod, torch.nn.Conv2d)]
+    assert convs and all(isinstance(m.get_submodule(n), ops.Conv2d) for n in convs)
+    assert set(ops.Conv2d(16, 32, 3).state_dict()) == set(torch.nn.Conv2d(16, 32, 3).state_dict()) == {"weight", "bias"}
+    calls = []
+    real = kernels.conv3x3_train
+    monkeypatch.setattr(kernels, "conv3x3_train", lambda *a: calls.append(real(*a)) or calls[-1])
+    x = torch.randn(4, 1, 8, 8).contiguous(memory_format=torch.channels_last)
+    mods = [m.get_submodule(n) for n in convs]
+    three = [c.in_channels for c in mods if c.kernel_size == (3, 3) and c.stride == (1, 1)]
+    assert len(three) == 26 and three.count(1) == 1  # the first convolution reads the image: C = 1
+    for onednn in (False, True):
+        monkeypatch.setattr(ops, "onednn_linear", lambda: onednn)
+        m(x, torch.randint(0, 1000, (4,))).square().mean().backward()
+        if not onednn:  # every 3x3 with stride 1 reaches the kernel, which takes all but C = 1
+            assert len(calls) == 26
+            assert kernels.library() is None or [c is not None for c in calls] == [c % 16 == 0 for c in three]
+    assert len(calls) == 26  # none at AVX-512
+
+
 @pytest.mark.parametrize("grad", [True, False])
 def test_attention_at_few_positions_matches_sdpa(grad):
     """On a CPU at <= 64 positions the attention is written out (without grads one head at a time, the scale

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["group_norm_act", "group_norm_act_train", "attention16", "attention16_train", "library", "disable",
-           "kernel_record"]
+__all__ = ["group_norm_act", "group_norm_act_train", "attention16", "attention16_train", "conv3x3_train", "library",
+           "disable", "kernel_record"]
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("kernels.c")
@@ -131,10 +131,11 @@ def _load() -> ctypes.CDLL | None:
                                                  c_int, ptr, ptr, ptr, c_int]
     lib.ddpm_attention16.argtypes = [ptr, ptr, ptr, i64, i64, i64, ctypes.c_float, c_int]
     lib.ddpm_attention16_backward.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_float, c_int]
+    lib.ddpm_conv3x3_weight_grad.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, c_int]
     lib.ddpm_isa.argtypes, lib.ddpm_isa.restype = [], ctypes.c_char_p
     lib.ddpm_flush_denormals.argtypes = [c_int]
     for f in (lib.ddpm_group_norm_act, lib.ddpm_group_norm_act_backward, lib.ddpm_attention16,
-              lib.ddpm_attention16_backward, lib.ddpm_flush_denormals):
+              lib.ddpm_attention16_backward, lib.ddpm_conv3x3_weight_grad, lib.ddpm_flush_denormals):
         f.restype = c_int
     return lib
 
@@ -332,3 +333,47 @@ def attention16_train(qkv: torch.Tensor, heads: int, dim_head: int) -> torch.Ten
     if not _attention16_applies(qkv, heads, dim_head):
         return None
     return _ran(_Attention16.apply(qkv.contiguous(), heads, dim_head, dim_head ** -0.5))
+
+
+class _Conv3x3(torch.autograd.Function):
+    """y = conv2d(x, weight, bias, padding=1) (3x3, stride 1), forward and the input's gradient on PyTorch's
+    convolution (oneDNN), the weight's and bias's gradients in one pass of C (``ddpm_conv3x3_weight_grad``)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.bias = bias is not None
+        return torch.nn.functional.conv2d(x, weight, bias, padding=1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dy = dy.contiguous(memory_format=torch.channels_last)
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.ops.aten.convolution_backward(dy, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                                                     [True, False, False])[0]
+        if ctx.needs_input_grad[1] or (ctx.bias and ctx.needs_input_grad[2]):
+            b, c, h, w = x.shape
+            o = weight.shape[0]
+            dw = x.new_empty(o, 3, 3, c).permute(0, 3, 1, 2)  # [O, C, 3, 3], channels_last
+            db = x.new_empty(o) if ctx.bias else None
+            library().ddpm_conv3x3_weight_grad(x.data_ptr(), dy.data_ptr(), dw.data_ptr(),
+                                               None if db is None else db.data_ptr(), b, h, w, c, o,
+                                               torch.get_num_threads())
+            if not weight.is_contiguous(memory_format=torch.channels_last):
+                dw = dw.contiguous()
+        return dx, dw, db
+
+
+def conv3x3_train(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """``F.conv2d(x, weight, bias, padding=1)`` for a 3x3 ``weight`` [O, C, 3, 3] with C a multiple of 16 and a
+    channels_last float32 CPU ``x`` [B, C, H, W], with autograd: the weight's and bias's gradients from the C
+    kernel (the same sums as oneDNN's, each tile in a fixed order). None where it does not apply (another
+    shape, layout, dtype or device, no grads, no library)."""
+    if (not torch.is_grad_enabled() or torch.compiler.is_compiling() or x.ndim != 4 or weight.shape[2:] != (3, 3)
+            or x.shape[1] % 16 or weight.shape[1] != x.shape[1] or not x.is_contiguous(memory_format=torch.channels_last)
+            or not _cpu_f32(x, weight, *(() if bias is None else (bias,))) or library() is None):
+        return None
+    return _ran(_Conv3x3.apply(x, weight, bias))

@@ -60,6 +60,40 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y.permute(0, 2, 3, 1).reshape(*x.shape[:-1], weight.shape[0])
 
 
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
+           dilation=1, groups: int = 1) -> torch.Tensor:
+    """``F.conv2d``. In training (grads on) of a channels_last float32 map on a CPU, two cases run elsewhere, the
+    same sums (rounded alike: tests/test_unet.py):
+
+    - a 1x1 convolution (stride 1, no padding) as a product over the channels, :func:`linear`: MKL's backward
+      beats oneDNN's there (AVX2 AMD EPYC, 2 threads, batch 128, forward and backward: 64 -> 32 at 8x8 1.08 vs
+      1.30 ms, 96 -> 64 at 4x4 0.69 vs 0.92, 32 -> 1 at 8x8 0.31 vs 0.50); sampling is even (0.67 vs 0.70 ms);
+    - a 3x3 convolution (stride 1, padding 1, C a multiple of 16) where PyTorch's kernels run AVX2 rather than
+      AVX-512 (not :func:`onednn_linear`): the weight's gradient from ``kernels.conv3x3_train``, 160-215 GFLOP/s
+      against 90-132 for oneDNN's backward of the weights (batch 128; 1.4-2.8x), which oneDNN runs at AVX-512."""
+    pair = (lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v))
+    if (torch.is_grad_enabled() and x.ndim == 4 and x.device.type == "cpu" and x.dtype == torch.float32
+            and weight.dtype == torch.float32 and groups == 1 and pair(dilation) == (1, 1) and pair(stride) == (1, 1)
+            and x.is_contiguous(memory_format=torch.channels_last) and not torch.compiler.is_compiling()):
+        size, pad = tuple(weight.shape[2:]), pair(padding)
+        if size == (1, 1) and pad == (0, 0):
+            return linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
+        if size == (3, 3) and pad == (1, 1) and not onednn_linear():
+            y = kernels.conv3x3_train(x, weight, bias)
+            if y is not None:
+                return y
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` (same parameters, same state_dict) whose zero-padded convolution goes through :func:`conv2d`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+            return super().forward(x)
+        return conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters, same state_dict) whose product goes through :func:`linear`."""
 

@@ -60,12 +60,12 @@ class ResnetBlock(nn.Module):
     def __init__(self, dim_in: int, dim_out: int, time_dim: int, groups: int = 8, dropout: float = 0.0):
         super().__init__()
         self.norm1 = nn.GroupNorm(_groups(dim_in, groups), dim_in)
-        self.conv1 = nn.Conv2d(dim_in, dim_out, 3, padding=1)
+        self.conv1 = ops.Conv2d(dim_in, dim_out, 3, padding=1)
         self.time_proj = nn.Sequential(nn.SiLU(), ops.Linear(time_dim, 2 * dim_out))
         self.norm2 = nn.GroupNorm(_groups(dim_out, groups), dim_out)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(dim_out, dim_out, 3, padding=1)
-        self.res_conv = nn.Conv2d(dim_in, dim_out, 1) if dim_in != dim_out else nn.Identity()
+        self.conv2 = ops.Conv2d(dim_out, dim_out, 3, padding=1)
+        self.res_conv = ops.Conv2d(dim_in, dim_out, 1) if dim_in != dim_out else nn.Identity()
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         scale_shift = self.time_proj(temb)  # [B or 1, 2 * dim_out]
@@ -107,7 +107,7 @@ class Downsample(nn.Module):
 
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
-        self.conv = nn.Conv2d(dim_in, dim_out, 3, stride=2, padding=1)
+        self.conv = ops.Conv2d(dim_in, dim_out, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
@@ -118,7 +118,7 @@ class Upsample(nn.Module):
 
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
-        self.conv = nn.Conv2d(dim_in, dim_out, 3, padding=1)
+        self.conv = ops.Conv2d(dim_in, dim_out, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -185,7 +185,7 @@ class Unet(nn.Module):
         )
 
         g, time_dim = resnet_block_groups, dim * 4
-        self.init_conv = nn.Conv2d(channels, init_dim, 3, padding=1)  # 3x3, not 7x7: images may be 8x8
+        self.init_conv = ops.Conv2d(channels, init_dim, 3, padding=1)  # 3x3, not 7x7: images may be 8x8
         self.time_pos_emb = SinusoidalPosEmb(dim)
         self.time_mlp = nn.Sequential(
             ops.Linear(self.time_pos_emb.out_dim, time_dim), nn.GELU(), ops.Linear(time_dim, time_dim)
@@ -204,7 +204,7 @@ class Unet(nn.Module):
             last = i == levels - 1
             self.downs.append(nn.ModuleList([
                 res(d_in, d_in), res(d_in, d_in), attn(d_in, a),
-                nn.Conv2d(d_in, d_out, 3, padding=1) if last else Downsample(d_in, d_out),
+                ops.Conv2d(d_in, d_out, 3, padding=1) if last else Downsample(d_in, d_out),
             ]))
         mid = dims[-1]
         self.mid_block1, self.mid_attn, self.mid_block2 = res(mid, mid), attn(mid, True), res(mid, mid)
@@ -212,10 +212,10 @@ class Unet(nn.Module):
             last = i == levels - 1
             self.ups.append(nn.ModuleList([
                 res(d_out + d_in, d_out), res(d_out + d_in, d_out), attn(d_out, a),
-                nn.Conv2d(d_out, d_in, 3, padding=1) if last else Upsample(d_out, d_in),
+                ops.Conv2d(d_out, d_in, 3, padding=1) if last else Upsample(d_out, d_in),
             ]))
         self.final_res_block = res(2 * init_dim, init_dim)
-        self.final_conv = nn.Conv2d(init_dim, out_dim, 1)
+        self.final_conv = ops.Conv2d(init_dim, out_dim, 1)
 
     # ---- image-size validation (pure Python on shapes: no host-device sync) ----
     @property
