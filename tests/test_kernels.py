@@ -215,6 +215,39 @@ def test_conv3x3_weight_grad_without_bias_and_for_an_nchw_weight():
 
 
 @needs_library
+@pytest.mark.parametrize("n, c, h, w, o", [(5, 32, 8, 8, 48), (3, 16, 7, 5, 16), (2, 64, 4, 4, 64), (1, 16, 1, 1, 16),
+                                           (13, 96, 4, 4, 32), (4, 48, 16, 16, 16)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_conv3x3_winograd_matches_float64(n, c, h, w, o, with_bias):
+    """Sampling's 3x3 convolution by Winograd's F(2x2, 3x3): odd and 1x1 maps (tiles cut at the edge), blocks of
+    images with a partial last one, 16x16 maps; against float64 within 1e-6 of the output's largest value
+    (oneDNN's own error is 5-9e-7)."""
+    torch.manual_seed(0)
+    x, weight = _cl(n, c, h, w), torch.randn(o, c, 3, 3) / (3 * c ** 0.5)
+    bias = torch.randn(o) if with_bias else None
+    with torch.no_grad():
+        y = kernels.conv3x3(x, weight, bias)
+    assert y is not None and y.shape == (n, o, h, w) and y.is_contiguous(memory_format=torch.channels_last)
+    ref = F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(), padding=1)
+    assert (y.double() - ref).abs().max() <= 1e-6 * ref.abs().max()
+
+
+@needs_library
+def test_conv3x3_winograd_follows_the_weights():
+    """The transformed weights are kept on the weight tensor and recomputed when it changes in place (an EMA
+    update) or is replaced."""
+    torch.manual_seed(0)
+    x, weight = _cl(2, 16, 4, 4), torch.randn(16, 16, 3, 3)
+    with torch.no_grad():
+        first = kernels.conv3x3(x, weight, None)
+        weight.mul_(-2)
+        torch.testing.assert_close(kernels.conv3x3(x, weight, None), -2 * first, rtol=1e-5, atol=1e-5)
+        other = torch.randn(16, 16, 3, 3)
+        torch.testing.assert_close(kernels.conv3x3(x, other, None), F.conv2d(x, other, padding=1), rtol=1e-5,
+                                   atol=1e-5)
+
+
+@needs_library
 def test_the_thread_count_does_not_change_a_bit():
     torch.manual_seed(0)
     x, norm, qkv = _cl(9, 32, 8, 8), _norm(32, 8), torch.randn(9, 16, 3 * 128)
@@ -231,10 +264,12 @@ def test_the_thread_count_does_not_change_a_bit():
             att = kernels.attention16_train(qg, 4, 32)
             out += [att.detach(), *torch.autograd.grad(att.square().sum(), [qg])]
             out += torch.autograd.grad(kernels.conv3x3_train(x, w, b), [w, b], dy)  # the C kernel's sums
+            with torch.no_grad():
+                out.append(kernels.conv3x3(x, w[:16], b[:16]))  # sampling's Winograd convolution: O = 16
             outs.append(out)
     finally:
         torch.set_num_threads(n)
-    assert all(torch.equal(a, b) for a, b in zip(*outs))
+    assert all(o is not None for o in outs[0]) and all(torch.equal(a, b) for a, b in zip(*outs))
 
 
 @needs_library
@@ -263,8 +298,14 @@ def test_kernels_decline_what_they_do_not_compute():
     assert kernels.conv3x3_train(_cl(2, 24, 8, 8), torch.randn(8, 24, 3, 3), None) is None  # C not a multiple of 16
     assert kernels.conv3x3_train(x, torch.randn(8, 32, 5, 5), None) is None  # 5x5
     assert kernels.conv3x3_train(x.double(), w.double(), None) is None
+    assert kernels.conv3x3(x, w, None) is None  # grads: conv3x3_train
     with torch.no_grad():
-        assert kernels.conv3x3_train(x, w, None) is None  # sampling: PyTorch's convolution
+        assert kernels.conv3x3_train(x, w, None) is None  # sampling: conv3x3
+        assert kernels.conv3x3(x, torch.randn(16, 32, 3, 3), None) is not None
+        assert kernels.conv3x3(x, w, None) is None  # 8 output channels: not a multiple of 16
+        assert kernels.conv3x3(_cl(2, 24, 8, 8), torch.randn(16, 24, 3, 3), None) is None
+        assert kernels.conv3x3(_cl(1, 16, 17, 17), torch.randn(16, 16, 3, 3), None) is None  # over 16x16
+        assert kernels.conv3x3(x.contiguous(), torch.randn(16, 32, 3, 3), None) is None  # NCHW
 
 
 @needs_library
@@ -380,6 +421,9 @@ def _outputs() -> list[torch.Tensor]:
     for c, o in ((16, 16), (48, 20)):  # training's 3x3 weight and bias gradients
         x, w, b = _cl(11, c, 8, 8), torch.randn(o, c, 3, 3, requires_grad=True), torch.randn(o, requires_grad=True)
         outs += torch.autograd.grad(kernels.conv3x3_train(x, w, b).square().sum(), [w, b])
+        if o % 16 == 0:
+            with torch.no_grad():
+                outs.append(kernels.conv3x3(x, w, b))  # sampling's Winograd convolution
     assert all(o is not None for o in outs)
     return outs
 

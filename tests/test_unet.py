@@ -291,6 +291,29 @@ def test_conv2d_module_keeps_nn_conv2d_parameters_and_runs_the_kernel_at_avx2(mo
     assert len(calls) == 26  # none at AVX-512
 
 
+@pytest.mark.parametrize("onednn", [True, False])
+def test_sampling_convolutions_run_winograd_at_avx2(onednn, monkeypatch):
+    """Without grads every 3x3 stride-1 convolution whose channels are multiples of 16 runs kernels.conv3x3 at
+    AVX2 (oneDNN at AVX-512); the forward agrees with PyTorch's convolutions."""
+    from ddpm.nn import kernels
+
+    monkeypatch.setattr(ops, "onednn_linear", lambda: onednn)
+    torch.manual_seed(0)
+    m = Unet(dim=16, dim_mults=(1, 2), channels=1).eval().to(memory_format=torch.channels_last)
+    x, t = torch.randn(3, 1, 8, 8).contiguous(memory_format=torch.channels_last), torch.tensor([10, 500, 990])
+    calls = []
+    real = kernels.conv3x3
+    monkeypatch.setattr(kernels, "conv3x3", lambda *a: calls.append(real(*a)) or calls[-1])
+    with torch.inference_mode():
+        got = m(x, t)
+        monkeypatch.setattr(ops, "conv2d", lambda x, w, b=None, s=1, p=0, d=1, g=1: F.conv2d(x, w, b, s, p, d, g))
+        want = m(x, t)
+    assert len(calls) == (0 if onednn else 26)
+    if not onednn and kernels.library() is not None:
+        assert sum(c is not None for c in calls) == 25  # all but the first convolution (C = 1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("grad", [True, False])
 def test_attention_at_few_positions_matches_sdpa(grad):
     """On a CPU at <= 64 positions the attention is written out (without grads one head at a time, the scale

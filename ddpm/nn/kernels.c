@@ -518,6 +518,151 @@ int ddpm_conv3x3_weight_grad(const float *x, const float *dy, float *dw, float *
     return 0;
 }
 
+/* A 3x3 convolution with stride 1 and padding 1 by Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray 2016,
+   eq. 8): each 2x2 output tile is Y = A^T [(G g G^T) . (B^T d B)] A for its 4x4 input tile d, 16 products per tile
+   and channel pair where the direct form has 36. With the weights transformed once (U = G g G^T, by the caller),
+   the 16 elementwise products summed over input channels are 16 matrix products M_e = V_e U_e; the transforms
+   are additions and subtractions only. */
+
+/* V[e][t][ci] = (B^T d B)_e of the 4x4 input tile of each of this block's tiles t (zeros outside the map), one
+   vector of input channels at a time; planes e are pv floats apart. B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]. */
+static void winograd_in(const float *x, float *V, int64_t pv, int64_t b0, int64_t nb, int64_t h, int64_t w,
+                        int64_t cin)
+{
+    const int64_t th = (h + 1) / 2, tw = (w + 1) / 2;
+    int64_t t = 0;
+    for (int64_t b = b0; b < b0 + nb; ++b)
+        for (int64_t ty = 0; ty < th; ++ty)
+            for (int64_t tx = 0; tx < tw; ++tx, ++t)
+                for (int64_t c = 0; c < cin; c += VW) {
+                    vf d[4][4], q[4][4];
+                    for (int i = 0; i < 4; ++i)
+                        for (int j = 0; j < 4; ++j) {
+                            const int64_t r = 2 * ty - 1 + i, s = 2 * tx - 1 + j;
+                            d[i][j] = r >= 0 && r < h && s >= 0 && s < w
+                                          ? *(const vf *)(x + ((b * h + r) * w + s) * cin + c) : (vf){0};
+                        }
+                    for (int j = 0; j < 4; ++j) {
+                        q[0][j] = d[0][j] - d[2][j];
+                        q[1][j] = d[1][j] + d[2][j];
+                        q[2][j] = d[2][j] - d[1][j];
+                        q[3][j] = d[1][j] - d[3][j];
+                    }
+                    for (int i = 0; i < 4; ++i) {
+                        float *o = V + 4 * i * pv + t * cin + c;
+                        *(vf *)o = q[i][0] - q[i][2];
+                        *(vf *)(o + pv) = q[i][1] + q[i][2];
+                        *(vf *)(o + 2 * pv) = q[i][2] - q[i][1];
+                        *(vf *)(o + 3 * pv) = q[i][1] - q[i][3];
+                    }
+                }
+}
+
+/* M[t][co0 ..] = sum over ci in order of V[t][ci] U[ci][co0 ..] for R tiles from t0 and 16 output channels: R x 16 / VW
+   accumulators in registers (R a constant where inlined). */
+static inline __attribute__((always_inline)) void winograd_mm(const float *V, const float *U, float *M, int64_t cin,
+                                                              int64_t cout, int64_t t0, int64_t co0, const int R)
+{
+    vf acc[6][16 / VW];
+    for (int r = 0; r < R; ++r)
+        for (int v = 0; v < 16 / VW; ++v) acc[r][v] = (vf){0};
+    const float *vr = V + t0 * cin;
+    for (int64_t c = 0; c < cin; ++c) {
+        vf u[16 / VW];
+        for (int v = 0; v < 16 / VW; ++v) u[v] = *(const vf *)(U + c * cout + co0 + VW * v);
+        for (int r = 0; r < R; ++r) {
+            const float a = vr[r * cin + c];
+            for (int v = 0; v < 16 / VW; ++v) acc[r][v] += a * u[v];
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int v = 0; v < 16 / VW; ++v) *(vf *)(M + (t0 + r) * cout + co0 + VW * v) = acc[r][v];
+}
+
+/* y = A^T M A + bias for each tile's 2x2 outputs inside the map, A^T = [1 1 1 0; 0 1 -1 -1]. */
+static void winograd_out(const float *M, int64_t pm, const float *bias, float *y, int64_t b0, int64_t nb, int64_t h,
+                         int64_t w, int64_t cout)
+{
+    const int64_t th = (h + 1) / 2, tw = (w + 1) / 2;
+    int64_t t = 0;
+    for (int64_t b = b0; b < b0 + nb; ++b)
+        for (int64_t ty = 0; ty < th; ++ty)
+            for (int64_t tx = 0; tx < tw; ++tx, ++t)
+                for (int64_t c = 0; c < cout; c += VW) {
+                    vf m[4][4], s[2][4];
+                    for (int i = 0; i < 4; ++i)
+                        for (int j = 0; j < 4; ++j) m[i][j] = *(const vf *)(M + (4 * i + j) * pm + t * cout + c);
+                    for (int j = 0; j < 4; ++j) {
+                        s[0][j] = m[0][j] + m[1][j] + m[2][j];
+                        s[1][j] = m[1][j] - m[2][j] - m[3][j];
+                    }
+                    const vf bv = bias ? *(const vf *)(bias + c) : (vf){0};
+                    for (int i = 0; i < 2 && 2 * ty + i < h; ++i) {
+                        float *o = y + ((b * h + 2 * ty + i) * w + 2 * tx) * cout + c;
+                        *(vf *)o = s[i][0] + s[i][1] + s[i][2] + bv;
+                        if (2 * tx + 1 < w)
+                            *(vf *)(o + cout) = s[i][1] - s[i][2] - s[i][3] + bv;
+                    }
+                }
+}
+
+/* y [n, h, w, cout] = the 3x3 convolution (stride 1, padding 1) of x [n, h, w, cin] (channels_last) with the
+   transformed weights U [16, cin, cout] (U_e = (G g G^T)_e, G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1]) plus bias
+   (or NULL). Images go to threads whole, in blocks whose tile count is a multiple of 6 where it can be (48 tiles
+   for 8x8 maps, 24 for 4x4), the blocks' planes one cache line more than their size apart (planes 4 KiB apart
+   thrashed the L1 cache: 1.18x instead of 1.41x at 64 -> 32 channels). Each output's sums run in a fixed order:
+   the bits depend neither on the thread count nor on the vector width. AVX2 AMD EPYC, 2 threads, batch 400:
+   1.4-1.8x oneDNN's direct convolution, and closer to float64 (relative error 2-3e-7 against oneDNN's 5-9e-7).
+   Returns 0, -1 where cin or cout is not a multiple of 16, 1 where scratch could not be allocated. */
+int ddpm_conv3x3_winograd(const float *x, const float *U, const float *bias, float *y, int64_t n, int64_t h, int64_t w,
+                          int64_t cin, int64_t cout, int threads)
+{
+    if (cin % 16 || cout % 16 || cin <= 0 || cout <= 0)
+        return -1;
+    const int64_t tiles = (h + 1) / 2 * ((w + 1) / 2);
+    int64_t per = 1; /* images per block */
+    while (per < 64 && per * tiles < 48 && (per * tiles < 16 || per * tiles % 6))
+        ++per;
+    if (per * tiles % 6 && tiles < 16)
+        per = (16 + tiles - 1) / tiles;
+    const int64_t blocks = (n + per - 1) / per, pv = per * tiles * cin + 16, pm = per * tiles * cout + 16;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(|:failed)
+    {
+        float *V = malloc(sizeof(float) * 16 * (pv + pm)), *M = V + 16 * pv;
+        failed = V == NULL;
+#pragma omp for schedule(static)
+        for (int64_t k = 0; k < blocks; ++k) {
+            if (!V)
+                continue;
+            const int64_t b0 = k * per, nb = n - b0 < per ? n - b0 : per, T = nb * tiles;
+            winograd_in(x, V, pv, b0, nb, h, w, cin);
+            for (int64_t e = 0; e < 16; ++e)
+                for (int64_t co0 = 0; co0 < cout; co0 += 16)
+                    for (int64_t t0 = 0; t0 < T; t0 += 6) {
+                        const float *Ve = V + e * pv, *Ue = U + e * cin * cout;
+                        float *Me = M + e * pm;
+                        const int64_t r = T - t0 < 6 ? T - t0 : 6;
+                        if (r == 6)
+                            winograd_mm(Ve, Ue, Me, cin, cout, t0, co0, 6);
+                        else if (r == 5)
+                            winograd_mm(Ve, Ue, Me, cin, cout, t0, co0, 5);
+                        else if (r == 4)
+                            winograd_mm(Ve, Ue, Me, cin, cout, t0, co0, 4);
+                        else if (r == 3)
+                            winograd_mm(Ve, Ue, Me, cin, cout, t0, co0, 3);
+                        else if (r == 2)
+                            winograd_mm(Ve, Ue, Me, cin, cout, t0, co0, 2);
+                        else
+                            winograd_mm(Ve, Ue, Me, cin, cout, t0, co0, 1);
+                    }
+            winograd_out(M, pm, bias, y, b0, nb, h, w, cout);
+        }
+        free(V);
+    }
+    return failed;
+}
+
 /* Subnormal floats flushed to zero, as results (FTZ) and as inputs (DAZ), on each of ``threads`` threads of the
    OpenMP pool that PyTorch, oneDNN and these kernels share (x86: MXCSR bits 0x8000 and 0x0040; a thread keeps
    them while the pool lives). On x86 an operation on a subnormal costs about a hundred cycles; the default

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["group_norm_act", "group_norm_act_train", "attention16", "attention16_train", "conv3x3_train", "library",
-           "disable", "kernel_record"]
+__all__ = ["group_norm_act", "group_norm_act_train", "attention16", "attention16_train", "conv3x3", "conv3x3_train",
+           "library", "disable", "kernel_record"]
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("kernels.c")
@@ -132,10 +132,12 @@ def _load() -> ctypes.CDLL | None:
     lib.ddpm_attention16.argtypes = [ptr, ptr, ptr, i64, i64, i64, ctypes.c_float, c_int]
     lib.ddpm_attention16_backward.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_float, c_int]
     lib.ddpm_conv3x3_weight_grad.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, c_int]
+    lib.ddpm_conv3x3_winograd.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, c_int]
     lib.ddpm_isa.argtypes, lib.ddpm_isa.restype = [], ctypes.c_char_p
     lib.ddpm_flush_denormals.argtypes = [c_int]
     for f in (lib.ddpm_group_norm_act, lib.ddpm_group_norm_act_backward, lib.ddpm_attention16,
-              lib.ddpm_attention16_backward, lib.ddpm_conv3x3_weight_grad, lib.ddpm_flush_denormals):
+              lib.ddpm_attention16_backward, lib.ddpm_conv3x3_weight_grad, lib.ddpm_conv3x3_winograd,
+              lib.ddpm_flush_denormals):
         f.restype = c_int
     return lib
 
@@ -377,3 +379,44 @@ def conv3x3_train(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             or not _cpu_f32(x, weight, *(() if bias is None else (bias,))) or library() is None):
         return None
     return _ran(_Conv3x3.apply(x, weight, bias))
+
+
+# Winograd's F(2x2, 3x3) weight transform (Lavin & Gray 2016, eq. 8): U = G g G^T
+_WINOGRAD_G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]], dtype=torch.float64)
+WINOGRAD_MAX_PIXELS = 256  # maps up to 16x16: a block's transformed tiles stay in the L2 cache
+
+
+def winograd_weights(weight: torch.Tensor) -> torch.Tensor:
+    """U = G g G^T of a 3x3 ``weight`` [O, C, 3, 3] as [16, C, O] float32 (computed in float64, rounded once).
+    Kept on the weight tensor and recomputed when it changes (its version counter or storage)."""
+    key = (weight._version, weight.data_ptr(), tuple(weight.shape))
+    kept = getattr(weight, "_ddpm_winograd", None)
+    if kept is None or kept[0] != key:
+        o, c = weight.shape[:2]
+        g = _WINOGRAD_G.to(weight.device)
+        u = torch.einsum("ai,ocij,bj->abco", g, weight.detach().double(), g).reshape(16, c, o)
+        kept = (key, u.float().contiguous())
+        weight._ddpm_winograd = kept
+    return kept[1]
+
+
+def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """``F.conv2d(x, weight, bias, padding=1)`` without grads (sampling) by Winograd's F(2x2, 3x3) in C
+    (``ddpm_conv3x3_winograd``: 16 products per 2x2 tile and channel pair where the direct form has 36) for a
+    channels_last float32 CPU ``x`` [B, C, H, W] with C and O multiples of 16 and H W <= ``WINOGRAD_MAX_PIXELS``.
+    None where it does not apply: the caller runs PyTorch's convolution."""
+    if (torch.is_grad_enabled() or torch.compiler.is_compiling() or x.ndim != 4 or weight.ndim != 4
+            or weight.shape[2:] != (3, 3) or weight.shape[1] != x.shape[1] or x.shape[1] % 16 or weight.shape[0] % 16
+            or x.shape[2] * x.shape[3] > WINOGRAD_MAX_PIXELS or not x.is_contiguous(memory_format=torch.channels_last)
+            or not _cpu_f32(x, weight, *(() if bias is None else (bias,))) or library() is None):
+        return None
+    b, c, h, w = x.shape
+    o = weight.shape[0]
+    u = winograd_weights(weight)
+    bias = bias.contiguous() if bias is not None else None
+    y = x.new_empty(b, h, w, o).permute(0, 3, 1, 2)  # [B, O, H, W], channels_last
+    rc = library().ddpm_conv3x3_winograd(x.data_ptr(), u.data_ptr(), None if bias is None else bias.data_ptr(),
+                                         y.data_ptr(), b, h, w, c, o, torch.get_num_threads())
+    if rc:
+        raise MemoryError("ddpm.nn.kernels: the Winograd convolution could not allocate its scratch")
+    return _ran(y)

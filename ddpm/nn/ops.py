@@ -70,16 +70,21 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
       1.30 ms, 96 -> 64 at 4x4 0.69 vs 0.92, 32 -> 1 at 8x8 0.31 vs 0.50); sampling is even (0.67 vs 0.70 ms);
     - a 3x3 convolution (stride 1, padding 1, C a multiple of 16) where PyTorch's kernels run AVX2 rather than
       AVX-512 (not :func:`onednn_linear`): the weight's gradient from ``kernels.conv3x3_train``, 160-215 GFLOP/s
-      against 90-132 for oneDNN's backward of the weights (batch 128; 1.4-2.8x), which oneDNN runs at AVX-512."""
+      against 90-132 for oneDNN's backward of the weights (batch 128; 1.4-2.8x), which oneDNN runs at AVX-512.
+
+    Without grads (sampling), the same 3x3 convolutions at AVX2 (O a multiple of 16 too, maps up to 16x16) run
+    by Winograd's F(2x2, 3x3) in C, ``kernels.conv3x3``: 16 products per output tile where the direct form has 36,
+    1.4-1.8x oneDNN's direct convolution at batch 400 (which runs near this CPU's peak, 190-220 GFLOP/s), with a
+    smaller error against float64 (2-3e-7 relative, oneDNN's 5-9e-7)."""
     pair = (lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v))
-    if (torch.is_grad_enabled() and x.ndim == 4 and x.device.type == "cpu" and x.dtype == torch.float32
-            and weight.dtype == torch.float32 and groups == 1 and pair(dilation) == (1, 1) and pair(stride) == (1, 1)
+    if (x.ndim == 4 and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and groups == 1 and pair(dilation) == (1, 1) and pair(stride) == (1, 1)
             and x.is_contiguous(memory_format=torch.channels_last) and not torch.compiler.is_compiling()):
-        size, pad = tuple(weight.shape[2:]), pair(padding)
-        if size == (1, 1) and pad == (0, 0):
+        size, pad, grad = tuple(weight.shape[2:]), pair(padding), torch.is_grad_enabled()
+        if size == (1, 1) and pad == (0, 0) and grad:
             return linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
         if size == (3, 3) and pad == (1, 1) and not onednn_linear():
-            y = kernels.conv3x3_train(x, weight, bias)
+            y = kernels.conv3x3_train(x, weight, bias) if grad else kernels.conv3x3(x, weight, bias)
             if y is not None:
                 return y
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
