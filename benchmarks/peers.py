@@ -25,7 +25,10 @@ training script use it:
   ``DDPMScheduler`` / ``DDIMScheduler`` loops of its pipelines.
 Models are matched in FLOPs per image (counted with ``torch.utils.flop_counter`` on the meta device) and timed in turn
 (A B C A B C...) because this machine's speed drifts by about 30% over minutes; the table gives medians,
-throughput per FLOP (GFLOP/s) and its share of a float32 matmul rate measured in the same run.
+throughput per FLOP (GFLOP/s) and its share of a float32 matmul rate measured in the same run. The FLOPs are each
+model's as counted, whatever algorithm computes them: at AVX2, ours runs sampling's 3x3 convolutions by Winograd's
+F(2x2, 3x3), 16 multiplications where the direct form has 36, so its GFLOP/s there is an effective rate and may
+exceed the matmul's.
 """
 from __future__ import annotations
 
@@ -52,7 +55,7 @@ import torch.nn.functional as F
 from ddpm.diffusion.process import GaussianProcess
 from ddpm.diffusion.samplers import StepRule, sample_loop
 from ddpm.diffusion.schedules import get_beta_schedule
-from ddpm.nn import kernels
+from ddpm.nn import kernels, ops
 from ddpm.nn.speed import Speed, sampling_model, tune_allocator
 from ddpm.training.loop import TrainSettings, train
 from ddpm.nn.unet import Unet
@@ -430,6 +433,9 @@ def main() -> None:
     for k in nets:
         n = sum(p.numel() for p in params[k].parameters())
         print(f"| {k} | {n / 1e6:.3f}M | {fwd[k] / 1e6:.1f} | {trn[k] / 1e6:.1f} |")
+    if device.type == "cpu" and not ops.onednn_linear() and kernels.library() is not None:
+        print("\n(FLOPs as counted, whatever computes them: ours runs sampling's 3x3 convolutions by Winograd's"
+              " F(2x2, 3x3) here, so its sampling GFLOP/s is an effective rate.)")
 
     runs, rates = [], []
     for run in range(args.runs):

@@ -1,11 +1,14 @@
 """Fused CPU kernels: GroupNorm + scale-shift + SiLU in one pass, and attention at 16 positions (forward, and
-backward for training).
+backward for training); and two convolution kernels for AVX2 CPUs, where oneDNN leaves speed behind: the weight
+gradient of training's 3x3 convolutions, and sampling's 3x3 convolutions by Winograd's F(2x2, 3x3).
 
 On a CPU a sampling forward spends about a third of its time outside the convolutions, and a training step
 about a quarter, in chains of small memory-bound passes (GroupNorm's statistics, the normalisation, the
 scale-shift, SiLU, their backwards, attention's tiny batched products) that eager PyTorch cannot fuse and
 inductor fuses into slower code here (docs/performance.md). ``kernels.c`` does each chain in one pass per
-image. It is built with the system C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``; with OpenMP, ``-O3``)
+image. At AVX2 oneDNN's backward of a convolution's weights runs at 90-132 GFLOP/s where its forward runs at
+190-220, and the forward is near the CPU's peak, so only fewer multiplications make it faster
+(``ddpm.nn.ops.conv2d`` chooses; oneDNN keeps both at AVX-512). It is built with the system C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``; with OpenMP, ``-O3``)
 for one x86 instruction-set level, chosen when the library is loaded: the widest that the CPU runs
 (``avx512``: ``-march=x86-64-v4``; ``avx2``: ``-march=x86-64-v3``; ``sse``: ``-march=x86-64-v2``), or the one
 ``$DDPM_KERNEL_ISA`` names (``native`` for ``-march=native``, the only choice on other architectures). So
