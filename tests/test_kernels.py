@@ -216,11 +216,11 @@ def test_conv3x3_weight_grad_without_bias_and_for_an_nchw_weight():
 
 @needs_library
 @pytest.mark.parametrize("n, c, h, w, o", [(5, 32, 8, 8, 48), (3, 16, 7, 5, 16), (2, 64, 4, 4, 64), (1, 16, 1, 1, 16),
-                                           (13, 96, 4, 4, 32), (4, 48, 16, 16, 16)])
+                                           (13, 96, 4, 4, 32), (4, 48, 16, 16, 16), (2, 16, 32, 31, 32)])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_conv3x3_winograd_matches_float64(n, c, h, w, o, with_bias):
     """Sampling's 3x3 convolution by Winograd's F(2x2, 3x3): odd and 1x1 maps (tiles cut at the edge), blocks of
-    images with a partial last one, 16x16 maps; against float64 within 1e-6 of the output's largest value
+    images with a partial last one, 16x16 and 32x31 maps; against float64 within 1e-6 of the output's largest value
     (oneDNN's own error is 5-9e-7)."""
     torch.manual_seed(0)
     x, weight = _cl(n, c, h, w), torch.randn(o, c, 3, 3) / (3 * c ** 0.5)
@@ -245,6 +245,11 @@ def test_conv3x3_winograd_follows_the_weights():
         other = torch.randn(16, 16, 3, 3)
         torch.testing.assert_close(kernels.conv3x3(x, other, None), F.conv2d(x, other, padding=1), rtol=1e-5,
                                    atol=1e-5)
+    with torch.inference_mode():  # weights made here have no version counter: transformed at each call
+        made = torch.randn(16, 16, 3, 3)
+        first = kernels.conv3x3(x, made, None)
+        made.mul_(-2)
+        torch.testing.assert_close(kernels.conv3x3(x, made, None), -2 * first, rtol=1e-5, atol=1e-5)
 
 
 @needs_library
@@ -297,6 +302,7 @@ def test_kernels_decline_what_they_do_not_compute():
     assert kernels.conv3x3_train(x.contiguous(), w, None) is None  # NCHW
     assert kernels.conv3x3_train(_cl(2, 24, 8, 8), torch.randn(8, 24, 3, 3), None) is None  # C not a multiple of 16
     assert kernels.conv3x3_train(x, torch.randn(8, 32, 5, 5), None) is None  # 5x5
+    assert kernels.conv3x3_train(_cl(1, 32, 33, 33), w, None) is None  # over 32x32
     assert kernels.conv3x3_train(x.double(), w.double(), None) is None
     assert kernels.conv3x3(x, w, None) is None  # grads: conv3x3_train
     with torch.no_grad():
@@ -304,7 +310,7 @@ def test_kernels_decline_what_they_do_not_compute():
         assert kernels.conv3x3(x, torch.randn(16, 32, 3, 3), None) is not None
         assert kernels.conv3x3(x, w, None) is None  # 8 output channels: not a multiple of 16
         assert kernels.conv3x3(_cl(2, 24, 8, 8), torch.randn(16, 24, 3, 3), None) is None
-        assert kernels.conv3x3(_cl(1, 16, 17, 17), torch.randn(16, 16, 3, 3), None) is None  # over 16x16
+        assert kernels.conv3x3(_cl(1, 16, 33, 33), torch.randn(16, 16, 3, 3), None) is None  # over 32x32
         assert kernels.conv3x3(x.contiguous(), torch.randn(16, 32, 3, 3), None) is None  # NCHW
 
 

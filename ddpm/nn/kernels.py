@@ -8,7 +8,8 @@ scale-shift, SiLU, their backwards, attention's tiny batched products) that eage
 inductor fuses into slower code here (docs/performance.md). ``kernels.c`` does each chain in one pass per
 image. At AVX2 oneDNN's backward of a convolution's weights runs at 90-132 GFLOP/s where its forward runs at
 190-220, and the forward is near the CPU's peak, so only fewer multiplications make it faster
-(``ddpm.nn.ops.conv2d`` chooses; oneDNN keeps both at AVX-512). It is built with the system C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``; with OpenMP, ``-O3``)
+(``ddpm.nn.ops.conv2d`` chooses; oneDNN keeps both at AVX-512).
+The library is built with the system C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``; with OpenMP, ``-O3``)
 for one x86 instruction-set level, chosen when the library is loaded: the widest that the CPU runs
 (``avx512``: ``-march=x86-64-v4``; ``avx2``: ``-march=x86-64-v3``; ``sse``: ``-march=x86-64-v2``), or the one
 ``$DDPM_KERNEL_ISA`` names (``native`` for ``-march=native``, the only choice on other architectures). So
@@ -359,7 +360,7 @@ class _Conv3x3(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = torch.ops.aten.convolution_backward(dy, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
                                                      [True, False, False])[0]
-        if ctx.needs_input_grad[1] or (ctx.bias and ctx.needs_input_grad[2]):
+        if ctx.needs_input_grad[1] or (ctx.bias and ctx.needs_input_grad[2]):  # (the kernel computes both)
             b, c, h, w = x.shape
             o = weight.shape[0]
             dw = x.new_empty(o, 3, 3, c).permute(0, 3, 1, 2)  # [O, C, 3, 3], channels_last
@@ -369,16 +370,17 @@ class _Conv3x3(torch.autograd.Function):
                                                torch.get_num_threads())
             if not weight.is_contiguous(memory_format=torch.channels_last):
                 dw = dw.contiguous()
-        return dx, dw, db
+        return dx, dw if ctx.needs_input_grad[1] else None, db if ctx.needs_input_grad[2] else None
 
 
 def conv3x3_train(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
     """``F.conv2d(x, weight, bias, padding=1)`` for a 3x3 ``weight`` [O, C, 3, 3] with C a multiple of 16 and a
-    channels_last float32 CPU ``x`` [B, C, H, W], with autograd: the weight's and bias's gradients from the C
-    kernel (the same sums as oneDNN's, each tile in a fixed order). None where it does not apply (another
-    shape, layout, dtype or device, no grads, no library)."""
+    channels_last float32 CPU ``x`` [B, C, H, W] (H W <= ``CONV_MAX_PIXELS``), with autograd: the weight's and
+    bias's gradients from the C kernel (the same sums as oneDNN's, each tile in a fixed order). None where it
+    does not apply (another shape, layout, dtype or device, no grads, no library)."""
     if (not torch.is_grad_enabled() or torch.compiler.is_compiling() or x.ndim != 4 or weight.shape[2:] != (3, 3)
-            or x.shape[1] % 16 or weight.shape[1] != x.shape[1] or not x.is_contiguous(memory_format=torch.channels_last)
+            or x.shape[1] % 16 or weight.shape[1] != x.shape[1] or x.shape[2] * x.shape[3] > CONV_MAX_PIXELS
+            or not x.is_contiguous(memory_format=torch.channels_last)
             or not _cpu_f32(x, weight, *(() if bias is None else (bias,))) or library() is None):
         return None
     return _ran(_Conv3x3.apply(x, weight, bias))
@@ -386,31 +388,35 @@ def conv3x3_train(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 # Winograd's F(2x2, 3x3) weight transform (Lavin & Gray 2016, eq. 8): U = G g G^T
 _WINOGRAD_G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]], dtype=torch.float64)
-WINOGRAD_MAX_PIXELS = 256  # maps up to 16x16: a block's transformed tiles stay in the L2 cache
+# The convolution kernels take maps up to 32x32, the largest measured (AVX2 AMD EPYC, 2 threads: Winograd
+# 1.31-1.65x oneDNN at 8x8 to 32x32, the weight gradients 1.08-1.49x; benchmarks/results/conv_kernels_avx2.md)
+CONV_MAX_PIXELS = 1024
 
 
 def winograd_weights(weight: torch.Tensor) -> torch.Tensor:
     """U = G g G^T of a 3x3 ``weight`` [O, C, 3, 3] as [16, C, O] float32 (computed in float64, rounded once).
-    Kept on the weight tensor and recomputed when it changes (its version counter or storage)."""
-    key = (weight._version, weight.data_ptr(), tuple(weight.shape))
+    Kept on the weight tensor and recomputed when it changes (its version counter or storage); a tensor made in
+    inference mode has no version counter, so there it is computed at each call."""
+    key = None if weight.is_inference() else (weight._version, weight.data_ptr(), tuple(weight.shape))
     kept = getattr(weight, "_ddpm_winograd", None)
-    if kept is None or kept[0] != key:
+    if key is None or kept is None or kept[0] != key:
         o, c = weight.shape[:2]
         g = _WINOGRAD_G.to(weight.device)
         u = torch.einsum("ai,ocij,bj->abco", g, weight.detach().double(), g).reshape(16, c, o)
         kept = (key, u.float().contiguous())
-        weight._ddpm_winograd = kept
+        if key is not None:
+            weight._ddpm_winograd = kept
     return kept[1]
 
 
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
     """``F.conv2d(x, weight, bias, padding=1)`` without grads (sampling) by Winograd's F(2x2, 3x3) in C
     (``ddpm_conv3x3_winograd``: 16 products per 2x2 tile and channel pair where the direct form has 36) for a
-    channels_last float32 CPU ``x`` [B, C, H, W] with C and O multiples of 16 and H W <= ``WINOGRAD_MAX_PIXELS``.
+    channels_last float32 CPU ``x`` [B, C, H, W] with C and O multiples of 16 and H W <= ``CONV_MAX_PIXELS``.
     None where it does not apply: the caller runs PyTorch's convolution."""
     if (torch.is_grad_enabled() or torch.compiler.is_compiling() or x.ndim != 4 or weight.ndim != 4
             or weight.shape[2:] != (3, 3) or weight.shape[1] != x.shape[1] or x.shape[1] % 16 or weight.shape[0] % 16
-            or x.shape[2] * x.shape[3] > WINOGRAD_MAX_PIXELS or not x.is_contiguous(memory_format=torch.channels_last)
+            or x.shape[2] * x.shape[3] > CONV_MAX_PIXELS or not x.is_contiguous(memory_format=torch.channels_last)
             or not _cpu_f32(x, weight, *(() if bias is None else (bias,))) or library() is None):
         return None
     b, c, h, w = x.shape
