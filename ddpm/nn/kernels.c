@@ -526,36 +526,46 @@ int ddpm_conv3x3_weight_grad(const float *x, const float *dy, float *dw, float *
 
 /* V[e][t][ci] = (B^T d B)_e of the 4x4 input tile of each of this block's tiles t (zeros outside the map), one
    vector of input channels at a time; planes e are pv floats apart. B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]. */
+/* The next 2x2 output tile (row-major per image, image after image): its image b and top-left output (y0, x0) */
+static inline void winograd_next(int64_t h, int64_t w, int64_t *b, int64_t *y0, int64_t *x0)
+{
+    if ((*x0 += 2) < w)
+        return;
+    *x0 = 0;
+    if ((*y0 += 2) < h)
+        return;
+    *y0 = 0;
+    ++*b;
+}
+
 static void winograd_in(const float *x, float *V, int64_t pv, int64_t b0, int64_t nb, int64_t h, int64_t w,
                         int64_t cin)
 {
-    const int64_t th = (h + 1) / 2, tw = (w + 1) / 2;
-    int64_t t = 0;
-    for (int64_t b = b0; b < b0 + nb; ++b)
-        for (int64_t ty = 0; ty < th; ++ty)
-            for (int64_t tx = 0; tx < tw; ++tx, ++t)
-                for (int64_t c = 0; c < cin; c += VW) {
-                    vf d[4][4], q[4][4];
-                    for (int i = 0; i < 4; ++i)
-                        for (int j = 0; j < 4; ++j) {
-                            const int64_t r = 2 * ty - 1 + i, s = 2 * tx - 1 + j;
-                            d[i][j] = r >= 0 && r < h && s >= 0 && s < w
-                                          ? *(const vf *)(x + ((b * h + r) * w + s) * cin + c) : (vf){0};
-                        }
-                    for (int j = 0; j < 4; ++j) {
-                        q[0][j] = d[0][j] - d[2][j];
-                        q[1][j] = d[1][j] + d[2][j];
-                        q[2][j] = d[2][j] - d[1][j];
-                        q[3][j] = d[1][j] - d[3][j];
-                    }
-                    for (int i = 0; i < 4; ++i) {
-                        float *o = V + 4 * i * pv + t * cin + c;
-                        *(vf *)o = q[i][0] - q[i][2];
-                        *(vf *)(o + pv) = q[i][1] + q[i][2];
-                        *(vf *)(o + 2 * pv) = q[i][2] - q[i][1];
-                        *(vf *)(o + 3 * pv) = q[i][1] - q[i][3];
-                    }
+    int64_t b = b0, y0 = 0, x0 = 0;
+    for (int64_t t = 0; t < nb * ((h + 1) / 2) * ((w + 1) / 2); ++t, winograd_next(h, w, &b, &y0, &x0)) {
+        for (int64_t c = 0; c < cin; c += VW) {
+            vf d[4][4], q[4][4];
+            for (int i = 0; i < 4; ++i)
+                for (int j = 0; j < 4; ++j) {
+                    const int64_t r = y0 - 1 + i, s = x0 - 1 + j;
+                    d[i][j] = r >= 0 && r < h && s >= 0 && s < w ? *(const vf *)(x + ((b * h + r) * w + s) * cin + c)
+                                                                 : (vf){0};
                 }
+            for (int j = 0; j < 4; ++j) {
+                q[0][j] = d[0][j] - d[2][j];
+                q[1][j] = d[1][j] + d[2][j];
+                q[2][j] = d[2][j] - d[1][j];
+                q[3][j] = d[1][j] - d[3][j];
+            }
+            for (int i = 0; i < 4; ++i) {
+                float *o = V + 4 * i * pv + t * cin + c;
+                *(vf *)o = q[i][0] - q[i][2];
+                *(vf *)(o + pv) = q[i][1] + q[i][2];
+                *(vf *)(o + 2 * pv) = q[i][2] - q[i][1];
+                *(vf *)(o + 3 * pv) = q[i][1] - q[i][3];
+            }
+        }
+    }
 }
 
 /* M[t][co0 ..] = sum over ci in order of V[t][ci] U[ci][co0 ..] for R tiles from t0 and 16 output channels: R x 16 / VW
@@ -583,27 +593,26 @@ static inline __attribute__((always_inline)) void winograd_mm(const float *V, co
 static void winograd_out(const float *M, int64_t pm, const float *bias, float *y, int64_t b0, int64_t nb, int64_t h,
                          int64_t w, int64_t cout)
 {
-    const int64_t th = (h + 1) / 2, tw = (w + 1) / 2;
-    int64_t t = 0;
-    for (int64_t b = b0; b < b0 + nb; ++b)
-        for (int64_t ty = 0; ty < th; ++ty)
-            for (int64_t tx = 0; tx < tw; ++tx, ++t)
-                for (int64_t c = 0; c < cout; c += VW) {
-                    vf m[4][4], s[2][4];
-                    for (int i = 0; i < 4; ++i)
-                        for (int j = 0; j < 4; ++j) m[i][j] = *(const vf *)(M + (4 * i + j) * pm + t * cout + c);
-                    for (int j = 0; j < 4; ++j) {
-                        s[0][j] = m[0][j] + m[1][j] + m[2][j];
-                        s[1][j] = m[1][j] - m[2][j] - m[3][j];
-                    }
-                    const vf bv = bias ? *(const vf *)(bias + c) : (vf){0};
-                    for (int i = 0; i < 2 && 2 * ty + i < h; ++i) {
-                        float *o = y + ((b * h + 2 * ty + i) * w + 2 * tx) * cout + c;
-                        *(vf *)o = s[i][0] + s[i][1] + s[i][2] + bv;
-                        if (2 * tx + 1 < w)
-                            *(vf *)(o + cout) = s[i][1] - s[i][2] - s[i][3] + bv;
-                    }
-                }
+    int64_t b = b0, y0 = 0, x0 = 0;
+    for (int64_t t = 0; t < nb * ((h + 1) / 2) * ((w + 1) / 2); ++t, winograd_next(h, w, &b, &y0, &x0)) {
+        for (int64_t c = 0; c < cout; c += VW) {
+            vf m[4][4], s[2][4];
+            for (int i = 0; i < 4; ++i)
+                for (int j = 0; j < 4; ++j)
+                    m[i][j] = *(const vf *)(M + (4 * i + j) * pm + t * cout + c);
+            for (int j = 0; j < 4; ++j) {
+                s[0][j] = m[0][j] + m[1][j] + m[2][j];
+                s[1][j] = m[1][j] - m[2][j] - m[3][j];
+            }
+            const vf bv = bias ? *(const vf *)(bias + c) : (vf){0};
+            for (int i = 0; i < 2 && y0 + i < h; ++i) {
+                float *o = y + ((b * h + y0 + i) * w + x0) * cout + c;
+                *(vf *)o = s[i][0] + s[i][1] + s[i][2] + bv;
+                if (x0 + 1 < w)
+                    *(vf *)(o + cout) = s[i][1] - s[i][2] - s[i][3] + bv;
+            }
+        }
+    }
 }
 
 /* y [n, h, w, cout] = the 3x3 convolution (stride 1, padding 1) of x [n, h, w, cin] (channels_last) with the
