@@ -471,7 +471,7 @@ static inline __attribute__((always_inline)) void conv3x3_dw_tile(const float *x
    Each tile of dw (a tap, 6 output channels, 16 input channels) is one thread's, summed over the images in order
    and, within an image, over its pixels in order: the bits depend neither on the thread count nor on the vector
    width. Images go in blocks of at least 128 pixels, so that a tile's accumulators stay in registers (AVX2 AMD
-   EPYC, 2 threads, batch 128: 160-215 GFLOP/s, against 90-132 for oneDNN's backward of the weights).
+   EPYC, 2 threads, batch 128, the dim-32 model's shapes: 153-183 GFLOP/s, against 81-114 for oneDNN's).
    Returns 0, or -1 where cin is not a multiple of 16. */
 int ddpm_conv3x3_weight_grad(const float *x, const float *dy, float *dw, float *db, int64_t n, int64_t h, int64_t w,
                              int64_t cin, int64_t cout, int threads)
@@ -618,10 +618,10 @@ static void winograd_out(const float *M, int64_t pm, const float *bias, float *y
 /* y [n, h, w, cout] = the 3x3 convolution (stride 1, padding 1) of x [n, h, w, cin] (channels_last) with the
    transformed weights U [16, cin, cout] (U_e = (G g G^T)_e, G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1]) plus bias
    (or NULL). Images go to threads whole, in blocks whose tile count is a multiple of 6 where it can be (48 tiles
-   for 8x8 maps, 24 for 4x4), the blocks' planes one cache line more than their size apart (planes 4 KiB apart
+   for 8x8 maps, 24 for 4x4), the blocks' planes one cache line more than their size apart (planes 12 KiB apart
    thrashed the L1 cache: 1.18x instead of 1.41x at 64 -> 32 channels). Each output's sums run in a fixed order:
    the bits depend neither on the thread count nor on the vector width. AVX2 AMD EPYC, 2 threads, batch 400:
-   1.4-1.8x oneDNN's direct convolution, and closer to float64 (relative error 2-3e-7 against oneDNN's 5-9e-7).
+   1.45-1.73x oneDNN's direct convolution, and closer to float64 (relative error 2-3e-7 against oneDNN's 4-11e-7).
    Returns 0, -1 where cin or cout is not a multiple of 16, 1 where scratch could not be allocated. */
 int ddpm_conv3x3_winograd(const float *x, const float *U, const float *bias, float *y, int64_t n, int64_t h, int64_t w,
                           int64_t cin, int64_t cout, int threads)

@@ -6,7 +6,7 @@ On a CPU a sampling forward spends about a third of its time outside the convolu
 about a quarter, in chains of small memory-bound passes (GroupNorm's statistics, the normalisation, the
 scale-shift, SiLU, their backwards, attention's tiny batched products) that eager PyTorch cannot fuse and
 inductor fuses into slower code here (docs/performance.md). ``kernels.c`` does each chain in one pass per
-image. At AVX2 oneDNN's backward of a convolution's weights runs at 90-132 GFLOP/s where its forward runs at
+image. At AVX2 oneDNN's backward of a convolution's weights runs at 81-132 GFLOP/s where its forward runs at
 190-220, and the forward is near the CPU's peak, so only fewer multiplications make it faster
 (``ddpm.nn.ops.conv2d`` chooses; oneDNN keeps both at AVX-512).
 The library is built with the system C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``; with OpenMP, ``-O3``)

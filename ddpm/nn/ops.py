@@ -70,8 +70,8 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
       1.30 ms, 96 -> 64 at 4x4 0.69 vs 0.92, 32 -> 1 at 8x8 0.31 vs 0.50); sampling is even (0.67 vs 0.70 ms);
     - a 3x3 convolution (stride 1, padding 1, C a multiple of 16, maps up to 32x32) where PyTorch's kernels run
       AVX2 rather than AVX-512 (not :func:`onednn_linear`): the weight's gradient from ``kernels.conv3x3_train``,
-      1.3-2.2x oneDNN's backward of the weights at batch 128 (153-183 against 81-114 GFLOP/s; 1.08-1.24x at
-      16x16 and 32x32), which oneDNN runs at AVX-512.
+      1.3-2.2x oneDNN's backward of the weights at batch 128 (at the dim-32 model's shapes 153-183 against
+      81-114 GFLOP/s; 1.08-1.24x at 16x16 and 32x32), which oneDNN runs at AVX-512.
 
     Without grads (sampling), the same 3x3 convolutions at AVX2 (O a multiple of 16 too, maps up to 32x32) run
     by Winograd's F(2x2, 3x3) in C, ``kernels.conv3x3``: 16 products per output tile where the direct form has 36,
