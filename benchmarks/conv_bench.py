@@ -103,7 +103,8 @@ def weight_grads(batch: int, reps: int) -> None:
 
 
 def one_by_one(batch: int, reps: int) -> None:
-    print(f"\n## Training: 1x1 convolution forward and backward, a product over channels against oneDNN, batch {batch}\n")
+    print(f"\n## Training: 1x1 convolution forward and backward, a product over channels against oneDNN, "
+          f"batch {batch}\n")
     print("| C -> O at HxW | product ms (GFLOP/s) | oneDNN ms (GFLOP/s) | speed-up | error vs float64 (output) |")
     print("|---|---|---|---|---|")
     for c, hw, o in ONE_BY_ONE:
@@ -134,7 +135,7 @@ def main() -> None:
     torch.manual_seed(0)
     print(isa_flag.describe(args.isa))
     print(f"{args.threads} threads, median of {args.reps} calls in turn; ddpm.nn.ops.conv2d takes the kernels "
-          f"{'nowhere here (PyTorch runs AVX-512: oneDNN)' if ops.onednn_linear() else 'here (PyTorch runs AVX2)'}")
+          f"{'here (PyTorch runs AVX2)' if ops.conv_kernels() else 'nowhere here (AVX-512 or no library)'}")
     if kernels.library() is None:
         raise SystemExit(f"the C kernels are not available: {kernels.kernel_record().get('reason')}")
     sampling(400, args.reps)

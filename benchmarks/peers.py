@@ -433,7 +433,7 @@ def main() -> None:
     for k in nets:
         n = sum(p.numel() for p in params[k].parameters())
         print(f"| {k} | {n / 1e6:.3f}M | {fwd[k] / 1e6:.1f} | {trn[k] / 1e6:.1f} |")
-    if device.type == "cpu" and not ops.onednn_linear() and kernels.library() is not None:
+    if device.type == "cpu" and ops.conv_kernels():
         print("\n(FLOPs as counted, whatever computes them: ours runs sampling's 3x3 convolutions by Winograd's"
               " F(2x2, 3x3) here, so its sampling GFLOP/s is an effective rate.)")
 

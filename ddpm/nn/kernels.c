@@ -435,6 +435,19 @@ int ddpm_attention16_backward(const float *qkv, const float *probs, const float 
     return 0;
 }
 
+/* CALL(R) with R the constant 1..6 equal to r (a tile of r <= 6 rows): each R compiles its own register tile */
+#define WITH_ROWS_1_TO_6(r, CALL) \
+    do { \
+        switch (r) { \
+        case 6: CALL(6); break; \
+        case 5: CALL(5); break; \
+        case 4: CALL(4); break; \
+        case 3: CALL(3); break; \
+        case 2: CALL(2); break; \
+        default: CALL(1); break; \
+        } \
+    } while (0)
+
 /* The weight gradient of a 3x3 convolution (stride 1, padding 1): one tile of dw, rows co0.. co0 + R - 1 of tap
    (kh, kw) and 16 input channels from ci0, summed over the nb images at xi / dyi (channels_last) and each image's
    pixels that the tap reaches, in order: acc[r] += dy[p, co0 + r] x[p + tap, ci0 ..] (a fused multiply-add per
@@ -493,18 +506,9 @@ int ddpm_conv3x3_weight_grad(const float *x, const float *dy, float *dw, float *
                 const int64_t tap = u / (ncob * ncib), co0 = 6 * (u / ncib % ncob), ci0 = 16 * (u % ncib);
                 const int64_t kh = tap / 3, kw = tap % 3, r = cout - co0 < 6 ? cout - co0 : 6;
                 float *dwt = dw + co0 * 9 * cin + tap * cin + ci0;
-                if (r == 6)
-                    conv3x3_dw_tile(xi, dyi, dwt, nb, h, w, cin, cout, kh, kw, co0, ci0, 6);
-                else if (r == 5)
-                    conv3x3_dw_tile(xi, dyi, dwt, nb, h, w, cin, cout, kh, kw, co0, ci0, 5);
-                else if (r == 4)
-                    conv3x3_dw_tile(xi, dyi, dwt, nb, h, w, cin, cout, kh, kw, co0, ci0, 4);
-                else if (r == 3)
-                    conv3x3_dw_tile(xi, dyi, dwt, nb, h, w, cin, cout, kh, kw, co0, ci0, 3);
-                else if (r == 2)
-                    conv3x3_dw_tile(xi, dyi, dwt, nb, h, w, cin, cout, kh, kw, co0, ci0, 2);
-                else
-                    conv3x3_dw_tile(xi, dyi, dwt, nb, h, w, cin, cout, kh, kw, co0, ci0, 1);
+#define DW_TILE(R) conv3x3_dw_tile(xi, dyi, dwt, nb, h, w, cin, cout, kh, kw, co0, ci0, R)
+                WITH_ROWS_1_TO_6(r, DW_TILE);
+#undef DW_TILE
             }
         }
     }
@@ -652,18 +656,9 @@ int ddpm_conv3x3_winograd(const float *x, const float *U, const float *bias, flo
                         const float *Ve = V + e * pv, *Ue = U + e * cin * cout;
                         float *Me = M + e * pm;
                         const int64_t r = T - t0 < 6 ? T - t0 : 6;
-                        if (r == 6)
-                            winograd_mm(Ve, Ue, Me, cin, cout, t0, co0, 6);
-                        else if (r == 5)
-                            winograd_mm(Ve, Ue, Me, cin, cout, t0, co0, 5);
-                        else if (r == 4)
-                            winograd_mm(Ve, Ue, Me, cin, cout, t0, co0, 4);
-                        else if (r == 3)
-                            winograd_mm(Ve, Ue, Me, cin, cout, t0, co0, 3);
-                        else if (r == 2)
-                            winograd_mm(Ve, Ue, Me, cin, cout, t0, co0, 2);
-                        else
-                            winograd_mm(Ve, Ue, Me, cin, cout, t0, co0, 1);
+#define MM_TILE(R) winograd_mm(Ve, Ue, Me, cin, cout, t0, co0, R)
+                        WITH_ROWS_1_TO_6(r, MM_TILE);
+#undef MM_TILE
                     }
             winograd_out(M, pm, bias, y, b0, nb, h, w, cout);
         }

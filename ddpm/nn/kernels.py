@@ -341,6 +341,15 @@ def attention16_train(qkv: torch.Tensor, heads: int, dim_head: int) -> torch.Ten
     return _ran(_Attention16.apply(qkv.contiguous(), heads, dim_head, dim_head ** -0.5))
 
 
+def _conv3x3_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """The shapes, layout and dtypes both convolution kernels take (not the grad mode): a 3x3 ``weight`` over C
+    input channels, a multiple of 16, and a channels_last float32 CPU ``x`` of at most ``CONV_MAX_PIXELS``."""
+    return (not torch.compiler.is_compiling() and x.ndim == 4 and weight.ndim == 4 and weight.shape[2:] == (3, 3)
+            and weight.shape[1] == x.shape[1] and x.shape[1] % 16 == 0 and x.shape[2] * x.shape[3] <= CONV_MAX_PIXELS
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and _cpu_f32(x, weight, *(() if bias is None else (bias,))) and library() is not None)
+
+
 class _Conv3x3(torch.autograd.Function):
     """y = conv2d(x, weight, bias, padding=1) (3x3, stride 1), forward and the input's gradient on PyTorch's
     convolution (oneDNN), the weight's and bias's gradients in one pass of C (``ddpm_conv3x3_weight_grad``)."""
@@ -378,10 +387,7 @@ def conv3x3_train(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     channels_last float32 CPU ``x`` [B, C, H, W] (H W <= ``CONV_MAX_PIXELS``), with autograd: the weight's and
     bias's gradients from the C kernel (the same sums as oneDNN's, each tile in a fixed order). None where it
     does not apply (another shape, layout, dtype or device, no grads, no library)."""
-    if (not torch.is_grad_enabled() or torch.compiler.is_compiling() or x.ndim != 4 or weight.shape[2:] != (3, 3)
-            or x.shape[1] % 16 or weight.shape[1] != x.shape[1] or x.shape[2] * x.shape[3] > CONV_MAX_PIXELS
-            or not x.is_contiguous(memory_format=torch.channels_last)
-            or not _cpu_f32(x, weight, *(() if bias is None else (bias,))) or library() is None):
+    if not torch.is_grad_enabled() or not _conv3x3_applies(x, weight, bias):
         return None
     return _ran(_Conv3x3.apply(x, weight, bias))
 
@@ -414,10 +420,7 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     (``ddpm_conv3x3_winograd``: 16 products per 2x2 tile and channel pair where the direct form has 36) for a
     channels_last float32 CPU ``x`` [B, C, H, W] with C and O multiples of 16 and H W <= ``CONV_MAX_PIXELS``.
     None where it does not apply: the caller runs PyTorch's convolution."""
-    if (torch.is_grad_enabled() or torch.compiler.is_compiling() or x.ndim != 4 or weight.ndim != 4
-            or weight.shape[2:] != (3, 3) or weight.shape[1] != x.shape[1] or x.shape[1] % 16 or weight.shape[0] % 16
-            or x.shape[2] * x.shape[3] > CONV_MAX_PIXELS or not x.is_contiguous(memory_format=torch.channels_last)
-            or not _cpu_f32(x, weight, *(() if bias is None else (bias,))) or library() is None):
+    if torch.is_grad_enabled() or weight.shape[0] % 16 or not _conv3x3_applies(x, weight, bias):
         return None
     b, c, h, w = x.shape
     o = weight.shape[0]

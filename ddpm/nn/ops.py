@@ -60,6 +60,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y.permute(0, 2, 3, 1).reshape(*x.shape[:-1], weight.shape[0])
 
 
+def conv_kernels() -> bool:
+    """Whether :func:`conv2d` runs the C convolution kernels (``kernels.conv3x3`` and ``kernels.conv3x3_train``):
+    where PyTorch's own kernels run AVX2, not AVX-512 (not :func:`onednn_linear`: oneDNN keeps them there), and
+    the library is built."""
+    return not onednn_linear() and kernels.library() is not None
+
+
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
            dilation=1, groups: int = 1) -> torch.Tensor:
     """``F.conv2d``. In training (grads on) of a channels_last float32 map on a CPU, two cases run elsewhere, the
@@ -69,7 +76,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
       beats oneDNN's there (AVX2 AMD EPYC, 2 threads, batch 128, forward and backward: 64 -> 32 at 8x8 1.08 vs
       1.30 ms, 96 -> 64 at 4x4 0.69 vs 0.92, 32 -> 1 at 8x8 0.31 vs 0.50); sampling is even (0.67 vs 0.70 ms);
     - a 3x3 convolution (stride 1, padding 1, C a multiple of 16, maps up to 32x32) where PyTorch's kernels run
-      AVX2 rather than AVX-512 (not :func:`onednn_linear`): the weight's gradient from ``kernels.conv3x3_train``,
+      AVX2 rather than AVX-512 (:func:`conv_kernels`): the weight's gradient from ``kernels.conv3x3_train``,
       1.3-2.2x oneDNN's backward of the weights at batch 128 (at the dim-32 model's shapes 153-183 against
       81-114 GFLOP/s; 1.08-1.24x at 16x16 and 32x32), which oneDNN runs at AVX-512.
 
@@ -84,7 +91,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         size, pad, grad = tuple(weight.shape[2:]), pair(padding), torch.is_grad_enabled()
         if size == (1, 1) and pad == (0, 0) and grad:
             return linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
-        if size == (3, 3) and pad == (1, 1) and not onednn_linear():
+        if size == (3, 3) and pad == (1, 1) and conv_kernels():
             y = kernels.conv3x3_train(x, weight, bias) if grad else kernels.conv3x3(x, weight, bias)
             if y is not None:
                 return y
